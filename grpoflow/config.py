@@ -1,0 +1,337 @@
+"""The pipeline config: one YAML file, validated before anything heavy runs.
+
+Sections follow the stages (data, model, grpo, rollout, eval, export, orchestration).
+GRPO keys keep the names users know from TRL/Unsloth `GRPOConfig`. Every key is read by
+some stage; a key a stage does not read is a bug (see ../shared/STYLE.md).
+
+    cfg = load_config("configs/default.yaml", overrides=["grpo.learning_rate=1e-5"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SYSTEM_PROMPT = """Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>"""
+
+
+class ConfigError(ValueError):
+    """A user's config is wrong. The message says which key, where, and what is allowed."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key fails instead of being ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ReasoningGymConfig(Section):
+    size: int = Field(2000, gt=0, description="rows generated for `source: reasoning_gym:<task>`")
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "gsm8k",
+        description="'gsm8k' (packaged, offline), 'reasoning_gym:<task>', a local file or "
+        "folder (JSONL, JSON, Parquet, CSV, Arrow) or a Hugging Face dataset id",
+    )
+    subset: str | None = Field(None, description="Hub dataset config name (e.g. 'main')")
+    revision: str | None = Field(None, description="Hub dataset revision")
+    train_split: str = "train"
+    heldout_split: str | None = Field(
+        "test", description="split kept for evaluation; when the source has none, a seeded split"
+    )
+    heldout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    question_column: str = "question"
+    answer_column: str = "answer"
+    answer_format: Literal["gsm8k", "plain"] = Field(
+        "gsm8k", description="gsm8k: worked solution then '#### <final>'; plain: the column is the final answer"
+    )
+    answer_type: Literal["number", "text"] = "number"
+    max_answer_chars: int = Field(
+        64, gt=0, description="a longer final answer is taken to give away the reasoning and is rejected"
+    )
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_train_rows: int | None = Field(None, gt=0)
+    max_heldout_rows: int | None = Field(None, gt=0)
+    seed: int = 42
+    reasoning_gym: ReasoningGymConfig = ReasoningGymConfig()
+    output_dir: Path = Path("artifacts/data")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GRPOFLOW_CACHE_DIR", Path.home() / ".cache" / "grpoflow"))
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="'smollm2-135m-instruct' (packaged, offline), a local model folder or a Hub model id",
+    )
+    gguf_file: str | None = Field(None, description="a GGUF file inside name_or_path; converted once to an HF folder")
+    revision: str | None = None
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models are kept here")
+
+
+ScaleRewards = Literal["group", "batch", "none"]
+
+
+class GRPOConfig(Section):
+    # Optimisation
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, gt=0)
+    seed: int = 42
+    # Batching, with TRL's meaning: one generation batch feeds `steps_per_generation`
+    # micro-batches of `per_device_train_batch_size` completions.
+    num_generations: int = Field(8, ge=2)
+    per_device_train_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    steps_per_generation: int | None = Field(None, gt=0)
+    generation_batch_size: int | None = Field(None, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    # Lengths
+    max_prompt_length: int = Field(512, gt=0)
+    max_completion_length: int = Field(256, gt=0)
+    # Loss
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=1)
+    beta: float = Field(0.0, ge=0)
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    scale_rewards: ScaleRewards = "group"
+    mask_truncated_completions: bool = False
+    # Sampling
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    min_p: float = Field(0.0, ge=0, lt=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    # Rollouts from another engine (vLLM): truncated importance sampling
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = Field(2.0, gt=0)
+    # Rewards
+    reward_funcs: list[str] = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
+    reward_weights: list[float] | None = None
+    output_dir: Path = Path("artifacts/train")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_rewards_bool(cls, v: Any) -> Any:
+        # TRL accepted booleans before it had the string values: True meant per-group.
+        if v is True:
+            return "group"
+        if v is False:
+            return "none"
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GRPOConfig":
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ValueError(
+                "set steps_per_generation or generation_batch_size, not both "
+                "(generation_batch_size = per_device_train_batch_size * steps_per_generation)"
+            )
+        gen = self.effective_generation_batch_size
+        if gen % self.per_device_train_batch_size:
+            raise ValueError(
+                f"generation_batch_size ({gen}) must be a multiple of per_device_train_batch_size "
+                f"({self.per_device_train_batch_size})"
+            )
+        if gen % self.num_generations:
+            raise ValueError(
+                f"generation_batch_size ({gen}) must be a multiple of num_generations "
+                f"({self.num_generations}) so that every prompt's group is whole"
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
+                f"{len(self.reward_funcs)}; give one weight per reward function"
+            )
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
+        return self
+
+    @property
+    def effective_steps_per_generation(self) -> int:
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // self.per_device_train_batch_size
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    @property
+    def effective_generation_batch_size(self) -> int:
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size
+        return self.per_device_train_batch_size * self.effective_steps_per_generation
+
+
+class RolloutConfig(Section):
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed with a GPU, else transformers generate"
+    )
+
+
+class EvalConfig(Section):
+    max_samples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows")
+    reward_funcs: list[str] = ["correctness", "strict_format"]
+    output_dir: Path = Path("artifacts/eval")
+
+
+Quantization = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]
+
+
+class ExportConfig(Section):
+    dtype: Literal["float16", "bfloat16"] = "bfloat16"
+    quantizations: list[Quantization] = ["q4_k_m", "q8_0", "q5_k_m"]
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    output_dir: Path = Path("artifacts/export")
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self) -> "ExportConfig":
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub is true but hub_repo_id is not set; set export.hub_repo_id: <user>/<repo>")
+        return self
+
+
+Stage = Literal["prepare", "model", "train", "evaluate", "export"]
+ALL_STAGES: tuple[str, ...] = get_args(Stage)
+
+
+class OrchestrationConfig(Section):
+    stages: list[Stage] = list(ALL_STAGES)
+    retries: int = Field(1, ge=0, description="retries of a failed stage task")
+    retry_delay_seconds: float = Field(10.0, ge=0)
+
+
+class PipelineConfig(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML + --set overrides -> PipelineConfig, or a ConfigError that names the key.
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    raw: dict[str, Any] = {}
+    where = "the default config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    if overrides:
+        where += " with --set " + " ".join(overrides)
+    return validate_config(raw, where)
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe_error(err) for err in e.errors()]
+        raise ConfigError(f"invalid config ({where}):\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, grpo, ...)")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set grpo.learning_rate=1e-5")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    # YAML parsing gives numbers, booleans, null and lists their types: --set grpo.beta=0.04
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "literal_error":
+        return f"{key}: {err['input']!r} is not allowed; allowed values: {err['ctx']['expected']}"
+    if kind == "value_error":
+        # our cross-field checks: the section is the location, the message says the rest
+        return f"{key}: {err['ctx']['error']}" if key != "(top level)" else str(err["ctx"]["error"])
+    if kind == "model_type" or kind == "dict_type":
+        return f"{key}: expected a section (a mapping of keys), got {err['input']!r}"
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    return f"{key}: {msg} (got {err['input']!r})"
+
+
+def _unknown_key(loc: list[str]) -> str:
+    section: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        section = annotation
+    valid = list(section.model_fields)
+    bad = loc[-1]
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
+    key = ".".join(loc)
+    if close:
+        return f"{key}: unknown key; did you mean '{close[0]}'?"
+    return f"{key}: unknown key; valid keys here: {', '.join(valid)}"
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    # multi-line strings (the system prompt) as readable | blocks
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, width=100)

@@ -1,0 +1,135 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpoflow.config import ConfigError, PipelineConfig, load_config, to_yaml, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def error_of(raw=None, overrides=(), path=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        if raw is not None:
+            validate_config(raw, "test.yaml")
+        else:
+            load_config(path, list(overrides))
+    return str(e.value)
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "configs" / "default.yaml") == PipelineConfig()
+
+
+def test_printed_config_loads_back_to_the_same(tmp_path):
+    cfg = load_config(None, ["grpo.learning_rate=3e-6", "data.max_train_rows=100"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    assert error_of({"grpo": {"lerning_rate": 1e-5}}) == (
+        "invalid config (test.yaml):\n  - grpo.lerning_rate: unknown key; did you mean 'learning_rate'?")
+    assert error_of({"grpoo": {}}) == "invalid config (test.yaml):\n  - grpoo: unknown key; did you mean 'grpo'?"
+    assert error_of({"data": {"reasoning_gym": {"sise": 3}}}) == (
+        "invalid config (test.yaml):\n  - data.reasoning_gym.sise: unknown key; did you mean 'size'?")
+
+
+def test_unknown_key_without_a_close_name_lists_the_valid_ones():
+    message = error_of({"rollout": {"zzz": 1}})
+    assert message == "invalid config (test.yaml):\n  - rollout.zzz: unknown key; valid keys here: engine"
+
+
+def test_bad_value_names_the_key_and_the_allowed_values():
+    assert error_of({"grpo": {"loss_type": "ppo"}}) == (
+        "invalid config (test.yaml):\n  - grpo.loss_type: 'ppo' is not allowed; "
+        "allowed values: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'")
+    assert error_of({"grpo": {"importance_sampling_level": "seq"}}) == (
+        "invalid config (test.yaml):\n  - grpo.importance_sampling_level: 'seq' is not allowed; "
+        "allowed values: 'token' or 'sequence'")
+
+
+def test_out_of_range_and_wrong_type_values():
+    assert error_of({"grpo": {"learning_rate": -1}}) == (
+        "invalid config (test.yaml):\n  - grpo.learning_rate: input should be greater than 0 (got -1)")
+    assert error_of({"grpo": {"num_generations": "many"}}) == (
+        "invalid config (test.yaml):\n  - grpo.num_generations: input should be a valid integer, "
+        "unable to parse string as an integer (got 'many')")
+    assert error_of({"data": "gsm8k"}) == (
+        "invalid config (test.yaml):\n  - data: expected a section (a mapping of keys), got 'gsm8k'")
+
+
+def test_every_error_is_reported_at_once():
+    message = error_of({"grpo": {"loss_type": "x", "beta": -1}, "data": {"heldout_fraction": 2}})
+    assert message.count("\n  - ") == 3
+
+
+def test_batch_geometry_is_checked():
+    assert error_of({"grpo": {"num_generations": 3}}) == (
+        "invalid config (test.yaml):\n  - grpo: generation_batch_size (8) must be a multiple of num_generations "
+        "(3) so that every prompt's group is whole")
+    assert "set steps_per_generation or generation_batch_size, not both" in error_of(
+        {"grpo": {"steps_per_generation": 2, "generation_batch_size": 16}})
+    assert "generation_batch_size (12) must be a multiple of per_device_train_batch_size (8)" in error_of(
+        {"grpo": {"generation_batch_size": 12, "num_generations": 4}})
+    cfg = validate_config({"grpo": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
+                                    "num_generations": 8}})
+    assert cfg.grpo.effective_steps_per_generation == 4
+    assert cfg.grpo.effective_generation_batch_size == 16
+    cfg = validate_config({"grpo": {"per_device_train_batch_size": 4, "generation_batch_size": 32}})
+    assert cfg.grpo.effective_steps_per_generation == 8
+
+
+def test_cross_field_checks():
+    assert "reward_weights has 1 values but reward_funcs has 5" in error_of({"grpo": {"reward_weights": [1.0]}})
+    assert "epsilon_high (0.1) must be >= epsilon (0.2)" in error_of({"grpo": {"epsilon_high": 0.1}})
+    assert error_of({"export": {"push_to_hub": True}}) == (
+        "invalid config (test.yaml):\n  - export: push_to_hub is true but hub_repo_id is not set; "
+        "set export.hub_repo_id: <user>/<repo>")
+
+
+def test_trl_boolean_scale_rewards_still_works():
+    assert validate_config({"grpo": {"scale_rewards": True}}).grpo.scale_rewards == "group"
+    assert validate_config({"grpo": {"scale_rewards": False}}).grpo.scale_rewards == "none"
+
+
+def test_overrides_are_typed_like_yaml():
+    cfg = load_config(None, ["grpo.learning_rate=1e-5", "grpo.beta=0.04", "grpo.mask_truncated_completions=true",
+                             "grpo.reward_funcs=[correctness, xmlcount]", "data.max_train_rows=null"])
+    assert cfg.grpo.learning_rate == 1e-5
+    assert cfg.grpo.beta == 0.04
+    assert cfg.grpo.mask_truncated_completions is True
+    assert cfg.grpo.reward_funcs == ["correctness", "xmlcount"]
+    assert cfg.data.max_train_rows is None
+
+
+def test_override_errors_name_the_override():
+    assert error_of(overrides=["grpo.learning_rate"]) == (
+        "--set 'grpo.learning_rate': expected KEY=VALUE, e.g. --set grpo.learning_rate=1e-5")
+    assert error_of(overrides=["grpo.beta=0", "grpo.beta.x=1"]) == (
+        "--set 'grpo.beta.x=1': grpo.beta is a value, not a section")
+    assert error_of(overrides=["grpo.lerning_rate=1"]).startswith(
+        "invalid config (the default config with --set grpo.lerning_rate=1):\n  - grpo.lerning_rate: unknown key")
+
+
+def test_file_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  learning_rate: 1e-5\n   beta: 0\n")
+    message = error_of(path=bad)
+    assert message.startswith(f"{bad}: not valid YAML at line 3, column")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert error_of(path=tmp_path / "list.yaml") == (
+        f"{tmp_path / 'list.yaml'}: the top level must be a mapping of sections (data, model, grpo, ...)")
+    assert error_of(path=tmp_path / "missing.yaml") == f"config file not found: {tmp_path / 'missing.yaml'}"
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == PipelineConfig()
+
+
+def test_a_bad_value_fails_before_any_model_is_loaded():
+    # In a fresh interpreter: the CLI must reject the config without importing transformers or torch.
+    code = ("import sys; from grpoflow.cli import main; rc = main(['run', '--set', 'grpo.loss_type=ppo']); "
+            "print(rc, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "2 False False", out.stderr
+    assert "grpo.loss_type: 'ppo' is not allowed; allowed values: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'" in out.stderr

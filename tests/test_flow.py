@@ -1,0 +1,94 @@
+"""The pipeline flow on a real (temporary) Prefect server."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+from flows.pipeline import pipeline
+
+
+def small_source(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(40)]
+    rows.append({"question": "broken"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def artifacts_of(flow_run_id) -> dict:
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return {a.key: a for a in found}
+
+    return asyncio.run(read())
+
+
+def flow_run_named(flow_run_id):
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return runs[0]
+
+    return asyncio.run(read())
+
+
+def test_pipeline_runs_what_exists_and_says_what_does_not(prefect_server, tmp_path):
+    config = {"data": {"source": str(small_source(tmp_path)), "output_dir": str(tmp_path / "data")},
+              "orchestration": {"stages": ["prepare", "train", "evaluate"]}}
+    state = pipeline(config=config, return_state=True)
+    results = state.result()
+    assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}
+    assert results["prepare"]["rejected"] == 1
+    assert results["train"] == {"status": "not built yet", "issue": "#4 (GRPO training)"}
+    assert "model" not in results and "export" not in results
+
+    run = flow_run_named(state.state_details.flow_run_id)
+    assert run.name == f"smollm2-135m-instruct on train.jsonl"
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    assert {"data-manifest", "data-rejects", "pipeline-summary"} <= set(artifacts)
+    summary = artifacts["pipeline-summary"].data
+    assert "| train | not built yet (issue #4 (GRPO training)) |" in summary
+    assert "36 train / 4 held-out rows, 1 rejected" in summary
+    assert {"reason": "missing_answer", "rows": 1} .items() <= json.loads(artifacts["data-rejects"].data)[0].items()
+
+    again = pipeline(config=config)
+    assert again["prepare"]["cached"] is True
+
+
+def test_a_user_error_fails_the_flow_without_retrying(prefect_server, tmp_path):
+    config = {"data": {"source": str(tmp_path / "missing.jsonl"), "output_dir": str(tmp_path / "data")},
+              "orchestration": {"stages": ["prepare"], "retries": 2, "retry_delay_seconds": 0}}
+    state = pipeline(config=config, return_state=True)
+    assert state.is_failed()
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+    (run,) = asyncio.run(task_runs())
+    assert run.name.startswith("prepare-data") and run.run_count == 1
+    with pytest.raises(Exception, match="does not exist"):
+        state.result()
+
+
+def test_a_bad_config_fails_before_any_stage(prefect_server):
+    state = pipeline(config={"grpo": {"loss_type": "ppo"}}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="grpo.loss_type: 'ppo' is not allowed"):
+        state.result()
+
+
+@pytest.mark.slow
+def test_default_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_cache):
+    config = {"data": {"output_dir": str(tmp_path / "data")}, "model": {"cache_dir": str(model_cache)}}
+    results = pipeline(config=config)
+    assert results["prepare"]["rows"] == {"train": 7473, "heldout": 1319}
+    assert Path(results["model"]["path"], "config.json").is_file()
+    assert [results[s]["status"] for s in ("train", "evaluate", "export")] == ["not built yet"] * 3
