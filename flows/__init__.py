@@ -1,5 +1,6 @@
 """Prefect orchestration only: flows wire the stages in stages/, which run without Prefect."""
 
+import logging
 import os
 
 # Offline by default: no telemetry, and room for a cold ephemeral-server start on a small
@@ -11,3 +12,7 @@ for _key, _value in {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "grpoflow",
 }.items():
     os.environ.setdefault(_key, _value)
+
+# The stages log through "grpoflow.*"; Prefect forwards those records to the run's logs (the
+# extra-loggers setting above), but only the ones the logger lets through.
+logging.getLogger("grpoflow").setLevel(logging.INFO)

@@ -21,7 +21,7 @@ from grpoflow.sources import SourceError
 from stages.prepare import REJECT_REASONS, DataError, run_prepare
 
 # Stages whose code has not landed, with the issue that builds them.
-NOT_BUILT = {"train": "#4 (GRPO training)", "evaluate": "#3 (evaluation)", "export": "#5 (export)"}
+NOT_BUILT = {"train": "#4, GRPO training", "evaluate": "#3, evaluation", "export": "#5, export"}
 
 # A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may.
 USER_ERRORS = (ConfigError, DataError, SourceError, ModelError)

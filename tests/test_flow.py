@@ -45,7 +45,7 @@ def test_pipeline_runs_what_exists_and_says_what_does_not(prefect_server, tmp_pa
     results = state.result()
     assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}
     assert results["prepare"]["rejected"] == 1
-    assert results["train"] == {"status": "not built yet", "issue": "#4 (GRPO training)"}
+    assert results["train"] == {"status": "not built yet", "issue": "#4, GRPO training"}
     assert "model" not in results and "export" not in results
 
     run = flow_run_named(state.state_details.flow_run_id)
@@ -53,7 +53,7 @@ def test_pipeline_runs_what_exists_and_says_what_does_not(prefect_server, tmp_pa
     artifacts = artifacts_of(state.state_details.flow_run_id)
     assert {"data-manifest", "data-rejects", "pipeline-summary"} <= set(artifacts)
     summary = artifacts["pipeline-summary"].data
-    assert "| train | not built yet (issue #4 (GRPO training)) |" in summary
+    assert "| train | not built yet (issue #4, GRPO training) |" in summary
     assert "36 train / 4 held-out rows, 1 rejected" in summary
     assert {"reason": "missing_answer", "rows": 1} .items() <= json.loads(artifacts["data-rejects"].data)[0].items()
 
