@@ -8,6 +8,8 @@ Stages that are not built yet are not faked: the flow says so and moves on.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (offline Prefect defaults, before prefect is imported)
@@ -15,16 +17,20 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from grpoflow.config import ConfigError, PipelineConfig, validate_config
+from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_config
 from grpoflow.models import ModelError, resolve_model
 from grpoflow.sources import SourceError
+from stages.evaluate import run_evaluate
 from stages.prepare import REJECT_REASONS, DataError, run_prepare
+from stages.train import TrainingDiverged, run_train
 
 # Stages whose code has not landed, with the issue that builds them.
-NOT_BUILT = {"train": "#4, GRPO training", "evaluate": "#3, evaluation", "export": "#5, export"}
+NOT_BUILT = {"export": "#5, export"}
+# What a stage reads; those stages run first (they are content-hash cached, so cheap when done).
+NEEDS = {"train": ("prepare", "model"), "evaluate": ("prepare", "model")}
 
 # A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may.
-USER_ERRORS = (ConfigError, DataError, SourceError, ModelError)
+USER_ERRORS = (ConfigError, DataError, SourceError, ModelError, TrainingDiverged)
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -61,6 +67,38 @@ def base_model(cfg: PipelineConfig) -> dict[str, Any]:
     return {"path": resolved.path, "description": resolved.description, "converted": resolved.converted}
 
 
+@task(name="train", retry_condition_fn=_retry_unless_user_error)
+def train(cfg: PipelineConfig, train_path: str, heldout_path: str, model_path: str) -> dict[str, Any]:
+    result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
+    report = result.report
+    warm = report.get("warmup") or {}
+    rows = [{"metric": "steps", "value": report["steps"]},
+            {"metric": "skipped steps (non-finite)", "value": report["skipped_steps"]},
+            {"metric": "reward, first 10 steps", "value": report["reward_first_10"]},
+            {"metric": "reward, last 10 steps", "value": report["reward_last_10"]},
+            {"metric": "median step seconds", "value": report["step_seconds_median"]}]
+    if "format_strict_after" in warm:
+        rows += [{"metric": "format warm-up: strict format before", "value": warm["format_strict_before"]},
+                 {"metric": "format warm-up: strict format after", "value": warm["format_strict_after"]}]
+    create_table_artifact(key="training", table=rows, description=f"GRPO run in {result.output_dir}")
+    metrics = Path(result.output_dir) / "metrics.jsonl"
+    curve = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    if curve:
+        keep = ("step", "reward", "reward_std", "frac_reward_zero_std", "loss", "completions/mean_length", "kl")
+        create_table_artifact(key="training-curve", table=[{k: r.get(k) for k in keep} for r in curve],
+                              description="per-step metrics (the plot: reward.png in the run folder)")
+    return {"output_dir": result.output_dir, "model": result.model_dir, "steps": result.steps,
+            "reward_first_10": report["reward_first_10"], "reward_last_10": report["reward_last_10"]}
+
+
+@task(name="evaluate", retry_condition_fn=_retry_unless_user_error)
+def evaluate(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> dict[str, Any]:
+    report = run_evaluate(cfg.eval, Path(heldout), models, rollout=cfg.rollout, answer_type=cfg.data.answer_type)
+    create_markdown_artifact(key="evaluation", markdown=report.markdown,
+                             description=f"held-out evaluation, side by side; per-sample results in {report.output_dir}")
+    return {"output_dir": report.output_dir, "models": report.models}
+
+
 def _run_name() -> str:
     config = flow_run.parameters.get("config") or {}
     model = (config.get("model") or {}).get("name_or_path", "smollm2-135m-instruct")
@@ -75,32 +113,59 @@ def pipeline(config: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = validate_config(config or {}, "the flow's config parameter")
     options = {"retries": cfg.orchestration.retries, "retry_delay_seconds": cfg.orchestration.retry_delay_seconds}
     wanted = set(cfg.orchestration.stages)
+    for stage in list(wanted):
+        for need in NEEDS.get(stage, ()):
+            if need not in wanted:
+                logger.info("stage %r reads the output of %r: running that too", stage, need)
+                wanted.add(need)
     results: dict[str, Any] = {}
 
     if "prepare" in wanted:
         results["prepare"] = prepare_data.with_options(**options)(cfg)
     if "model" in wanted:
         results["model"] = base_model.with_options(**options)(cfg)
-    for stage, issue in NOT_BUILT.items():
-        if stage in wanted:
-            logger.warning("stage %r is not built yet (issue %s): skipped", stage, issue)
-            results[stage] = {"status": "not built yet", "issue": issue}
+    if "train" in wanted:
+        results["train"] = train.with_options(**options)(
+            cfg, results["prepare"]["train"], results["prepare"]["heldout"], results["model"]["path"])
+    if "evaluate" in wanted:
+        models = {"base": results["model"]["path"]}
+        if "train" in results:
+            models["trained"] = results["train"]["model"]
+        results["evaluate"] = evaluate.with_options(**options)(cfg, results["prepare"]["heldout"], models)
+    if "export" in wanted:
+        _not_built(logger, results, "export")
 
     create_markdown_artifact(key="pipeline-summary", markdown=_summary(cfg, results),
                              description="what this pipeline run did")
     return results
 
 
+def _not_built(logger, results: dict[str, Any], stage: str) -> None:
+    logger.warning("stage %r is not built yet (issue %s): skipped", stage, NOT_BUILT[stage])
+    results[stage] = {"status": "not built yet", "issue": NOT_BUILT[stage]}
+
+
 def _summary(cfg: PipelineConfig, results: dict[str, Any]) -> str:
     lines = ["| stage | result |", "|---|---|"]
-    for stage in cfg.orchestration.stages:
-        r = results.get(stage, {})
+    for stage in [s for s in ALL_STAGES if s in results]:
+        r = results[stage]
         if stage == "prepare":
             text = (f"{r['rows']['train']:,} train / {r['rows']['heldout']:,} held-out rows, "
                     f"{r['rejected']} rejected{' (cached)' if r['cached'] else ''} -> `{r['output_dir']}`")
         elif stage == "model":
             text = f"{r['description']} -> `{r['path']}`"
+        elif stage == "train":
+            text = (f"{r['steps']} GRPO steps, reward {_fmt(r['reward_first_10'])} (first 10) -> "
+                    f"{_fmt(r['reward_last_10'])} (last 10) -> `{r['model']}`")
+        elif stage == "evaluate":
+            text = "; ".join(f"{label}: accuracy {100 * f['accuracy']:.1f}%, last number "
+                             f"{100 * f['accuracy_last_number']:.1f}%, strict format {100 * f['format_strict']:.1f}% "
+                             f"on {f['scored']}" for label, f in r["models"].items())
         else:
             text = f"not built yet (issue {r['issue']})"
         lines.append(f"| {stage} | {text} |")
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

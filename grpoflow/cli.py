@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, load_config, to_yaml
 
@@ -43,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from grpoflow.models import ModelError
     from grpoflow.sources import SourceError
+    from grpoflow.errors import TrainingDiverged
     from stages.prepare import DataError
 
     try:
         cfg = load_config(args.config, args.set or [])
         return args.handler(cfg, args)
-    except (ConfigError, DataError, SourceError, ModelError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+    except (ConfigError, DataError, SourceError, ModelError, TrainingDiverged) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to resume")
@@ -74,7 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help=f"comma-separated subset of: {', '.join(ALL_STAGES)}")
     command("prepare", "prepare the data: train / held-out Parquet, rejects and a manifest", _prepare)
     command("model", "resolve the base model (a packaged GGUF is converted once and cached)", _model)
+    command("train", "GRPO training, without Prefect (data prep and the base model first, cached)", _train)
+    evaluate = command("evaluate", "evaluate models on the held-out set, side by side, without Prefect", _evaluate)
+    evaluate.add_argument("--model", action="append", metavar="LABEL=PATH",
+                          help="a model to evaluate (repeatable); default: base=the config's base model")
     command("config", "validate the config and print it with every default filled in", _config)
+    explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
+                      "steps, as TRL's GRPOTrainer batches (flags override the config's grpo keys)", _explain_batches)
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+                "generation_batch_size", "num_generations", "num_iterations"):
+        explain.add_argument("--" + key.replace("_", "-"), type=int, metavar="N", help=f"overrides grpo.{key}")
+    explain.add_argument("--num-processes", type=int, default=1, metavar="N", help="training processes (default 1)")
+    explain.add_argument("--cycles", type=int, default=2, metavar="N", help="generation cycles to show (default 2)")
+    explain.add_argument("--json", action="store_true", help="print the schedule as JSON")
     return parser
 
 
@@ -109,8 +123,64 @@ def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from grpoflow.models import resolve_model
+    from stages.prepare import run_prepare
+    from stages.train import run_train
+
+    _log_to_console()
+    manifest = run_prepare(cfg.data)
+    base = resolve_model(cfg.model)
+    result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path)
+    stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir, **result.report}))
+    return 0
+
+
+def _evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from grpoflow.models import resolve_model
+    from stages.evaluate import run_evaluate
+    from stages.prepare import run_prepare
+
+    _log_to_console()
+    models = {}
+    for item in args.model or []:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ConfigError(f"--model {item!r}: expected LABEL=PATH, e.g. --model trained=artifacts/train/.../final")
+        models[label] = path
+    manifest = run_prepare(cfg.data)
+    if not models:
+        models = {"base": resolve_model(cfg.model).path}
+    report = run_evaluate(cfg.eval, manifest.heldout_path, models, rollout=cfg.rollout,
+                          answer_type=cfg.data.answer_type)
+    console.print(report.markdown)
+    stdout.print_json(json.dumps({"output_dir": report.output_dir, "models": report.models}))
+    return 0
+
+
 def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from grpoflow.batching import BatchPlan
+
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+            "steps_per_generation", "generation_batch_size", "num_iterations")
+    values = {key: getattr(cfg.grpo, key) for key in keys}
+    flags = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    # the two knobs exclude each other: a flag for one replaces the config's choice of the other
+    if "steps_per_generation" in flags:
+        values["generation_batch_size"] = None
+    if "generation_batch_size" in flags:
+        values["steps_per_generation"] = None
+    values.update(flags)
+    if args.cycles < 1:
+        raise ConfigError(f"--cycles must be at least 1, got {args.cycles}")
+    plan = BatchPlan(**values, num_processes=args.num_processes)
+    cycles = plan.cycles(args.cycles)
+    sys.stdout.write(json.dumps(plan.to_json(cycles)) + "\n" if args.json else plan.render(cycles))
     return 0
 
 

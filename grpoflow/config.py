@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpoflow.errors import ConfigError  # noqa: F401  (re-exported: grpoflow.config.ConfigError)
+
 DEFAULT_SYSTEM_PROMPT = """Respond in the following format:
 <reasoning>
 ...
@@ -26,13 +28,18 @@ DEFAULT_SYSTEM_PROMPT = """Respond in the following format:
 </answer>"""
 
 
-class ConfigError(ValueError):
-    """A user's config is wrong. The message says which key, where, and what is allowed."""
-
-
 class Section(BaseModel):
     # extra="forbid": a misspelt key fails instead of being ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_rewards(specs: list[str]) -> list[str]:
+    # Load each reward now, so a misspelt name fails before any model is loaded.
+    from grpoflow.rewards import load_reward
+
+    for spec in specs:
+        load_reward(spec)
+    return specs
 
 
 class ReasoningGymConfig(Section):
@@ -69,6 +76,13 @@ class DataConfig(Section):
     output_dir: Path = Path("artifacts/data")
 
 
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GRPOFLOW_CACHE_DIR", Path.home() / ".cache" / "grpoflow"))
 
@@ -81,9 +95,28 @@ class ModelConfig(Section):
     gguf_file: str | None = Field(None, description="a GGUF file inside name_or_path; converted once to an HF folder")
     revision: str | None = None
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted models are kept here")
+    finetune: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora: adapters on a frozen base; qlora: the same on a 4-bit base (GPU); full: every weight")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="compute dtype; float16 trains with loss scaling")
+    lora: LoraConfig = LoraConfig()
 
 
 ScaleRewards = Literal["group", "batch", "none"]
+
+
+class FormatWarmupConfig(Section):
+    """A short supervised pass on worked solutions rendered in the answer format, before GRPO.
+
+    A model that never writes <reasoning>/<answer> gives every completion of a group the same
+    format reward: zero spread, zero advantage, no gradient. A few hundred rows fix that."""
+
+    enabled: bool = True
+    rows: int = Field(128, gt=0, description="train rows with a worked solution used for the pass")
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    eval_prompts: int = Field(8, gt=0, description="held-out prompts for the format rate before and after")
 
 
 class GRPOConfig(Section):
@@ -93,7 +126,7 @@ class GRPOConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0)
-    max_steps: int = Field(100, gt=0)
+    max_steps: int = Field(10, gt=0, description="10 keeps `make pipeline` to minutes on 2 CPU cores; see configs/gsm8k-gpu.yaml")
     seed: int = 42
     # Batching, with TRL's meaning: one generation batch feeds `steps_per_generation`
     # micro-batches of `per_device_train_batch_size` completions.
@@ -127,7 +160,22 @@ class GRPOConfig(Section):
     # Rewards
     reward_funcs: list[str] = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
     reward_weights: list[float] | None = None
+    # Memory and numerics
+    optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    gradient_checkpointing: bool = True
+    max_nonfinite_steps: int = Field(
+        10, gt=0, description="this many optimizer steps in a row with a non-finite loss or gradient stop the run")
+    # Checkpoints and logs
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept (the newest)")
+    resume_from_checkpoint: bool = Field(True, description="continue from the newest checkpoint of the same run")
+    logging_steps: int = Field(1, gt=0)
+    log_completions_steps: int = Field(10, gt=0, description="sampled completions with their rewards every N steps")
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    warmup: FormatWarmupConfig = FormatWarmupConfig()
     output_dir: Path = Path("artifacts/train")
+
+    _rewards_exist = field_validator("reward_funcs")(_check_rewards)
 
     @field_validator("scale_rewards", mode="before")
     @classmethod
@@ -141,22 +189,10 @@ class GRPOConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
-        if self.steps_per_generation is not None and self.generation_batch_size is not None:
-            raise ValueError(
-                "set steps_per_generation or generation_batch_size, not both "
-                "(generation_batch_size = per_device_train_batch_size * steps_per_generation)"
-            )
-        gen = self.effective_generation_batch_size
-        if gen % self.per_device_train_batch_size:
-            raise ValueError(
-                f"generation_batch_size ({gen}) must be a multiple of per_device_train_batch_size "
-                f"({self.per_device_train_batch_size})"
-            )
-        if gen % self.num_generations:
-            raise ValueError(
-                f"generation_batch_size ({gen}) must be a multiple of num_generations "
-                f"({self.num_generations}) so that every prompt's group is whole"
-            )
+        # batch geometry has one source of truth: the schedule the trainer follows
+        from grpoflow.batching import BatchPlan
+
+        BatchPlan.from_config(self)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
@@ -166,18 +202,6 @@ class GRPOConfig(Section):
             raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
         return self
 
-    @property
-    def effective_steps_per_generation(self) -> int:
-        if self.generation_batch_size is not None:
-            return self.generation_batch_size // self.per_device_train_batch_size
-        return self.steps_per_generation or self.gradient_accumulation_steps
-
-    @property
-    def effective_generation_batch_size(self) -> int:
-        if self.generation_batch_size is not None:
-            return self.generation_batch_size
-        return self.per_device_train_batch_size * self.effective_steps_per_generation
-
 
 class RolloutConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
@@ -186,9 +210,17 @@ class RolloutConfig(Section):
 
 
 class EvalConfig(Section):
-    max_samples: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows")
-    reward_funcs: list[str] = ["correctness", "strict_format"]
+    max_samples: int | None = Field(
+        32, gt=0, description="evaluate on the first N held-out rows (null: all); 32 keeps a CPU run to minutes")
+    max_new_tokens: int = Field(512, gt=0)
+    batch_size: int = Field(16, gt=0, description="prompts per generate call")
+    num_samples: int = Field(0, ge=0, description="k sampled completions per question for pass@k and maj@k; 0: greedy only")
+    temperature: float = Field(1.0, gt=0, description="for the k samples; pass@1 is always greedy")
+    seed: int = 42
+    reward_funcs: list[str] = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
     output_dir: Path = Path("artifacts/eval")
+
+    _rewards_exist = field_validator("reward_funcs")(_check_rewards)
 
 
 Quantization = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]

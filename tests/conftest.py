@@ -49,3 +49,27 @@ def smollm2(model_cache) -> Path:
     from grpoflow.models import resolve_model
 
     return Path(resolve_model(ModelConfig(cache_dir=model_cache)).path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with SmolLM2's real tokenizer and chat template:
+    the whole generate/score path in seconds. Its answers are noise; behaviour tests use SmolLM2."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grpoflow.models import PACKAGED_MODELS
+
+    packaged = PACKAGED_MODELS["smollm2-135m-instruct"]
+    gguf_dir = importlib.util.find_spec(packaged.package).submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=packaged.gguf_file)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

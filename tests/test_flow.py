@@ -38,27 +38,38 @@ def flow_run_named(flow_run_id):
     return asyncio.run(read())
 
 
-def test_pipeline_runs_what_exists_and_says_what_does_not(prefect_server, tmp_path):
+def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model):
     config = {"data": {"source": str(small_source(tmp_path)), "output_dir": str(tmp_path / "data")},
-              "orchestration": {"stages": ["prepare", "train", "evaluate"]}}
+              "model": {"name_or_path": str(tiny_model), "finetune": "lora", "dtype": "float32",
+                        "lora": {"target_modules": ["q_proj", "v_proj"]}},
+              "grpo": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
+                       "max_completion_length": 8, "gradient_checkpointing": False,
+                       "warmup": {"rows": 4, "batch_size": 4, "eval_prompts": 2},
+                       "output_dir": str(tmp_path / "train")},
+              "eval": {"max_samples": 3, "max_new_tokens": 8, "output_dir": str(tmp_path / "eval")},
+              "orchestration": {"stages": ["evaluate", "train", "export"]}}
     state = pipeline(config=config, return_state=True)
     results = state.result()
-    assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}
+    assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}  # run because train and evaluate need it
     assert results["prepare"]["rejected"] == 1
-    assert results["train"] == {"status": "not built yet", "issue": "#4, GRPO training"}
-    assert "model" not in results and "export" not in results
+    assert results["train"]["steps"] == 2 and Path(results["train"]["model"], "adapter_model.safetensors").is_file()
+    assert set(results["evaluate"]["models"]) == {"base", "trained"}  # side by side
+    assert results["export"] == {"status": "not built yet", "issue": "#5, export"}
 
     run = flow_run_named(state.state_details.flow_run_id)
-    assert run.name == f"smollm2-135m-instruct on train.jsonl"
+    assert run.name == f"{tiny_model.name} on train.jsonl"
     artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert {"data-manifest", "data-rejects", "pipeline-summary"} <= set(artifacts)
+    assert {"data-manifest", "data-rejects", "training", "training-curve", "evaluation",
+            "pipeline-summary"} <= set(artifacts)
     summary = artifacts["pipeline-summary"].data
-    assert "| train | not built yet (issue #4, GRPO training) |" in summary
-    assert "36 train / 4 held-out rows, 1 rejected" in summary
-    assert {"reason": "missing_answer", "rows": 1} .items() <= json.loads(artifacts["data-rejects"].data)[0].items()
+    assert "| export | not built yet (issue #5, export) |" in summary
+    assert "36 train / 4 held-out rows, 1 rejected" in summary and "| train | 2 GRPO steps" in summary
+    assert "| metric | base | trained |" in artifacts["evaluation"].data
+    assert {"reason": "missing_answer", "rows": 1}.items() <= json.loads(artifacts["data-rejects"].data)[0].items()
 
-    again = pipeline(config=config)
+    again = pipeline(config=config)  # every stage is keyed by its inputs: nothing is redone
     assert again["prepare"]["cached"] is True
+    assert again["train"]["model"] == results["train"]["model"]
 
 
 def test_a_user_error_fails_the_flow_without_retrying(prefect_server, tmp_path):
@@ -86,9 +97,10 @@ def test_a_bad_config_fails_before_any_stage(prefect_server):
 
 
 @pytest.mark.slow
-def test_default_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_cache):
-    config = {"data": {"output_dir": str(tmp_path / "data")}, "model": {"cache_dir": str(model_cache)}}
+def test_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_cache):
+    config = {"data": {"output_dir": str(tmp_path / "data")}, "model": {"cache_dir": str(model_cache)},
+              "orchestration": {"stages": ["prepare", "model", "export"]}}
     results = pipeline(config=config)
     assert results["prepare"]["rows"] == {"train": 7473, "heldout": 1319}
     assert Path(results["model"]["path"], "config.json").is_file()
-    assert [results[s]["status"] for s in ("train", "evaluate", "export")] == ["not built yet"] * 3
+    assert results["export"]["status"] == "not built yet"

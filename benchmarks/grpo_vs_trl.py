@@ -1,0 +1,143 @@
+"""GRPO step time and peak memory: grpoflow's trainer vs TRL's GRPOTrainer, same workload, same card.
+
+Workload (the one issue #4 names): SmolLM2-135M-Instruct, GSM8K train prompts, 4 prompts x 8
+completions x up to 256 new tokens a step through transformers generate, bf16, beta 0, loss
+dapo, gradient checkpointing, full fine-tuning, the five GSM8K rewards. Both run N steps from
+the same weights and prompts; the first step (warm-up, kernel compilation) is left out of the
+median.
+
+    python benchmarks/grpo_vs_trl.py --model /tmp/smollm2 --data /tmp/data --steps 10 --out $OUT
+
+Writes <out>/grpo_vs_trl.json and prints a table. TRL is imported only for its half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+WORKLOAD = dict(prompts=4, num_generations=8, max_completion_length=256, max_prompt_length=512,
+                learning_rate=1e-6, seed=42)
+REWARDS = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def run_ours(model: str, data: Path, steps: int, out: Path) -> dict:
+    from grpoflow.config import validate_config
+    from stages.train import run_train
+
+    w = WORKLOAD
+    cfg = validate_config({
+        "model": {"finetune": "full", "dtype": "bfloat16"},
+        "grpo": {"max_steps": steps, "num_generations": w["num_generations"],
+                 "per_device_train_batch_size": w["prompts"] * w["num_generations"],
+                 "max_completion_length": w["max_completion_length"], "max_prompt_length": w["max_prompt_length"],
+                 "learning_rate": w["learning_rate"], "seed": w["seed"], "beta": 0.0, "loss_type": "dapo",
+                 "gradient_checkpointing": True, "reward_funcs": REWARDS, "warmup": {"enabled": False},
+                 "save_steps": 10_000, "output_dir": str(out / "ours")}})
+    _reset_peak()
+    result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
+    records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {"step_seconds": [r["step_seconds"] for r in records],
+            "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),
+            "completion_tokens": [r["completions/mean_length"] * w["prompts"] * w["num_generations"] for r in records],
+            "reward": [r["reward"] for r in records]}
+
+
+def run_trl(model: str, data: Path, steps: int, out: Path) -> dict:
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpoflow.rewards import load_reward
+
+    w = WORKLOAD
+    rows = pq.read_table(data / "train.parquet", columns=["prompt", "answer"]).to_pylist()
+    dataset = Dataset.from_list(rows)
+    funcs = []
+    for name in REWARDS:
+        fn = load_reward(name).fn
+
+        def reward(prompts, completions, _fn=fn, **kw):
+            return _fn(prompts=prompts, completions=completions, **kw)
+        reward.__name__ = name
+        funcs.append(reward)
+
+    times: list[float] = []
+    peaks: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            _sync()
+            _reset_peak()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync()
+            times.append(time.perf_counter() - self.t)
+            peaks.append(_peak_gib())
+
+    args = GRPOConfig(
+        output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=w["prompts"] * w["num_generations"],
+        num_generations=w["num_generations"], max_completion_length=w["max_completion_length"],
+        learning_rate=w["learning_rate"], seed=w["seed"], beta=0.0, loss_type="dapo", bf16=True,
+        gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none", use_vllm=False,
+        bf16_full_eval=False, use_cpu=not torch.cuda.is_available())
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[Timer()])
+    trainer.train()
+    rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
+    return {"step_seconds": times, "peak_gib": max(peaks), "reward": rewards}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a local Hugging Face folder (SmolLM2-135M-Instruct)")
+    parser.add_argument("--data", type=Path, required=True, help="folder with train.parquet and heldout.parquet")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", choices=["ours", "trl"])
+    parser.add_argument("--prompts", type=int, default=WORKLOAD["prompts"], help="prompts a step (smoke tests: 1)")
+    parser.add_argument("--max-completion-length", type=int, default=WORKLOAD["max_completion_length"])
+    args = parser.parse_args()
+    WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"card": card, "workload": WORKLOAD, "steps": args.steps,
+               "date": time.strftime("%Y-%m-%d")}
+    for name, fn in (("trl", run_trl), ("ours", run_ours)):
+        if args.only in (None, name):
+            results[name] = fn(args.model, args.data, args.steps, args.out)
+            results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
+    (args.out / "grpo_vs_trl.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['card']}, {args.steps} steps, median step time without step 1")
+    print("| trainer | median step s | peak GiB |")
+    print("|---|---|---|")
+    for name in ("trl", "ours"):
+        if name in results:
+            print(f"| {name} | {results[name]['median_step_seconds']:.2f} | {results[name]['peak_gib']:.2f} |")
+    if "trl" in results and "ours" in results:
+        print(f"ratio ours/trl: time {results['ours']['median_step_seconds'] / results['trl']['median_step_seconds']:.2f}"
+              f", peak memory {results['ours']['peak_gib'] / results['trl']['peak_gib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

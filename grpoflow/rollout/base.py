@@ -1,0 +1,44 @@
+"""The engine interface and its data types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Messages = list[dict[str, str]]  # [{"role": "system", "content": ...}, {"role": "user", ...}]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1  # completions per prompt (num_generations)
+    seed: int | None = None
+    logprobs: bool = False  # return the sampler's per-token log-probs (costs [B, V] floats a step)
+    truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (max_prompt_length)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, EOS included when generation stopped there
+    text: str  # decoded without special tokens
+    logprobs: list[float] | None  # the sampler's log-prob of each generated token, when asked
+    finished: bool  # True: stopped at EOS; False: cut at max_tokens (truncated)
+    prompt_truncated: bool = False  # the prompt lost tokens on the left to truncate_prompt_tokens
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        """One list of `params.n` completions per prompt, in prompt order."""
+        ...

@@ -1,0 +1,1 @@
+"""The GRPO trainer's parts. The loop itself reads top to bottom in stages/train.py."""

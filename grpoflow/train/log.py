@@ -1,0 +1,108 @@
+"""Training logs with no external service: JSONL per step, sampled completions, a reward plot.
+
+TensorBoard or Weights & Biases join when `grpo.report_to` asks for them and they are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from grpoflow.config import ConfigError
+
+
+class RunLogger:
+    def __init__(self, folder: Path, *, resume_step: int, report_to: list[str], run_name: str, config: dict):
+        self.folder = folder
+        self.metrics_path = folder / "metrics.jsonl"
+        self.completions_path = folder / "completions.jsonl"
+        # a resumed run redoes the steps after its checkpoint: drop their old lines
+        for path in (self.metrics_path, self.completions_path):
+            _truncate_after(path, resume_step)
+        self.history = _read(self.metrics_path)
+        self.sinks = [_sink(name, folder, run_name, config) for name in report_to]
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(step, metrics)
+
+    def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        with self.completions_path.open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
+
+    def plot(self) -> Path | None:
+        """reward.png: the total reward and each reward's mean against the step."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in self.history]
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        ax.plot(steps, [r.get("reward") for r in self.history], label="reward", lw=2)
+        for key in sorted({k for r in self.history for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+            ax.plot(steps, [r.get(key) for r in self.history], label=key.split("/")[1], lw=1, alpha=0.8)
+        ax.set_xlabel("step")
+        ax.set_title("rewards")
+        ax.legend(fontsize=7)
+        ax2.plot(steps, [r.get("frac_reward_zero_std") for r in self.history], label="frac_reward_zero_std")
+        ax2.plot(steps, [r.get("completions/clipped_ratio") for r in self.history], label="completions clipped")
+        ax2.set_ylim(-0.05, 1.05)
+        ax2.set_xlabel("step")
+        ax2.set_title("signal and truncation")
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        path = self.folder / "reward.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _sink(name: str, folder: Path, run_name: str, config: dict):
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("grpo.report_to: tensorboard is not installed; `pip install tensorboard`") from None
+        writer = SummaryWriter(str(folder / "tensorboard"))
+
+        def to_tensorboard(step: int, metrics: dict[str, float]) -> None:
+            for key, value in metrics.items():
+                if _finite(value):
+                    writer.add_scalar(key, value, step)
+            writer.flush()
+
+        return to_tensorboard
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("grpo.report_to: wandb is not installed; `pip install wandb`") from None
+    run = wandb.init(project="grpoflow", name=run_name, config=config, dir=str(folder))
+    return lambda step, m: run.log(m, step=step)
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = [r for r in _read(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))

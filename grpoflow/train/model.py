@@ -1,0 +1,121 @@
+"""Build what gets trained: the policy (full, LoRA or QLoRA), its optimizer, schedule and scaler."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from grpoflow.config import ConfigError, GRPOConfig, ModelConfig
+
+log = logging.getLogger("grpoflow.train")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # a peft model under LoRA/QLoRA
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype  # compute dtype (autocast)
+    is_peft: bool
+
+    def autocast(self):
+        # weights stay float32 under full fine-tuning (Adam needs them), LoRA adapters too;
+        # matmuls run in the compute dtype
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str) -> Policy:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[model_cfg.dtype]
+    if device.type == "cpu" and model_cfg.finetune == "qlora":
+        raise ConfigError("model.finetune: qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use lora or full")
+    if device.type == "cpu" and grpo.optim == "adamw_8bit":
+        raise ConfigError("grpo.optim: adamw_8bit needs a CUDA GPU (bitsandbytes); on CPU use adamw_torch")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.chat_template is None:
+        # a base model without one: a plain ChatML template, the most common convention
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        log.warning("%s has no chat template: using a default ChatML one", model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    kwargs = {}
+    if model_cfg.finetune == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    # A frozen base can live in the compute dtype (half the memory); trained weights stay float32.
+    weights_dtype = dtype if model_cfg.finetune in ("lora", "qlora") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights_dtype, **kwargs)
+    if model_cfg.finetune != "qlora":
+        model.to(device)
+
+    if grpo.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    is_peft = model_cfg.finetune in ("lora", "qlora")
+    if is_peft:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if model_cfg.finetune == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grpo.gradient_checkpointing)
+        elif grpo.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+        lora = model_cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("policy: %s, %s, %s compute on %s; %.2fM of %.1fM parameters trained", model_path,
+             model_cfg.finetune, model_cfg.dtype, device, n_train / 1e6, n_all / 1e6)
+    return Policy(model, tokenizer, device, dtype, is_peft)
+
+
+def make_optimizer(policy: Policy, grpo: GRPOConfig) -> torch.optim.Optimizer:
+    params = policy.trainable_parameters()
+    if grpo.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=grpo.learning_rate, weight_decay=grpo.weight_decay)
+    return torch.optim.AdamW(params, lr=grpo.learning_rate, weight_decay=grpo.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, grpo: GRPOConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    total = grpo.max_steps
+    warmup = math.ceil(grpo.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if grpo.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        if grpo.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_scaler(policy: Policy) -> torch.amp.GradScaler:
+    # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
+    return torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
+
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)

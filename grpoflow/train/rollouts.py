@@ -1,0 +1,110 @@
+"""One generation: prompts -> G completions each -> rewards -> advantages -> training tensors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grpoflow.advantages import compute_advantages
+from grpoflow.config import GRPOConfig
+from grpoflow.rewards import RewardSet
+from grpoflow.rollout import RolloutEngine, SamplingParams
+from grpoflow.rollout.hf import left_pad
+from grpoflow.train.logps import completion_logps
+
+COLUMNS = ("answer", "question", "solution", "metadata")  # dataset columns the rewards receive
+
+
+@dataclass
+class GenerationBatch:
+    """The rows of one generation, in group order (a prompt's G completions are consecutive)."""
+    input_ids: torch.Tensor  # [N, P + T]
+    attention_mask: torch.Tensor  # [N, P + T]
+    completion_mask: torch.Tensor  # [N, T], float; 0 after EOS, and for truncated ones when masked
+    advantages: torch.Tensor  # [N]
+    old_logps: torch.Tensor | None  # [N, T]; None: the policy has not moved since sampling
+    num_items: int  # active completion tokens in the whole generation (dapo's normaliser)
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)  # for the completions log
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def slice(self, start: int, stop: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
+                "completion_mask": self.completion_mask[start:stop], "advantages": self.advantages[start:stop],
+                "old_logps": None if self.old_logps is None else self.old_logps[start:stop]}
+
+
+def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
+                   *, need_old_logps: bool, micro_batch: int) -> GenerationBatch:
+    G = grpo.num_generations
+    started = time.perf_counter()
+    params = SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
+                            top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty, n=G,
+                            truncate_prompt_tokens=grpo.max_prompt_length)
+    groups = engine.generate([r["prompt"] for r in rows], params)
+    gen_seconds = time.perf_counter() - started
+    completions = [c for group in groups for c in group]  # [N], group order
+    texts = [c.text for c in completions]
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
+    scores = rewards.score(prompts, texts, **columns)
+
+    totals = torch.tensor(scores.totals, dtype=torch.float32)  # [N]
+    applied = torch.tensor([any(scores.per_reward[n][i] is not None for n in rewards.names)
+                            for i in range(len(completions))])  # [N]: a completion no reward applies to gets A = 0
+    advantages, adv_stats = compute_advantages(totals, G, grpo.scale_rewards, valid=applied)
+
+    device = policy.device
+    pad = policy.tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([c.prompt_ids for c in completions], pad, device)  # [N, P]
+    width = max(1, max(len(c.token_ids) for c in completions))
+    completion_ids = torch.full((len(completions), width), pad, dtype=torch.long, device=device)  # [N, T]
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.float32, device=device)  # [N, T]
+    for i, c in enumerate(completions):
+        completion_ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, device=device)
+        if c.finished or not grpo.mask_truncated_completions:
+            completion_mask[i, :len(c.token_ids)] = 1.0
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
+    attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
+
+    old_logps = None
+    if need_old_logps:
+        # the policy will move before some of these rows are trained on: keep the sampling policy's view
+        with torch.no_grad(), policy.autocast():
+            parts = [completion_logps(policy.model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
+                                      width, temperature=grpo.temperature)[0]
+                     for i in range(0, len(completions), micro_batch)]
+        old_logps = torch.cat(parts).float()  # [N, T]
+
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    finished = torch.tensor([c.finished for c in completions])
+    metrics = {
+        **scores.metrics(G), **adv_stats,
+        "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - finished.float().mean().item(),
+        "completions/mean_terminated_length": lengths[finished].mean().item() if finished.any() else 0.0,
+        "prompts/truncated": float(sum(g[0].prompt_truncated for g in groups)),
+        "generation/seconds": gen_seconds,
+        "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
+    }
+    samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
+                "reward": scores.totals[i], "advantage": advantages[i].item(),
+                **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
+               for i in range(len(completions))]
+    return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,
+                           int(completion_mask.sum().item()), metrics, samples)
+
+
+def _written(completions, width: int, device) -> torch.Tensor:
+    """1 where a completion token exists (masked-out truncated ones still attend normally)."""
+    out = torch.zeros((len(completions), width), dtype=torch.long, device=device)
+    for i, c in enumerate(completions):
+        out[i, :len(c.token_ids)] = 1
+    return out

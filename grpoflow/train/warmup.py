@@ -1,0 +1,99 @@
+"""Format warm-up: a short supervised pass that teaches the answer format before GRPO.
+
+GRPO learns from differences inside a group. SmolLM2-135M-Instruct wrote the format 0 times in
+1,319 GSM8K problems: every completion earns the same format reward, advantages are all zero,
+and nothing is learnt. A few hundred worked solutions rendered as
+<reasoning>...</reasoning><answer>...</answer> make the format appear some of the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from grpoflow.config import FormatWarmupConfig
+from grpoflow.rewards import load_reward
+from grpoflow.rollout import SamplingParams
+from grpoflow.rollout.hf import HFEngine
+
+log = logging.getLogger("grpoflow.train")
+
+
+def render_target(solution: str, answer: str) -> str:
+    return f"<reasoning>\n{solution}\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+def format_rate(engine: HFEngine, prompts: list, max_tokens: int) -> dict[str, float]:
+    """Share of greedy completions in the strict and the soft format."""
+    texts = [g[0].text for g in engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
+    rates = {}
+    for name in ("strict_format", "soft_format"):
+        values = load_reward(name).fn(prompts=prompts, completions=texts)
+        rates[name] = sum(1 for v in values if v and v > 0) / len(values)
+    return rates
+
+
+def run_format_warmup(policy, engine: HFEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
+                      cfg: FormatWarmupConfig, *, max_tokens: int, max_prompt_length: int, seed: int) -> dict[str, Any]:
+    rows = [r for r in train_rows if r.get("solution")][: cfg.rows]
+    if not rows:
+        log.warning("format warm-up skipped: no training row has a worked solution (column 'solution')")
+        return {"skipped": "no worked solutions"}
+    started = time.perf_counter()
+    before = format_rate(engine, heldout_prompts, max_tokens)
+    log.info("format warm-up: %d rows x %d epoch(s); strict format before: %.0f%%", len(rows), cfg.epochs,
+             100 * before["strict_format"])
+    tokenizer, model = policy.tokenizer, policy.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(rows), generator=generator).tolist()
+        for start in range(0, len(order), cfg.batch_size):
+            batch = [rows[i] for i in order[start:start + cfg.batch_size]]
+            input_ids, attention_mask, labels = _sft_batch(tokenizer, batch, max_prompt_length, max_tokens, policy.device)
+            with policy.autocast():
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    after = format_rate(engine, heldout_prompts, max_tokens)
+    report = {"rows": len(rows), "epochs": cfg.epochs, "steps": len(losses),
+              "loss_first": losses[0], "loss_last": losses[-1],
+              "format_strict_before": before["strict_format"], "format_strict_after": after["strict_format"],
+              "format_soft_before": before["soft_format"], "format_soft_after": after["soft_format"],
+              "eval_prompts": len(heldout_prompts), "seconds": round(time.perf_counter() - started, 1)}
+    log.info("format warm-up done in %.0fs: loss %.3f -> %.3f; strict format %.0f%% -> %.0f%% on %d held-out prompts",
+             report["seconds"], report["loss_first"], report["loss_last"], 100 * before["strict_format"],
+             100 * after["strict_format"], len(heldout_prompts))
+    return report
+
+
+def _sft_batch(tokenizer, rows, max_prompt_length: int, max_tokens: int, device):
+    """[prompt | target + EOS], right-padded; labels -100 on the prompt and the padding."""
+    seqs, label_rows = [], []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[-max_prompt_length:]
+        target_ids = tokenizer(render_target(r["solution"], r["answer"]), add_special_tokens=False).input_ids
+        target_ids = target_ids[: max_tokens - 1] + [tokenizer.eos_token_id]
+        seqs.append(prompt_ids + target_ids)
+        label_rows.append([-100] * len(prompt_ids) + target_ids)
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # [B, L]
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, L]
+    for i, (s, lab) in enumerate(zip(seqs, label_rows)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(s)] = torch.tensor(lab)
+        attention_mask[i, :len(s)] = 1
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)

@@ -1,0 +1,201 @@
+"""Plain-torch references: the ground truth every fused kernel in kernels/ is tested against.
+
+    logps = selective_log_softmax(logits, completion_ids)            # [B, T]
+    loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, loss_type="dapo")
+
+Written for clarity, not speed: one formula per line, in the order of the papers and of TRL's
+GRPOTrainer._compute_loss, so that a fused kernel which disagrees is the one that is wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[..., index] without keeping a second [B, T, V] tensor alive.
+
+    logits [B, T, V], index [B, T] -> [B, T], in the dtype of logits.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        # log_softmax(x)_i = x_i - logsumexp(x); logsumexp one row at a time bounds the temporary to [T, V]
+        selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)  # [B, T]
+        logsumexp = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # [B, T]
+        return selected - logsumexp
+    # bf16/fp16: x_i - logsumexp(x) loses the small differences that matter (both terms are large
+    # and rounded to 8 bits of mantissa), so take log_softmax per row, as TRL does
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row_logps = F.log_softmax(row_logits, dim=-1)  # [T, V]
+        rows.append(row_logps.gather(dim=-1, index=row_index.unsqueeze(-1)).squeeze(-1))  # [T]
+    return torch.stack(rows)  # [B, T]
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Entropy of the softmax at each position: logits [..., V] -> [...], float32 (or float64).
+
+    Positions go through in chunks so the float32 copy of the logits is [chunk_size, V] at most.
+    """
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # [B*T, V]
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    chunks = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = F.log_softmax(chunk.to(out_dtype), dim=-1)  # [chunk, V]
+        chunks.append(-(logps.exp() * logps).sum(-1))  # [chunk]
+    return torch.cat(chunks).reshape(logits.shape[:-1])
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO surrogate (+ beta * k3 KL), normalised as `loss_type` says.
+
+    logps      [B, T]  log p(token) under the policy being trained (the only input with a gradient)
+    old_logps  [B, T]  under the policy that sampled; None: the policy has not moved since sampling
+                       (one update per generation), so the ratio is 1 but its gradient still flows
+    ref_logps  [B, T]  under the reference model; needed only when beta > 0
+    advantages [B]     one per completion
+    mask       [B, T]  1 for completion tokens that count, 0 for padding (and masked completions)
+    is_weights [B, T] or [B]: truncated importance-sampling weights for rollouts from another engine,
+                       min(exp(old_logps - sampler_logps), cap), computed by the caller. Constants: they
+                       scale the policy term only, not the KL term, as in TRL.
+
+    Per token: -min(min(r, delta) * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
+    r = exp(logps - old_logps), or for importance_sampling_level="sequence" (GSPO) one r per sequence:
+    exp(masked mean over its tokens of logps - old_logps), the same for all its tokens.
+
+    Normalisation of the masked sum:
+      grpo     per sequence / its token count, then the mean over the B sequences (empty ones count, as 0)
+      bnpo     / tokens in this batch
+      dr_grpo  / (B * max_completion_length)
+      dapo     / num_items_in_batch: tokens in the whole generation batch (all micro-batches, all
+               processes), so micro-batch losses add up to the generation's token mean. Defaults to
+               this batch's tokens. Under DDP, whose all-reduce averages gradients, pass it divided
+               by the world size.
+
+    Metrics (floats, over active tokens; a sequence-level r counts once per token of its sequence):
+      clip_ratio/low_mean     r < 1 - epsilon and A < 0 (the clip removed the gradient of a negative A)
+      clip_ratio/high_mean    r > 1 + epsilon_high and A > 0
+      clip_ratio/region_mean  either
+      ratio/mean              mean r
+      kl                      mean k3, when beta > 0
+    """
+    _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
+                  max_completion_length, is_weights)
+    epsilon_low = epsilon
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    # exp of a log-prob difference in bf16 has ~2 significant digits: compute in float32 at least
+    dtype = torch.promote_types(logps.dtype, torch.float32)
+    logps = logps.to(dtype)
+    old_logps = logps.detach() if old_logps is None else old_logps.to(dtype)
+    advantages = advantages.to(dtype).unsqueeze(1)  # [B, 1]
+    active = mask.bool()  # [B, T]
+    mask = mask.to(dtype)  # [B, T]
+    token_count = mask.sum().clamp(min=1.0)  # scalar; 1 for an empty batch, so 0 / 1 = 0, never NaN
+
+    # Differences of log-probs are zeroed at padding *before* exp: padding may hold anything (-inf,
+    # NaN) and masking after exp would give 0 * inf = NaN in the value or the gradient.
+    log_ratio = torch.where(active, logps - old_logps, 0.0)  # [B, T]
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio  # [B, T]
+    else:
+        # GSPO: the length-normalised sequence log-ratio; written as a mean of per-token terms so
+        # that each token's logp still gets its own gradient, 1 / |y_i| of the sequence's
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [B]
+        log_importance_weights = log_importance_weights.unsqueeze(-1)  # [B, 1], broadcast over T below
+    ratio = torch.exp(log_importance_weights)  # [B, T] or [B, 1]
+
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [B, T] or [B, 1]
+    # Two-sided clipping (delta): with A < 0 the min picks the unclipped branch when r is large,
+    # which is unbounded; delta caps it
+    capped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)  # [B, T] or [B, 1]
+    per_token_loss = -torch.min(capped_ratio * advantages, clipped_ratio * advantages)  # [B, T] or [B, 1]
+    per_token_loss = per_token_loss.expand_as(mask)  # [B, T]
+
+    if is_weights is not None:
+        is_weights = is_weights.to(dtype)
+        if is_weights.dim() == 1:
+            is_weights = is_weights.unsqueeze(1)  # [B, 1]
+        is_weights = torch.where(active, is_weights, 0.0)  # [B, T]; padding may hold NaN
+        per_token_loss = per_token_loss * is_weights  # [B, T]
+
+    per_token_kl = None
+    if beta != 0.0:
+        ref_log_ratio = torch.where(active, ref_logps.to(dtype) - logps, 0.0)  # [B, T]
+        # k3 estimator of KL(policy || ref): unbiased, always >= 0 (Schulman, "Approximating KL divergence")
+        per_token_kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1  # [B, T]
+        per_token_loss = per_token_loss + beta * per_token_kl  # [B, T]
+
+    masked_loss = per_token_loss * mask  # [B, T]
+    if loss_type == "grpo":
+        loss = (masked_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_loss.sum() / token_count
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (mask.shape[0] * max_completion_length)
+    else:  # dapo
+        if num_items_in_batch is None:
+            num_items_in_batch = token_count
+        normaliser = torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device).clamp(min=1.0)
+        loss = masked_loss.sum() / normaliser
+
+    with torch.no_grad():
+        ratio = ratio.expand_as(mask)  # [B, T]: metrics count tokens, at both levels
+        is_low_clipped = (ratio < 1 - epsilon_low) & (advantages < 0)  # [B, T]
+        is_high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)  # [B, T]
+
+        def masked_mean(x: torch.Tensor) -> float:
+            return ((x.to(dtype) * mask).sum() / token_count).item()
+
+        metrics = {
+            "clip_ratio/low_mean": masked_mean(is_low_clipped),
+            "clip_ratio/high_mean": masked_mean(is_high_clipped),
+            "clip_ratio/region_mean": masked_mean(is_low_clipped | is_high_clipped),
+            "ratio/mean": masked_mean(ratio),
+        }
+        if per_token_kl is not None:
+            metrics["kl"] = masked_mean(per_token_kl)
+    return loss, metrics
+
+
+def _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
+                  max_completion_length, is_weights) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level={importance_sampling_level!r} is not one of "
+                         f"{IMPORTANCE_SAMPLING_LEVELS}")
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [B, T]; got shape {tuple(logps.shape)}")
+    B, T = logps.shape
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; logps has {(B, T)}, they must match")
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must be [B] = [{B}], one per completion; got shape {tuple(advantages.shape)}")
+    if is_weights is not None and is_weights.shape not in ((B,), (B, T)):
+        raise ValueError(f"is_weights must be [B] or [B, T] = [{B}] or [{B}, {T}]; got {tuple(is_weights.shape)}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={beta} adds a KL term to the reference model, which needs ref_logps; "
+                         "pass them, or set beta=0")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length; pass max_completion_length")

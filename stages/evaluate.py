@@ -1,0 +1,230 @@
+"""Evaluation: models answer the held-out questions; verifiers and rewards grade them.
+
+    for each model (base, trained, ...):
+        generate greedy (pass@1) [+ k samples: pass@k, maj@k] -> verify -> score -> write
+    side-by-side table of every model on the same prompts and seeds
+
+Per-sample results go to <label>.samples.parquet, each model's figures to <label>.json,
+everything to summary.json and comparison.md. A model already evaluated on the same rows
+with the same settings is not evaluated again, so an interrupted run resumes there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grpoflow.config import EvalConfig, RolloutConfig
+from grpoflow.rewards import RewardSet, extract_answer, load_reward, parse_number
+from grpoflow.rollout import SamplingParams
+from grpoflow.rollout.load import load_engine
+from grpoflow.verifiers.answer import answer_correct, last_number_correct
+
+log = logging.getLogger("grpoflow.evaluate")
+
+# Bump when the figures change for the same inputs: earlier results stop counting as done.
+EVAL_VERSION = 1
+
+
+@dataclass
+class EvalReport:
+    output_dir: str
+    models: dict[str, dict[str, Any]]  # label -> figures
+    markdown: str
+
+
+def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, rollout: RolloutConfig = RolloutConfig(),
+                 answer_type: str = "number") -> EvalReport:
+    """`models` maps a label ('base', 'trained') to a model folder or Hub id."""
+    rows = pq.read_table(heldout).to_pylist()
+    rows = rows[: cfg.max_samples] if cfg.max_samples else rows
+    scorable = [r for r in rows if (r.get("answer") or "").strip()]
+    skipped = len(rows) - len(scorable)
+    if skipped:
+        log.warning("%d of %d held-out rows have no gold answer: counted, not scored", skipped, len(rows))
+    if not scorable:
+        raise ValueError(f"{heldout}: none of the {len(rows)} held-out rows has a gold answer to score against")
+
+    key = _run_key(cfg, heldout, models, rollout, answer_type)
+    out = Path(cfg.output_dir) / key[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, dict[str, Any]] = {}
+    for label, path in models.items():
+        done = out / f"{label}.json"
+        if done.is_file():
+            log.info("%s: evaluated earlier (%s)", label, done)
+            figures[label] = json.loads(done.read_text())
+            continue
+        figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, out, answer_type)
+        figures[label]["skipped_no_answer"] = skipped
+        done.write_text(json.dumps(figures[label], indent=2) + "\n")
+
+    markdown = comparison_table(figures)
+    (out / "comparison.md").write_text(markdown + "\n")
+    (out / "summary.json").write_text(json.dumps(
+        {"heldout": str(heldout), "rows": len(rows), "scored": len(scorable), "config": cfg.model_dump(mode="json"),
+         "models": figures}, indent=2) + "\n")
+    return EvalReport(str(out), figures, markdown)
+
+
+def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: str, rows: list[dict],
+                    out: Path, answer_type: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    engine = load_engine(rollout, path, batch_size=cfg.batch_size)
+    prompts = [r["prompt"] for r in rows]
+    log.info("%s: %d held-out questions, greedy, up to %d new tokens (%s engine)", label, len(rows),
+             cfg.max_new_tokens, engine.name)
+    greedy = [c[0] for c in engine.generate(prompts, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0,
+                                                                    seed=cfg.seed))]
+    gen_seconds = time.perf_counter() - started
+    texts = [c.text for c in greedy]
+    golds = [r["answer"] for r in rows]
+    correct = [bool(answer_correct(t, g, answer_type)) for t, g in zip(texts, golds)]
+    lenient = [bool(last_number_correct(t, g)) for t, g in zip(texts, golds)]
+    strict = _fires("strict_format", prompts, texts, golds)
+    soft = _fires("soft_format", prompts, texts, golds)
+    rewards = RewardSet(cfg.reward_funcs)
+    columns = {k: [r.get(k) for r in rows] for k in ("answer", "question", "metadata")}
+    scores = rewards.score(prompts, texts, **columns)
+    lengths = [len(c.token_ids) for c in greedy]
+
+    figures: dict[str, Any] = {
+        "model": path, "scored": len(rows),
+        "accuracy": _mean(correct), "accuracy_ci95": wilson_interval(sum(correct), len(correct)),
+        "accuracy_last_number": _mean(lenient),
+        "accuracy_last_number_ci95": wilson_interval(sum(lenient), len(lenient)),
+        "format_strict": _mean(strict), "format_soft": _mean(soft),
+        "mean_completion_tokens": sum(lengths) / len(lengths),
+        "truncated": _mean([not c.finished for c in greedy]),
+        "rewards": {name: _mean_of(values) for name, values in scores.per_reward.items()},
+        "reward": sum(scores.totals) / len(scores.totals),
+        "reward_errors": scores.errors,
+        "generation_tokens_per_second": sum(lengths) / gen_seconds if gen_seconds else None,
+    }
+    table = {"id": [r["id"] for r in rows], "question": [r["question"] for r in rows], "answer": golds,
+             "completion": texts, "extracted": [extract_answer(t) for t in texts],
+             "completion_tokens": lengths, "finished": [c.finished for c in greedy],
+             "correct": correct, "correct_last_number": lenient, "format_strict": strict, "reward": scores.totals}
+    for name, values in scores.per_reward.items():
+        table[f"rewards/{name}"] = values
+    pq.write_table(pa.table(table), out / f"{label}.samples.parquet")
+
+    if cfg.num_samples:
+        figures.update(_sampled(cfg, engine, label, prompts, golds, out, answer_type))
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    log.info("%s: accuracy %.1f%% (last number %.1f%%), strict format %.1f%%, %.0f tokens on average",
+             label, 100 * figures["accuracy"], 100 * figures["accuracy_last_number"],
+             100 * figures["format_strict"], figures["mean_completion_tokens"])
+    return figures
+
+
+def _sampled(cfg: EvalConfig, engine, label: str, prompts: list, golds: list[str], out: Path,
+             answer_type: str) -> dict[str, Any]:
+    k = cfg.num_samples
+    log.info("%s: %d samples per question at temperature %s for pass@%d / maj@%d", label, k, cfg.temperature, k, k)
+    groups = engine.generate(prompts, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                     n=k, seed=cfg.seed))
+    pass_at_k, majority, per_sample = [], [], []
+    records: dict[str, list] = {"question_index": [], "sample": [], "completion": [], "correct": []}
+    for i, (group, gold) in enumerate(zip(groups, golds)):
+        verdicts = [bool(answer_correct(c.text, gold, answer_type)) for c in group]
+        pass_at_k.append(any(verdicts))
+        per_sample.extend(verdicts)
+        majority.append(majority_correct([c.text for c in group], gold, answer_type))
+        for j, (c, v) in enumerate(zip(group, verdicts)):
+            records["question_index"].append(i)
+            records["sample"].append(j)
+            records["completion"].append(c.text)
+            records["correct"].append(v)
+    pq.write_table(pa.table(records), out / f"{label}.sampled.parquet")
+    return {f"pass@{k}": _mean(pass_at_k), f"maj@{k}": _mean(majority), "sampled_accuracy": _mean(per_sample)}
+
+
+def majority_correct(texts: list[str], gold: str, answer_type: str) -> bool:
+    """The most common extracted answer (ties: the first seen) equals the gold answer."""
+    answers = [extract_answer(t) for t in texts]
+    if answer_type == "number":
+        answers = [parse_number(a) for a in answers]
+    votes = Counter(a for a in answers if a)
+    if not votes:
+        return False
+    winner = votes.most_common(1)[0][0]
+    return bool(answer_correct(f"<answer>{winner}</answer>", gold, answer_type))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval: honest at 0% and 100%, where the normal one collapses."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
+    labels = list(figures)
+    rows = [("questions scored", lambda f: f"{f['scored']:,}"),
+            ("accuracy (<answer>)", lambda f: _pct_ci(f["accuracy"], f["accuracy_ci95"])),
+            ("accuracy (last number)", lambda f: _pct_ci(f["accuracy_last_number"], f["accuracy_last_number_ci95"])),
+            ("strict format", lambda f: f"{100 * f['format_strict']:.1f}%"),
+            ("soft format", lambda f: f"{100 * f['format_soft']:.1f}%"),
+            ("mean completion tokens", lambda f: f"{f['mean_completion_tokens']:.0f}"),
+            ("cut at max tokens", lambda f: f"{100 * f['truncated']:.1f}%"),
+            ("reward (sum)", lambda f: f"{f['reward']:.3f}")]
+    names = sorted({n for f in figures.values() for n in f["rewards"]})
+    rows += [(f"rewards/{n}", lambda f, n=n: _num(f["rewards"].get(n))) for n in names]
+    extra = sorted({k for f in figures.values() for k in f if k.startswith(("pass@", "maj@"))})
+    rows += [(k, lambda f, k=k: f"{100 * f[k]:.1f}%" if k in f else "-") for k in extra]
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {name} | " + " | ".join(fmt(figures[label]) for label in labels) + " |" for name, fmt in rows]
+    return "\n".join(lines)
+
+
+def _fires(reward_name: str, prompts: list, texts: list[str], golds: list[str]) -> list[bool]:
+    values = load_reward(reward_name).fn(prompts=prompts, completions=texts, answer=golds)
+    return [bool(v) and v > 0 for v in values]
+
+
+def _run_key(cfg: EvalConfig, heldout: Path, models: dict[str, str], rollout: RolloutConfig, answer_type: str) -> str:
+    key = {"version": EVAL_VERSION, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
+           "config": cfg.model_dump(mode="json", exclude={"output_dir"}), "rollout": rollout.model_dump(mode="json"),
+           "answer_type": answer_type, "models": {label: _model_identity(path) for label, path in models.items()}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _model_identity(path: str) -> str:
+    """The folder and its weight files' sizes and times: a retrained model is a new model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path  # a Hub id
+    stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
+    return json.dumps([str(folder.resolve()), stamps])
+
+
+def _mean(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    applied = [v for v in values if v is not None]
+    return sum(applied) / len(applied) if applied else None
+
+
+def _pct_ci(p: float, ci: tuple[float, float]) -> str:
+    return f"{100 * p:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

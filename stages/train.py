@@ -1,0 +1,297 @@
+"""GRPO training, top to bottom.
+
+    set up: policy (full / LoRA / QLoRA), optimizer, schedule, rewards, rollout engine
+    resume from the newest checkpoint, or warm the format up first
+    for step in range(max_steps):
+        for each micro-step of the optimizer step:
+            take the next micro-batch of the current generation (generate a new one when used up)
+            loss = grpo_loss(policy log-probs, sampling log-probs, advantages)  ->  backward
+        clip, skip if non-finite, optimizer step, schedule step, log, checkpoint
+
+Generation follows TRL's batching (grpoflow/batching.py, `grpoflow explain-batches`): one
+generation holds `unique_prompts` x `num_generations` completions, trained on as
+`steps_per_generation` micro-batches, `num_iterations` times over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from grpoflow.batching import BatchPlan
+from grpoflow.config import PipelineConfig
+from grpoflow.errors import TrainingDiverged
+from grpoflow.rewards import RewardSet
+from grpoflow.rollout.hf import HFEngine
+from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from grpoflow.train.log import RunLogger
+from grpoflow.train.logps import completion_logps
+from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
+from grpoflow.train.rollouts import GenerationBatch, generate_batch
+from grpoflow.train.sampler import PromptSampler
+from grpoflow.train.warmup import run_format_warmup
+from kernels.reference import grpo_loss
+
+log = logging.getLogger("grpoflow.train")
+
+# Steps over which frac_reward_zero_std is watched; near 1 throughout means no learning signal.
+ZERO_STD_WINDOW = 5
+ZERO_STD_ALARM = 0.9
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    model_dir: str  # the final adapters (LoRA) or model (full) for evaluation and export
+    steps: int
+    report: dict[str, Any]
+
+
+def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str, *,
+              progress: bool = True) -> TrainResult:
+    grpo = cfg.grpo
+    plan = BatchPlan.from_config(grpo)
+    rows = pq.read_table(train_path).to_pylist()
+    heldout_prompts = [r["prompt"] for r in pq.read_table(heldout_path).slice(0, grpo.warmup.eval_prompts).to_pylist()]
+    out = Path(grpo.output_dir) / _run_key(cfg, train_path, model_path)[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    final_dir = out / "final"
+    if (final_dir / "report.json").is_file():
+        log.info("training is done already: %s (same data, model and config)", final_dir)
+        report = json.loads((final_dir / "report.json").read_text())
+        return TrainResult(str(out), str(final_dir), report["steps"], report)
+
+    _seed_everything(grpo.seed)
+    policy = load_policy(cfg.model, grpo, model_path)
+    optimizer = make_optimizer(policy, grpo)
+    scheduler = make_scheduler(optimizer, grpo)
+    scaler = make_scaler(policy)
+    rewards = RewardSet(grpo.reward_funcs, grpo.reward_weights)
+    # one generate call per generation (all its prompts), and the warm-up's format check in one call too
+    engine = HFEngine(policy.model, policy.tokenizer, batch_size=max(plan.unique_prompts, grpo.warmup.eval_prompts),
+                      progress=False, autocast=policy.autocast)
+    sampler = PromptSampler(len(rows), grpo.seed)
+    ref_model = _reference_model(policy, model_path, cfg) if grpo.beta > 0 and not policy.is_peft else None
+    # old log-probs are needed once the policy moves between sampling and training on a row
+    need_old_logps = grpo.num_iterations > 1 or plan.steps_per_generation > grpo.gradient_accumulation_steps
+
+    step, buffer, next_micro = 0, None, 0
+    nonfinite_in_row, skipped_steps, warmup_report = 0, 0, None
+    checkpoints = list_checkpoints(out / "checkpoints")
+    if grpo.resume_from_checkpoint and checkpoints:
+        saved = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, scaler)
+        step, next_micro = saved["step"], saved["next_micro"]
+        nonfinite_in_row, skipped_steps = saved["nonfinite_in_row"], saved["skipped_steps"]
+        warmup_report = saved["warmup"]
+        sampler.load_state_dict(saved["sampler"])
+        buffer = _batch_from_state(saved["buffer"], policy.device)
+        log.info("resumed from %s at step %d", checkpoints[-1], step)
+    elif grpo.warmup.enabled:
+        warmup_report = run_format_warmup(policy, engine, rows, heldout_prompts, grpo.warmup,
+                                          max_tokens=grpo.max_completion_length,
+                                          max_prompt_length=grpo.max_prompt_length, seed=grpo.seed)
+
+    def checkpoint(at: int) -> Path:
+        state = {"next_micro": next_micro, "nonfinite_in_row": nonfinite_in_row, "skipped_steps": skipped_steps,
+                 "warmup": warmup_report, "sampler": sampler.state_dict(), "buffer": _batch_to_state(buffer)}
+        return save_checkpoint(out / "checkpoints", at, policy, optimizer, scheduler, scaler, state,
+                               keep=grpo.save_total_limit)
+
+    logger = RunLogger(out, resume_step=step, report_to=grpo.report_to, run_name=out.name,
+                       config=cfg.model_dump(mode="json"))
+    log.info("GRPO: %d steps; each generation %d prompts x %d completions, %d micro-batches of %d, %d iteration(s)",
+             grpo.max_steps, plan.unique_prompts, grpo.num_generations, plan.steps_per_generation,
+             grpo.per_device_train_batch_size, grpo.num_iterations)
+    bar = Progress(TextColumn("GRPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                   TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   disable=not progress)
+    with bar:
+        task = bar.add_task("train", total=grpo.max_steps, completed=step, reward="-")
+        while step < grpo.max_steps:
+            started = time.perf_counter()
+            if policy.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            micro_metrics: list[dict[str, float]] = []
+            for _ in range(grpo.gradient_accumulation_steps):
+                if buffer is None or next_micro == plan.micro_steps_per_generation:
+                    batch_rows = [rows[i] for i in sampler.take(plan.unique_prompts)]
+                    buffer = generate_batch(engine, policy, batch_rows, rewards, grpo,
+                                            need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size)
+                    next_micro = 0
+                    if (step + 1) % grpo.log_completions_steps == 0:
+                        logger.log_completions(step + 1, buffer.samples)
+                chunk = next_micro % plan.steps_per_generation
+                size = grpo.per_device_train_batch_size
+                micro = buffer.slice(chunk * size, (chunk + 1) * size)
+                next_micro += 1
+                loss, metrics = _micro_step_loss(policy, micro, buffer, grpo, ref_model)
+                scaler.scale(loss).backward()
+                micro_metrics.append({"loss": loss.item(), **metrics})
+
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), grpo.max_grad_norm).item()
+            finite = math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in micro_metrics)
+            if finite:
+                scaler.step(optimizer)
+                nonfinite_in_row = 0
+            else:
+                skipped_steps += 1
+                nonfinite_in_row += 1
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+
+            # reward metrics are those of the generation this step trained on (one generation may feed
+            # several steps), as TRL logs them
+            record = {**_mean_metrics(micro_metrics), **buffer.metrics, "grad_norm": grad_norm,
+                      "learning_rate": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started,
+                      "skipped_steps": skipped_steps}
+            if policy.device.type == "cuda":
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if step % grpo.logging_steps == 0 or step == grpo.max_steps:
+                logger.log(step, record)
+            _watch_signal(logger.history, step)
+            bar.update(task, completed=step, reward=f"{record.get('reward', float('nan')):.3f}")
+
+            if nonfinite_in_row >= grpo.max_nonfinite_steps:
+                path = checkpoint(step)
+                raise TrainingDiverged(
+                    f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
+                    f"checkpoint kept at {path}. Lower grpo.learning_rate or grpo.max_grad_norm, or set model.dtype "
+                    f"to bfloat16 or float32 if it is float16.")
+            if step % grpo.save_steps == 0 or step == grpo.max_steps:
+                checkpoint(step)
+                logger.plot()
+
+    final_dir = _save_final(out, policy, logger, warmup_report, step, skipped_steps, cfg)
+    return TrainResult(str(out), str(final_dir), step, json.loads((final_dir / "report.json").read_text()))
+
+
+def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
+    T = buffer.completion_len
+    with policy.autocast():
+        logps, entropy = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,
+                                          temperature=grpo.temperature, with_entropy=True)  # [b, T]
+    ref_logps = None
+    if grpo.beta > 0:
+        with torch.no_grad(), policy.autocast():
+            if ref_model is None:  # LoRA: the reference is the base, the adapters switched off
+                with policy.model.disable_adapter():
+                    ref_logps, _ = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,
+                                                    temperature=grpo.temperature)
+            else:
+                ref_logps, _ = completion_logps(ref_model, micro["input_ids"], micro["attention_mask"], T,
+                                                temperature=grpo.temperature)
+        ref_logps = ref_logps.float()
+    mask = micro["completion_mask"]
+    loss, metrics = grpo_loss(
+        logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
+        loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,
+        beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
+        max_completion_length=grpo.max_completion_length, num_items_in_batch=buffer.num_items)
+    if grpo.loss_type != "dapo":
+        # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
+        loss = loss / grpo.gradient_accumulation_steps
+    active = mask.sum()
+    metrics["entropy"] = ((entropy * mask).sum() / active.clamp(min=1)).item()
+    return loss, {k: float(v) for k, v in metrics.items()}
+
+
+def _watch_signal(history: list[dict], step: int) -> None:
+    """Say early and plainly when GRPO has nothing to learn from."""
+    if step != ZERO_STD_WINDOW:
+        return
+    recent = [r["frac_reward_zero_std"] for r in history[-ZERO_STD_WINDOW:] if r.get("frac_reward_zero_std") is not None]
+    if recent and min(recent) >= ZERO_STD_ALARM:
+        log.warning(
+            "no learning signal: in the first %d steps at least %.0f%% of the groups had the same reward for every "
+            "completion (frac_reward_zero_std), so their advantages are zero. Enable grpo.warmup (format warm-up), "
+            "add a reward that separates completions (xmlcount, soft_format, proximity), raise grpo.num_generations "
+            "or grpo.temperature, or use easier prompts.", ZERO_STD_WINDOW, 100 * ZERO_STD_ALARM)
+
+
+def _save_final(out: Path, policy, logger: RunLogger, warmup_report, steps: int, skipped: int,
+                cfg: PipelineConfig) -> Path:
+    final = out / "final"
+    tmp = out / f".tmp-final-{os.getpid()}"
+    policy.model.save_pretrained(tmp)  # adapters only under LoRA (save_lora); the whole model otherwise
+    policy.tokenizer.save_pretrained(tmp)
+    plot = logger.plot()
+    history = logger.history
+    last = history[-min(len(history), 10):] if history else []
+    report = {
+        "steps": steps, "skipped_steps": skipped, "finetune": cfg.model.finetune, "base_model": str(cfg.model.name_or_path),
+        "warmup": warmup_report,
+        "reward_first_10": _mean_key(history[:10], "reward"), "reward_last_10": _mean_key(last, "reward"),
+        "step_seconds_median": float(np.median([r["step_seconds"] for r in history])) if history else None,
+        "metrics": str(logger.metrics_path), "plot": str(plot) if plot else None,
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, final)
+    log.info("training done: %d steps, reward %s -> %s; model in %s", steps, _fmt(report["reward_first_10"]),
+             _fmt(report["reward_last_10"]), final)
+    return final
+
+
+def _reference_model(policy, model_path: str, cfg: PipelineConfig):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).to(policy.device).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _batch_to_state(batch: GenerationBatch | None) -> dict | None:
+    if batch is None:
+        return None
+    return {f.name: (v.cpu() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
+
+
+def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
+    if state is None:
+        return None
+    return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
+
+
+def _run_key(cfg: PipelineConfig, train_path: Path, model_path: str) -> str:
+    """Same data, base model and training config: the same run (and its checkpoints)."""
+    key = {"data": hashlib.sha256(Path(train_path).read_bytes()).hexdigest(), "model": str(model_path),
+           "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+           "grpo": cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
+                                                            "report_to", "save_steps", "save_total_limit",
+                                                            "resume_from_checkpoint"})}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+
+def _mean_key(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"

@@ -1,0 +1,158 @@
+"""The GRPO trainer on CPU: tiny random models, real generate, real optimizer, real checkpoints."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from grpoflow.config import ConfigError, validate_config
+from stages import train as train_stage
+from stages.train import TrainingDiverged, run_train
+
+# A reward a tiny random model can learn quickly: the share of the completion that is spaces.
+SPACES_REWARD = '''
+def spaces(prompts, completions, **_):
+    return [text.count(" ") / max(1, len(text)) for text in completions]
+'''
+
+
+def data(tmp_path: Path, n: int = 16) -> tuple[Path, Path]:
+    rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"Say something about {i}."}],
+             "question": f"Say something about {i}.", "answer": str(i), "solution": f"It is {i}.",
+             "origin": f"t:{i}", "metadata": None} for i in range(n)]
+    train, heldout = tmp_path / "train.parquet", tmp_path / "heldout.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), train)
+    pq.write_table(pa.Table.from_pylist(rows[:4]), heldout)
+    return train, heldout
+
+
+def config(tmp_path: Path, **grpo) -> object:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(SPACES_REWARD)
+    settings = {"learning_rate": 3e-3, "max_steps": 4, "num_generations": 4, "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 1, "max_completion_length": 8, "max_prompt_length": 64,
+                "reward_funcs": [f"{reward_file}:spaces"], "warmup": {"enabled": False},
+                "gradient_checkpointing": False, "save_steps": 1, "log_completions_steps": 2,
+                "output_dir": str(tmp_path / "train"), "seed": 3}
+    settings.update(grpo)
+    return validate_config({"model": {"finetune": "full", "dtype": "float32"}, "grpo": settings})
+
+
+def metrics(result) -> list[dict]:
+    return [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mean_reward_rises_on_a_learnable_task(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=24, num_generations=8, per_device_train_batch_size=16, save_steps=24,
+                 learning_rate=3e-2)
+    result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    rewards = [m["reward"] for m in metrics(result)]
+    assert len(rewards) == 24
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
+    report = json.loads((Path(result.model_dir) / "report.json").read_text())
+    assert report["steps"] == 24 and (Path(result.output_dir) / "reward.png").stat().st_size > 1000
+    assert (Path(result.model_dir) / "model.safetensors").is_file()  # full fine-tune: the whole model
+
+
+def test_metrics_use_trl_names(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    result = run_train(config(tmp_path, max_steps=2), train, heldout, str(tiny_model), progress=False)
+    step = metrics(result)[0]
+    for key in ("loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/spaces/mean", "rewards/spaces/std",
+                "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "entropy",
+                "grad_norm", "learning_rate", "step_seconds", "generation/tokens_per_second"):
+        assert key in step, key
+    logged = [json.loads(line) for line in (Path(result.output_dir) / "completions.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in logged} == {2} and len(logged) == 4  # one prompt x 4 completions at step 2
+    assert {"prompt", "completion", "reward", "advantage", "rewards/spaces"} <= set(logged[0])
+
+
+def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
+    """Two micro-batches per generation: crash on the second of the second generation, resume."""
+    train, heldout = data(tmp_path)
+    common = dict(max_steps=5, num_generations=4, per_device_train_batch_size=2, steps_per_generation=2)
+    whole = run_train(config(tmp_path / "a", **common), train, heldout, str(tiny_model), progress=False)
+
+    real = train_stage._micro_step_loss
+    calls = {"n": 0}
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "_micro_step_loss", crash_on_fourth)
+    cfg = config(tmp_path / "b", **common)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    monkeypatch.setattr(train_stage, "_micro_step_loss", real)
+    saved = torch.load(next((Path(cfg.grpo.output_dir)).glob("*/checkpoints/step-000003")) / "trainer_state.pt",
+                       weights_only=False)
+    assert saved["next_micro"] == 1 and saved["buffer"] is not None  # stopped inside a generation
+    resumed = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+
+    a, b = metrics(whole), metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        for key in ("loss", "reward", "grad_norm", "completions/mean_length"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    wa = torch.load(next(Path(whole.output_dir).glob("checkpoints/step-000005")) / "trainer_state.pt",
+                    weights_only=False)["trainable"]
+    wb = torch.load(next(Path(resumed.output_dir).glob("checkpoints/step-000005")) / "trainer_state.pt",
+                    weights_only=False)["trainable"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_every_completion_truncated_is_no_nan(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=2, max_completion_length=2, mask_truncated_completions=True,
+                 loss_type="grpo")
+    result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    for m in metrics(result):
+        assert m["completions/clipped_ratio"] == 1.0
+        assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+
+
+def test_non_finite_steps_stop_the_run_with_a_checkpoint(tiny_model, tmp_path, monkeypatch):
+    train, heldout = data(tmp_path)
+
+    def nan_loss(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        return loss * float("nan"), m
+
+    real = train_stage._micro_step_loss
+    monkeypatch.setattr(train_stage, "_micro_step_loss", nan_loss)
+    cfg = config(tmp_path, max_steps=10, max_nonfinite_steps=3, save_steps=100)
+    with pytest.raises(TrainingDiverged, match=r"^3 optimizer steps in a row had a non-finite loss or gradient "
+                                               r"\(step 3\); checkpoint kept at .*step-000003\. Lower grpo.learning_rate"):
+        run_train(cfg, train, heldout, str(tiny_model), progress=False)
+
+
+def test_lora_saves_adapters_only_and_qlora_needs_a_gpu(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=1).model_copy(deep=True)
+    cfg.model.finetune = "lora"
+    cfg.model.lora.target_modules = ["q_proj", "v_proj"]
+    result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    assert (Path(result.model_dir) / "adapter_model.safetensors").is_file()
+    assert not (Path(result.model_dir) / "model.safetensors").exists()
+    if not torch.cuda.is_available():
+        cfg.model.finetune = "qlora"
+        with pytest.raises(ConfigError, match="model.finetune: qlora needs a CUDA GPU"):
+            run_train(cfg, train, heldout, str(tiny_model), progress=False)
+
+
+def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=1, warmup={"rows": 8, "batch_size": 4, "eval_prompts": 2})
+    result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    warm = result.report["warmup"]
+    assert warm["rows"] == 8 and warm["steps"] == 2
+    assert 0.0 <= warm["format_strict_before"] <= 1.0 and 0.0 <= warm["format_strict_after"] <= 1.0
