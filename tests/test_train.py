@@ -156,3 +156,23 @@ def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
     warm = result.report["warmup"]
     assert warm["rows"] == 8 and warm["steps"] == 2
     assert 0.0 <= warm["format_strict_before"] <= 1.0 and 0.0 <= warm["format_strict_after"] <= 1.0
+
+
+def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path):
+    """eval mode silently turns gradient checkpointing off (5x the memory on the GPU, measured)."""
+    from grpoflow.train.model import load_policy
+
+    cfg = config(tmp_path, gradient_checkpointing=True)
+    policy = load_policy(cfg.model, cfg.grpo, str(tiny_model))
+    assert policy.model.training and policy.model.is_gradient_checkpointing
+
+
+def test_warmup_targets_earn_every_format_reward():
+    from grpoflow.rewards import RewardSet
+    from grpoflow.train.warmup import render_target
+
+    target = render_target("Natalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72.", "72")
+    scores = RewardSet(["correctness", "int", "strict_format", "soft_format", "xmlcount"]).score(
+        ["p"], [target], answer=["72"])
+    assert scores.per_reward == {"correctness": [2.0], "int": [0.5], "strict_format": [0.5], "soft_format": [0.5],
+                                 "xmlcount": [0.5]}

@@ -77,6 +77,9 @@ def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str) -> Po
         lora = model_cfg.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    # from_pretrained returns eval mode, where gradient checkpointing is off: train mode, or the
+    # whole forward's activations stay alive for the backward (16.7 GiB instead of 3 here, measured)
+    model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("policy: %s, %s, %s compute on %s; %.2fM of %.1fM parameters trained", model_path,
