@@ -176,3 +176,22 @@ def test_warmup_targets_earn_every_format_reward():
         ["p"], [target], answer=["72"])
     assert scores.per_reward == {"correctness": [2.0], "int": [0.5], "strict_format": [0.5], "soft_format": [0.5],
                                  "xmlcount": [0.5]}
+
+
+def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from grpoflow.train.logps import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    weight = model.get_output_embeddings().weight
+    for temperature in (1.0, 0.7):
+        ours, _ = completion_logps(model, ids, mask, 5, temperature=temperature)  # [2, 5]
+        (grad_ours,) = torch.autograd.grad(ours.sum(), weight)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1, :] / temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, ids[:, -5:, None]).squeeze(-1)
+        (grad_expected,) = torch.autograd.grad(expected.sum(), weight)
+        assert torch.allclose(ours, expected, atol=1e-5)
+        assert torch.allclose(grad_ours, grad_expected, atol=1e-5)  # the in-place scaling keeps the backward right

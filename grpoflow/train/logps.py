@@ -16,7 +16,11 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """
     # only the last T + 1 positions' logits are needed: the rest of [B, P + T, V] is never made
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=completion_len + 1).logits
-    logits = logits[:, :-1, :] / temperature  # [B, T, V]: position t predicts completion token t
+    logits = logits[:, :-1, :]  # [B, T, V]: position t predicts completion token t
+    if temperature != 1.0:
+        # in place: a second [B, T, V] copy is the largest allocation of the step (the matmul that
+        # made the logits does not need them for its backward)
+        logits = logits.div_(temperature)
     targets = input_ids[:, -completion_len:]  # [B, T]
     logps = selective_log_softmax(logits, targets)  # [B, T]
     entropy = None
