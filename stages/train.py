@@ -36,6 +36,7 @@ from grpoflow.config import PipelineConfig
 from grpoflow.errors import TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.hf import HFEngine
+from grpoflow.rollout.load import check_engine
 from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps
@@ -63,6 +64,7 @@ class TrainResult:
 def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str, *,
               progress: bool = True) -> TrainResult:
     grpo = cfg.grpo
+    check_engine(cfg.rollout)
     plan = BatchPlan.from_config(grpo)
     rows = pq.read_table(train_path).to_pylist()
     heldout_prompts = [r["prompt"] for r in pq.read_table(heldout_path).slice(0, grpo.warmup.eval_prompts).to_pylist()]

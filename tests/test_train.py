@@ -195,3 +195,10 @@ def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model):
         (grad_expected,) = torch.autograd.grad(expected.sum(), weight)
         assert torch.allclose(ours, expected, atol=1e-5)
         assert torch.allclose(grad_ours, grad_expected, atol=1e-5)  # the in-place scaling keeps the backward right
+
+
+def test_an_engine_that_is_not_built_is_refused(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path).model_copy(update={"rollout": validate_config({"rollout": {"engine": "vllm"}}).rollout})
+    with pytest.raises(ConfigError, match=r"rollout.engine: the vLLM engine is not built yet \(issue #6\)"):
+        run_train(cfg, train, heldout, str(tiny_model), progress=False)

@@ -10,10 +10,14 @@ from grpoflow.rollout.hf import HFEngine
 log = logging.getLogger("grpoflow.rollout")
 
 
-def load_engine(cfg: RolloutConfig, model_path: str, *, batch_size: int = 16, progress: bool = True) -> HFEngine:
+def check_engine(cfg: RolloutConfig) -> None:
     if cfg.engine == "vllm":
         raise ConfigError("rollout.engine: the vLLM engine is not built yet (issue #6); use hf or auto")
     # auto: vLLM once it lands (issue #6); until then transformers' generate everywhere
+
+
+def load_engine(cfg: RolloutConfig, model_path: str, *, batch_size: int = 16, progress: bool = True) -> HFEngine:
+    check_engine(cfg)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
