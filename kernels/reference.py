@@ -41,12 +41,15 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     Positions go through in chunks so the float32 copy of the logits is [chunk_size, V] at most.
     """
     vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)  # [B*T, V]
     out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    # One leading row at a time: reshaping a sliced (non-contiguous) [B, T, V] to [B*T, V] would
+    # copy all of it first.
+    rows = logits.unbind(0) if logits.dim() == 3 else [logits.reshape(-1, vocab)]
     chunks = []
-    for chunk in flat.split(chunk_size, dim=0):
-        logps = F.log_softmax(chunk.to(out_dtype), dim=-1)  # [chunk, V]
-        chunks.append(-(logps.exp() * logps).sum(-1))  # [chunk]
+    for row in rows:
+        for chunk in row.split(chunk_size, dim=0):
+            logps = F.log_softmax(chunk.to(out_dtype), dim=-1)  # [chunk, V]
+            chunks.append(-(logps.exp() * logps).sum(-1))  # [chunk]
     return torch.cat(chunks).reshape(logits.shape[:-1])
 
 
