@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpoflow.config import EvalConfig, RolloutConfig
-from grpoflow.rewards import RewardSet, extract_answer, load_reward, parse_number
+from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.load import load_engine
-from grpoflow.verifiers.answer import answer_correct, last_number_correct
+from grpoflow.verifiers.answer import answer_correct, in_format, last_number_correct
 
 log = logging.getLogger("grpoflow.evaluate")
 
@@ -91,8 +91,8 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
     golds = [r["answer"] for r in rows]
     correct = [bool(answer_correct(t, g, answer_type)) for t, g in zip(texts, golds)]
     lenient = [bool(last_number_correct(t, g)) for t, g in zip(texts, golds)]
-    strict = _fires("strict_format", prompts, texts, golds)
-    soft = _fires("soft_format", prompts, texts, golds)
+    strict = in_format(texts, strict=True)
+    soft = in_format(texts, strict=False)
     rewards = RewardSet(cfg.reward_funcs)
     columns = {k: [r.get(k) for r in rows] for k in ("answer", "question", "metadata")}
     scores = rewards.score(prompts, texts, **columns)
@@ -190,11 +190,6 @@ def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
     lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {name} | " + " | ".join(fmt(figures[label]) for label in labels) + " |" for name, fmt in rows]
     return "\n".join(lines)
-
-
-def _fires(reward_name: str, prompts: list, texts: list[str], golds: list[str]) -> list[bool]:
-    values = load_reward(reward_name).fn(prompts=prompts, completions=texts, answer=golds)
-    return [bool(v) and v > 0 for v in values]
 
 
 def _run_key(cfg: EvalConfig, heldout: Path, models: dict[str, str], rollout: RolloutConfig, answer_type: str) -> str:

@@ -11,6 +11,7 @@ retries a failed commit itself with 1-8 s waits, which would make these tests sl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -136,38 +137,39 @@ def test_dropped_connection_mid_commit_gives_up_after_retries(hub, model_dir):
     assert _snapshot(model_dir) == before
 
 
+@contextlib.contextmanager
+def captured_logs():
+    """Every record of the grpoflow and huggingface_hub loggers, at DEBUG, formatted as it would be shown."""
+    lines: list[str] = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = lambda record: lines.append(handler.format(record))
+    loggers = [logging.getLogger("huggingface_hub"), logging.getLogger("grpoflow")]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.addHandler(handler)
+        each.setLevel(logging.DEBUG)
+    try:
+        yield lines
+    finally:
+        for each, level in zip(loggers, levels):
+            each.removeHandler(handler)
+            each.setLevel(level)
+
+
 def test_token_never_appears_in_logs_exception_or_result(hub, model_dir):
     """The fake answers 401 with the Authorization header quoted in its body (a leaky proxy): a push with
     a wrong token must still keep that token out of every log record and the exception."""
 
-    class Capture(logging.Handler):
-        def __init__(self):
-            super().__init__(level=logging.DEBUG)
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(self.format(record))
-
-    capture = Capture()
-    loggers = [logging.getLogger("grpoflow"), logging.getLogger("huggingface_hub")]
-    levels = [each.level for each in loggers]
-    for each in loggers:
-        each.addHandler(capture)
-        each.setLevel(logging.DEBUG)
-    try:
+    with captured_logs() as lines:
         hub.fail("commit", 503, times=1)  # a warning log built from an exception
         out = push_folder(model_dir, "alice/tiny-grpo", token=TOKEN, endpoint=hub.url, **FAST)
         wrong = "hf_leakedWrongToken0123456789"
         with pytest.raises(HubPushError) as err:
             push_folder(model_dir, "alice/tiny-grpo", token=wrong, endpoint=hub.url, **FAST)
-    finally:
-        for each, level in zip(loggers, levels):
-            each.removeHandler(capture)
-            each.setLevel(level)
 
-    assert any("retry 1/3" in line for line in capture.lines)  # the capture did see the push
-    assert any("Request" in line for line in capture.lines)  # and huggingface_hub's debug records
-    assert TOKEN not in "\n".join(capture.lines) and wrong not in "\n".join(capture.lines)
+    assert any("retry 1/3" in line for line in lines)  # the capture did see the push
+    assert any("Request" in line for line in lines)  # and huggingface_hub's debug records
+    assert TOKEN not in "\n".join(lines) and wrong not in "\n".join(lines)
     assert TOKEN not in repr(out)
     text = "".join(traceback.format_exception(err.value))
     assert wrong not in text and "<redacted HF token>" in text  # the leaky body was there, scrubbed
@@ -190,25 +192,12 @@ def test_log_filter_scrubs_records_of_child_loggers():
     from grpoflow.hub import _redacted_logs
     from huggingface_hub.utils import _http  # noqa: F401  (creates its logger)
 
-    records = []
-    handler = logging.Handler(level=logging.DEBUG)
-    handler.emit = lambda record: records.append(handler.format(record))
-    parents = [logging.getLogger("huggingface_hub"), logging.getLogger("grpoflow")]
-    levels = [each.level for each in parents]
-    for each in parents:
-        each.addHandler(handler)
-        each.setLevel(logging.DEBUG)
-    try:
-        with _redacted_logs(TOKEN):
-            logging.getLogger("huggingface_hub.utils._http").debug("headers: %s", {"authorization": f"Bearer {TOKEN}"})
-            try:
-                raise ValueError(f"echoed {TOKEN}")
-            except ValueError:
-                logging.getLogger("grpoflow.hub").exception("boom")
-    finally:
-        for each, level in zip(parents, levels):
-            each.removeHandler(handler)
-            each.setLevel(level)
+    with captured_logs() as records, _redacted_logs(TOKEN):
+        logging.getLogger("huggingface_hub.utils._http").debug("headers: %s", {"authorization": f"Bearer {TOKEN}"})
+        try:
+            raise ValueError(f"echoed {TOKEN}")
+        except ValueError:
+            logging.getLogger("grpoflow.hub").exception("boom")
     assert len(records) == 2 and all(TOKEN not in r for r in records)
     assert "ValueError: echoed <redacted HF token>" in records[1]
     assert "<redacted HF token>" in records[0]

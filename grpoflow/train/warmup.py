@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from grpoflow.config import FormatWarmupConfig
-from grpoflow.rewards import load_reward
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.hf import HFEngine
+from grpoflow.verifiers.answer import in_format
 
 log = logging.getLogger("grpoflow.train")
 
@@ -31,11 +31,8 @@ def render_target(solution: str, answer: str) -> str:
 def format_rate(engine: HFEngine, prompts: list, max_tokens: int) -> dict[str, float]:
     """Share of greedy completions in the strict and the soft format."""
     texts = [g[0].text for g in engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
-    rates = {}
-    for name in ("strict_format", "soft_format"):
-        values = load_reward(name).fn(prompts=prompts, completions=texts)
-        rates[name] = sum(1 for v in values if v and v > 0) / len(values)
-    return rates
+    return {name: sum(in_format(texts, strict=strict)) / len(texts)
+            for name, strict in (("strict_format", True), ("soft_format", False))}
 
 
 def run_format_warmup(policy, engine: HFEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,

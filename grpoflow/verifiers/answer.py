@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from grpoflow.rewards import load_reward
 from grpoflow.rewards.text import completion_text, extract_answer, parse_number
 
 _NUMBERS = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -37,6 +38,14 @@ def last_number_correct(completion, gold: str | None) -> bool | None:
     gold_number = parse_number(gold)
     numbers = _NUMBERS.findall(completion_text(completion)[-_TAIL_CHARS:])
     return gold_number is not None and bool(numbers) and parse_number(numbers[-1]) == gold_number
+
+
+def in_format(completions: list, *, strict: bool) -> list[bool]:
+    """Whether each completion has the <reasoning>/<answer> layout: exactly what strict_format pays
+    for, or loosely what soft_format does (one definition: the rewards')."""
+    name = "strict_format" if strict else "soft_format"
+    values = load_reward(name).fn(prompts=[None] * len(completions), completions=completions)
+    return [v is not None and v > 0 for v in values]
 
 
 def _plain(text: str) -> str:
