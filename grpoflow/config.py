@@ -163,6 +163,9 @@ class GRPOConfig(Section):
     # Memory and numerics
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     gradient_checkpointing: bool = True
+    kernels: Literal["chunked", "naive"] = Field(
+        "chunked", description="log-probs: chunked never makes the [B, T, V] logits (kernels/chunked.py); "
+                               "naive is the model's own forward, the reference")
     max_nonfinite_steps: int = Field(
         10, gt=0, description="this many optimizer steps in a row with a non-finite loss or gradient stop the run")
     # Checkpoints and logs

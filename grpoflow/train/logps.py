@@ -1,19 +1,84 @@
-"""Per-token log-probs of completions under a model: the quantity the GRPO loss is built on."""
+"""Per-token log-probs of completions under a model: the quantity the GRPO loss is built on.
+
+Two paths, chosen by `grpo.kernels`:
+    chunked  the backbone's hidden states go through the lm_head in row chunks
+             (kernels/chunked.py): the [B, T, V] logits never exist; the default
+    naive    the model's own forward makes the logits, then log-softmax: the reference path,
+             and the fallback for heads the chunked path does not model (see `plain_lm_head`)
+"""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from kernels.chunked import chunked_selective_logps
 from kernels.reference import entropy_from_logits, selective_log_softmax
+
+log = logging.getLogger("grpoflow.train")
+
+# config attributes that change the logits after the lm_head matmul: such heads take the naive path
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+_warned: set[str] = set()
 
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, *,
-                     temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     temperature: float, with_entropy: bool = False,
+                     kernels: str = "chunked") -> tuple[torch.Tensor, torch.Tensor | None]:
     """input_ids = [left-padded prompt | right-padded completion]  # [B, P + T]
 
     Returns log p(completion token) [B, T] and, if asked, the entropy of each position [B, T].
     Logits are divided by the sampling temperature, as the sampler did.
     """
+    if kernels == "chunked":
+        head = plain_lm_head(model)
+        if head is not None:
+            return _chunked(model, head, input_ids, attention_mask, completion_len, temperature, with_entropy)
+    return _naive(model, input_ids, attention_mask, completion_len, temperature, with_entropy)
+
+
+def plain_lm_head(model) -> torch.nn.Linear | None:
+    """The lm_head when logits = hidden @ W.T exactly (no bias, scale, softcap or adapter); else None."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    head = causal_lm.get_output_embeddings()
+    config = causal_lm.config.get_text_config()
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1.0)]
+    reason = None
+    if type(head) is not torch.nn.Linear:
+        reason = f"its lm_head is a {type(head).__name__} (e.g. LoRA on lm_head), not a plain Linear"
+    elif head.bias is not None:
+        reason = "its lm_head has a bias"
+    elif transforms:
+        reason = f"its config transforms the logits ({', '.join(transforms)})"
+    if reason is None:
+        return head
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("grpo.kernels=chunked: %s; log-probs take the naive path (full [B, T, V] logits)", reason)
+    return None
+
+
+def _chunked(model, head: torch.nn.Linear, input_ids, attention_mask, completion_len: int, temperature: float,
+             with_entropy: bool):
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state  # [B, P + T, H]
+    hidden = hidden[:, -completion_len - 1:-1]  # [B, T, H]: position t predicts completion token t
+    targets = input_ids[:, -completion_len:]  # [B, T]
+    # only the tokens that were written (not the padding after EOS) go through the head
+    written = attention_mask[:, -completion_len:].bool()  # [B, T]
+    logps_flat, entropy_flat = chunked_selective_logps(hidden[written], head.weight, targets[written],
+                                                       temperature=temperature, with_entropy=with_entropy)  # [n]
+    logps = logps_flat.new_zeros(targets.shape).masked_scatter(written, logps_flat)  # [B, T]
+    entropy = None
+    if with_entropy:
+        entropy = entropy_flat.new_zeros(targets.shape).masked_scatter(written, entropy_flat)  # [B, T]
+    return logps, entropy
+
+
+def _naive(model, input_ids, attention_mask, completion_len: int, temperature: float, with_entropy: bool):
     # only the last T + 1 positions' logits are needed: the rest of [B, P + T, V] is never made
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=completion_len + 1).logits
     logits = logits[:, :-1, :]  # [B, T, V]: position t predicts completion token t
