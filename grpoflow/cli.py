@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help=f"comma-separated subset of: {', '.join(ALL_STAGES)}")
     command("prepare", "prepare the data: train / held-out Parquet, rejects and a manifest", _prepare)
     command("model", "resolve the base model (a packaged GGUF is converted once and cached)", _model)
-    command("train", "GRPO training, without Prefect (data prep and the base model first, cached)", _train)
+    train = command("train", "GRPO training, without Prefect (data prep and the base model first, cached)", _train)
+    train.add_argument("--stop-after", type=float, metavar="SECONDS",
+                       help="checkpoint and stop after the first step that ends past this many seconds; "
+                            "the same command resumes there (for time-limited jobs)")
     evaluate = command("evaluate", "evaluate models on the held-out set, side by side, without Prefect", _evaluate)
     evaluate.add_argument("--model", action="append", metavar="LABEL=PATH",
                           help="a model to evaluate (repeatable); default: base=the config's base model")
@@ -131,8 +134,9 @@ def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     _log_to_console()
     manifest = run_prepare(cfg.data)
     base = resolve_model(cfg.model)
-    result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path)
-    stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir, **result.report}))
+    result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path, stop_after_s=args.stop_after)
+    stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir,
+                                  "finished": result.finished, **result.report}))
     return 0
 
 

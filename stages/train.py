@@ -56,13 +56,17 @@ ZERO_STD_ALARM = 0.9
 @dataclass
 class TrainResult:
     output_dir: str
-    model_dir: str  # the final adapters (LoRA) or model (full) for evaluation and export
+    model_dir: str  # the final adapters (LoRA) or model (full) for evaluation and export; "" if not finished
     steps: int
     report: dict[str, Any]
+    finished: bool = True  # False: stopped at stop_after_s with a checkpoint; the same call resumes
 
 
 def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str, *,
-              progress: bool = True) -> TrainResult:
+              progress: bool = True, stop_after_s: float | None = None) -> TrainResult:
+    """stop_after_s: checkpoint and return (finished=False) after the first step that ends past
+    this many seconds from the call, for jobs with a time limit; calling again resumes there."""
+    stop_at = None if stop_after_s is None else time.monotonic() + stop_after_s
     grpo = cfg.grpo
     check_engine(cfg.rollout)
     plan = BatchPlan.from_config(grpo)
@@ -124,14 +128,15 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
         task = bar.add_task("train", total=grpo.max_steps, completed=step, reward="-")
         while step < grpo.max_steps:
             started = time.perf_counter()
-            if policy.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            peaks = _PhasePeaks(policy.device)
             micro_metrics: list[dict[str, float]] = []
+            train_seconds, train_tokens = 0.0, 0
             for _ in range(grpo.gradient_accumulation_steps):
                 if buffer is None or next_micro == plan.micro_steps_per_generation:
                     batch_rows = [rows[i] for i in sampler.take(plan.unique_prompts)]
                     buffer = generate_batch(engine, policy, batch_rows, rewards, grpo,
                                             need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size)
+                    peaks.end("generation")
                     next_micro = 0
                     if (step + 1) % grpo.log_completions_steps == 0:
                         logger.log_completions(step + 1, buffer.samples)
@@ -139,9 +144,13 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                 size = grpo.per_device_train_batch_size
                 micro = buffer.slice(chunk * size, (chunk + 1) * size)
                 next_micro += 1
+                micro_started = time.perf_counter()
                 loss, metrics = _micro_step_loss(policy, micro, buffer, grpo, ref_model)
                 scaler.scale(loss).backward()
-                micro_metrics.append({"loss": loss.item(), **metrics})
+                micro_metrics.append({"loss": loss.item(), **metrics})  # .item() waits for the GPU
+                train_seconds += time.perf_counter() - micro_started
+                train_tokens += int(micro["attention_mask"].sum())  # prompt + completion tokens through the model
+                peaks.end("train")
 
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), grpo.max_grad_norm).item()
@@ -155,15 +164,15 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            peaks.end("optimizer")
             step += 1
 
             # reward metrics are those of the generation this step trained on (one generation may feed
             # several steps), as TRL logs them
             record = {**_mean_metrics(micro_metrics), **buffer.metrics, "grad_norm": grad_norm,
                       "learning_rate": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started,
-                      "skipped_steps": skipped_steps}
-            if policy.device.type == "cuda":
-                record["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                      "train/tokens_per_second": train_tokens / train_seconds if train_seconds else 0.0,
+                      "skipped_steps": skipped_steps, **peaks.metrics()}
             if step % grpo.logging_steps == 0 or step == grpo.max_steps:
                 logger.log(step, record)
             _watch_signal(logger.history, step)
@@ -175,9 +184,14 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                     f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
                     f"checkpoint kept at {path}. Lower grpo.learning_rate or grpo.max_grad_norm, or set model.dtype "
                     f"to bfloat16 or float32 if it is float16.")
-            if step % grpo.save_steps == 0 or step == grpo.max_steps:
-                checkpoint(step)
+            past_deadline = stop_at is not None and time.monotonic() >= stop_at
+            if step % grpo.save_steps == 0 or step == grpo.max_steps or past_deadline:
+                path = checkpoint(step)
                 logger.plot()
+            if past_deadline and step < grpo.max_steps:
+                log.info("stopped at step %d of %d after %.0fs (stop_after_s); checkpoint %s: run again to resume",
+                         step, grpo.max_steps, stop_after_s, path)
+                return TrainResult(str(out), "", step, {"steps": step, "checkpoint": str(path)}, finished=False)
 
     final_dir = _save_final(out, policy, logger, warmup_report, step, skipped_steps, cfg)
     return TrainResult(str(out), str(final_dir), step, json.loads((final_dir / "report.json").read_text()))
@@ -186,18 +200,18 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
 def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
     T = buffer.completion_len
     with policy.autocast():
-        logps, entropy = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,
-                                          temperature=grpo.temperature, with_entropy=True)  # [b, T]
+        logps, entropy = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,  # [b, T]
+                                          temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
     ref_logps = None
     if grpo.beta > 0:
         with torch.no_grad(), policy.autocast():
             if ref_model is None:  # LoRA: the reference is the base, the adapters switched off
                 with policy.model.disable_adapter():
                     ref_logps, _ = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,
-                                                    temperature=grpo.temperature)
+                                                    temperature=grpo.temperature, kernels=grpo.kernels)
             else:
                 ref_logps, _ = completion_logps(ref_model, micro["input_ids"], micro["attention_mask"], T,
-                                                temperature=grpo.temperature)
+                                                temperature=grpo.temperature, kernels=grpo.kernels)
         ref_logps = ref_logps.float()
     mask = micro["completion_mask"]
     loss, metrics = grpo_loss(
@@ -211,6 +225,29 @@ def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grp
     active = mask.sum()
     metrics["entropy"] = ((entropy * mask).sum() / active.clamp(min=1)).item()
     return loss, {k: float(v) for k, v in metrics.items()}
+
+
+class _PhasePeaks:
+    """Peak GPU memory of each phase of a step (generation, loss + backward, optimizer step):
+    memory/peak_gib says how much, these say which phase sets it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peaks: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self, phase: str) -> None:
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
+            torch.cuda.reset_peak_memory_stats()
+
+    def metrics(self) -> dict[str, float]:
+        if not self.peaks:
+            return {}
+        return {"memory/peak_gib": max(self.peaks.values()),
+                **{f"memory/{phase}_peak_gib": peak for phase, peak in self.peaks.items()}}
 
 
 def _watch_signal(history: list[dict], step: int) -> None:

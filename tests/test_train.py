@@ -66,7 +66,7 @@ def test_metrics_use_trl_names(tiny_model, tmp_path):
     step = metrics(result)[0]
     for key in ("loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/spaces/mean", "rewards/spaces/std",
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "entropy",
-                "grad_norm", "learning_rate", "step_seconds", "generation/tokens_per_second"):
+                "grad_norm", "learning_rate", "step_seconds", "generation/tokens_per_second", "train/tokens_per_second"):
         assert key in step, key
     logged = [json.loads(line) for line in (Path(result.output_dir) / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in logged} == {2} and len(logged) == 4  # one prompt x 4 completions at step 2
@@ -108,6 +108,18 @@ def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path
     wb = torch.load(next(Path(resumed.output_dir).glob("checkpoints/step-000005")) / "trainer_state.pt",
                     weights_only=False)["trainable"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_stop_after_checkpoints_and_the_same_call_resumes(tiny_model, tmp_path):
+    """A time-limited job: stop past the deadline with a checkpoint (not at a save step), then finish."""
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=3, save_steps=100)
+    stopped = run_train(cfg, train, heldout, str(tiny_model), progress=False, stop_after_s=0)
+    assert not stopped.finished and stopped.steps == 1 and stopped.model_dir == ""
+    assert Path(stopped.report["checkpoint"]).name == "step-000001"
+    done = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    assert done.finished and done.steps == 3
+    assert [m["step"] for m in metrics(done)] == [1, 2, 3]
 
 
 def test_every_completion_truncated_is_no_nan(tiny_model, tmp_path):
@@ -164,7 +176,10 @@ def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path
 
     cfg = config(tmp_path, gradient_checkpointing=True)
     policy = load_policy(cfg.model, cfg.grpo, str(tiny_model))
-    assert policy.model.training and policy.model.is_gradient_checkpointing
+    checkpointing = getattr(policy.model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.24
+        checkpointing = policy.model.is_gradient_checkpointing
+    assert policy.model.training and checkpointing
 
 
 def test_warmup_targets_earn_every_format_reward():
@@ -178,7 +193,8 @@ def test_warmup_targets_earn_every_format_reward():
                                  "xmlcount": [0.5]}
 
 
-def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model):
+@pytest.mark.parametrize("kernels", ["chunked", "naive"])
+def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model, kernels):
     from transformers import AutoModelForCausalLM
 
     from grpoflow.train.logps import completion_logps
@@ -188,13 +204,55 @@ def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model):
     mask = torch.ones_like(ids)
     weight = model.get_output_embeddings().weight
     for temperature in (1.0, 0.7):
-        ours, _ = completion_logps(model, ids, mask, 5, temperature=temperature)  # [2, 5]
+        ours, entropy = completion_logps(model, ids, mask, 5, temperature=temperature, with_entropy=True,
+                                         kernels=kernels)  # [2, 5]
         (grad_ours,) = torch.autograd.grad(ours.sum(), weight)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1, :] / temperature
-        expected = torch.log_softmax(logits, -1).gather(-1, ids[:, -5:, None]).squeeze(-1)
+        all_logps = torch.log_softmax(logits, -1)
+        expected = all_logps.gather(-1, ids[:, -5:, None]).squeeze(-1)
         (grad_expected,) = torch.autograd.grad(expected.sum(), weight)
         assert torch.allclose(ours, expected, atol=1e-5)
         assert torch.allclose(grad_ours, grad_expected, atol=1e-5)  # the in-place scaling keeps the backward right
+        assert torch.allclose(entropy, -(all_logps.exp() * all_logps).sum(-1).detach(), atol=1e-5)
+
+
+def test_chunked_logps_skip_the_padding_after_eos_and_work_under_lora(tiny_model):
+    """Padding after a short completion gets log-prob 0 (never read: the loss masks it); LoRA
+    models take the chunked path through peft's wrapper and give the naive path's numbers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grpoflow.train.logps import completion_logps, plain_lm_head
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert plain_lm_head(model) is not None
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # the first completion stopped 2 tokens early
+    chunked, _ = completion_logps(model, ids, mask, 5, temperature=1.0, kernels="chunked")
+    naive, _ = completion_logps(model, ids, mask, 5, temperature=1.0, kernels="naive")
+    written = mask[:, -5:].bool()
+    assert torch.allclose(chunked[written], naive[written], atol=1e-5)
+    assert (chunked[~written] == 0).all()
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    grads = [torch.autograd.grad(x[written].sum(), lora_b)[0] for x in (chunked, naive)]
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_heads_the_chunked_path_does_not_model_fall_back_to_naive(tiny_model, caplog):
+    from transformers import AutoModelForCausalLM
+
+    from grpoflow.train.logps import completion_logps, plain_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.final_logit_softcapping = 30.0  # Gemma-2-style: tanh after the matmul
+    with caplog.at_level("WARNING", logger="grpoflow.train"):
+        assert plain_lm_head(model) is None
+    assert "final_logit_softcapping" in caplog.text and "naive path" in caplog.text
+    ids = torch.randint(3, 1000, (1, 8))
+    logps, _ = completion_logps(model, ids, torch.ones_like(ids), 3, temperature=1.0, kernels="chunked")
+    assert logps.shape == (1, 3)
 
 
 def test_an_engine_that_is_not_built_is_refused(tiny_model, tmp_path):

@@ -64,7 +64,10 @@ def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str) -> Po
         model.to(device)
 
     if grpo.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     is_peft = model_cfg.finetune in ("lora", "qlora")
     if is_peft:
