@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -60,14 +62,28 @@ def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, roll
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, dict[str, Any]] = {}
     for label, path in models.items():
-        done = out / f"{label}.json"
+        # A model's figures do not depend on what it is compared with: each is kept once under
+        # models/<key>/ (key: held-out set, settings, the model's files), so the base evaluated
+        # once serves every later comparison, and an interrupted comparison resumes per model.
+        model_dir = Path(cfg.output_dir) / "models" / _run_key(cfg, heldout, {"": path}, rollout, answer_type)[:16]
+        done = model_dir / "figures.json"
         if done.is_file():
-            log.info("%s: evaluated earlier (%s)", label, done)
+            log.info("%s: evaluated earlier (%s)", label, model_dir)
             figures[label] = json.loads(done.read_text())
-            continue
-        figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, out, answer_type)
-        figures[label]["skipped_no_answer"] = skipped
-        done.write_text(json.dumps(figures[label], indent=2) + "\n")
+        else:
+            tmp_dir = model_dir.with_name(f".tmp-{model_dir.name}-{os.getpid()}")
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+            figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, tmp_dir, answer_type)
+            figures[label]["skipped_no_answer"] = skipped
+            (tmp_dir / "figures.json").write_text(json.dumps(figures[label], indent=2) + "\n")
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(tmp_dir, model_dir)
+            figures[label] = json.loads(done.read_text())  # as a later run will read them (lists, not tuples)
+        (out / f"{label}.json").write_text(json.dumps(figures[label], indent=2) + "\n")
+        for name in ("samples", "sampled"):
+            if (model_dir / f"{name}.parquet").is_file():
+                shutil.copyfile(model_dir / f"{name}.parquet", out / f"{label}.{name}.parquet")
 
     markdown = comparison_table(figures)
     (out / "comparison.md").write_text(markdown + "\n")
@@ -117,7 +133,7 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
              "correct": correct, "correct_last_number": lenient, "format_strict": strict, "reward": scores.totals}
     for name, values in scores.per_reward.items():
         table[f"rewards/{name}"] = values
-    pq.write_table(pa.table(table), out / f"{label}.samples.parquet")
+    pq.write_table(pa.table(table), out / "samples.parquet")
 
     if cfg.num_samples:
         figures.update(_sampled(cfg, engine, label, prompts, golds, out, answer_type))
@@ -146,7 +162,7 @@ def _sampled(cfg: EvalConfig, engine, label: str, prompts: list, golds: list[str
             records["sample"].append(j)
             records["completion"].append(c.text)
             records["correct"].append(v)
-    pq.write_table(pa.table(records), out / f"{label}.sampled.parquet")
+    pq.write_table(pa.table(records), out / "sampled.parquet")
     return {f"pass@{k}": _mean(pass_at_k), f"maj@{k}": _mean(majority), "sampled_accuracy": _mean(per_sample)}
 
 

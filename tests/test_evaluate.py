@@ -43,13 +43,32 @@ def test_evaluate_writes_samples_summary_and_resumes(tiny_model, tmp_path):
     assert summary["scored"] == 3 and set(summary["models"]) == {"base", "again"}
     assert "| accuracy (<answer>) |" in (out / "comparison.md").read_text()
 
-    # a second run with the same inputs reads the results instead of generating again
-    mtime = (out / "base.samples.parquet").stat().st_mtime_ns
-    (out / "again.json").unlink()  # as if interrupted after the first model
-    resumed = run_evaluate(cfg, heldout, {"base": str(tiny_model), "again": str(tiny_model)})
-    assert resumed.output_dir == report.output_dir
-    assert (out / "base.samples.parquet").stat().st_mtime_ns == mtime
-    assert (out / "again.json").is_file()
+    # a second run with the same inputs reads the results instead of generating again, per model:
+    # the base alone, evaluated earlier, serves a comparison that adds another model
+    cached = sorted((tmp_path / "eval" / "models").glob("*/samples.parquet"))
+    assert len(cached) == 1  # 'base' and 'again' are the same model: evaluated once
+    mtime = cached[0].stat().st_mtime_ns
+    resumed = run_evaluate(cfg, heldout, {"base": str(tiny_model)})
+    assert resumed.models["base"] == base
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_an_interrupted_model_evaluation_leaves_nothing_that_passes_for_done(tiny_model, tmp_path, monkeypatch):
+    from stages import evaluate as evaluate_stage
+
+    cfg = EvalConfig(max_samples=2, max_new_tokens=4, num_samples=0, output_dir=tmp_path / "eval")
+    heldout = heldout_file(tmp_path, n=2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate_stage, "wilson_interval", interrupted)  # after generation, before figures
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(cfg, heldout, {"base": str(tiny_model)})
+    assert not list((tmp_path / "eval" / "models").glob("*/figures.json"))
+    monkeypatch.undo()
+    report = run_evaluate(cfg, heldout, {"base": str(tiny_model)})
+    assert report.models["base"]["scored"] == 2
+    assert [p.name.startswith(".tmp-") for p in (tmp_path / "eval" / "models").iterdir()] == [False]
 
 
 def test_rows_without_gold_answers_are_not_scored(tiny_model, tmp_path):
