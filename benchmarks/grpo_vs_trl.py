@@ -14,6 +14,7 @@ Writes <out>/grpo_vs_trl.json and prints a table. TRL is imported only for its h
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -40,7 +41,7 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_ours(model: str, data: Path, steps: int, out: Path) -> dict:
+def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked") -> dict:
     from grpoflow.config import validate_config
     from stages.train import run_train
 
@@ -52,14 +53,19 @@ def run_ours(model: str, data: Path, steps: int, out: Path) -> dict:
                  "max_completion_length": w["max_completion_length"], "max_prompt_length": w["max_prompt_length"],
                  "learning_rate": w["learning_rate"], "seed": w["seed"], "beta": 0.0, "loss_type": "dapo",
                  "gradient_checkpointing": True, "reward_funcs": REWARDS, "warmup": {"enabled": False},
-                 "save_steps": 10_000, "output_dir": str(out / "ours")}})
+                 "kernels": kernels, "save_steps": 10_000, "output_dir": str(out / f"ours-{kernels}")}})
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"step_seconds": [r["step_seconds"] for r in records],
             "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),
+            # which phase sets the peak: generation, loss + backward, optimizer step
+            "phase_peak_gib": {phase: max(r.get(f"memory/{phase}_peak_gib", float("nan")) for r in records)
+                               for phase in ("generation", "train", "optimizer")},
             "completion_tokens": [r["completions/mean_length"] * w["prompts"] * w["num_generations"] for r in records],
-            "reward": [r["reward"] for r in records]}
+            "reward": [r["reward"] for r in records],
+            "generation_seconds": [r["generation/seconds"] for r in records],
+            "train_tokens_per_second": [r["train/tokens_per_second"] for r in records]}
 
 
 def run_trl(model: str, data: Path, steps: int, out: Path) -> dict:
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", choices=["ours", "trl"])
+    parser.add_argument("--kernels", default="chunked",
+                        help="comma-separated grpo.kernels values to run ours with (chunked, naive)")
     parser.add_argument("--prompts", type=int, default=WORKLOAD["prompts"], help="prompts a step (smoke tests: 1)")
     parser.add_argument("--max-completion-length", type=int, default=WORKLOAD["max_completion_length"])
     args = parser.parse_args()
@@ -123,20 +131,28 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"card": card, "workload": WORKLOAD, "steps": args.steps,
                "date": time.strftime("%Y-%m-%d")}
-    for name, fn in (("trl", run_trl), ("ours", run_ours)):
-        if args.only in (None, name):
-            results[name] = fn(args.model, args.data, args.steps, args.out)
-            results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
+    runs = []
+    if args.only in (None, "trl"):
+        runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out)))
+    if args.only in (None, "ours"):
+        for kernels in args.kernels.split(","):
+            runs.append((f"ours-{kernels}", lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k)))
+    for name, fn in runs:
+        results[name] = fn()
+        results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
+        gc.collect()  # the previous trainer's model and optimizer must not count in the next one's peak
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     (args.out / "grpo_vs_trl.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['card']}, {args.steps} steps, median step time without step 1")
-    print("| trainer | median step s | peak GiB |")
-    print("|---|---|---|")
-    for name in ("trl", "ours"):
-        if name in results:
-            print(f"| {name} | {results[name]['median_step_seconds']:.2f} | {results[name]['peak_gib']:.2f} |")
-    if "trl" in results and "ours" in results:
-        print(f"ratio ours/trl: time {results['ours']['median_step_seconds'] / results['trl']['median_step_seconds']:.2f}"
-              f", peak memory {results['ours']['peak_gib'] / results['trl']['peak_gib']:.2f}")
+    print("| trainer | median step s | peak GiB | step / TRL | peak / TRL |")
+    print("|---|---|---|---|---|")
+    trl = results.get("trl")
+    for name, _ in runs:
+        r = results[name]
+        ratios = (f"{r['median_step_seconds'] / trl['median_step_seconds']:.2f} | {r['peak_gib'] / trl['peak_gib']:.2f}"
+                  if trl else "- | -")
+        print(f"| {name} | {r['median_step_seconds']:.2f} | {r['peak_gib']:.2f} | {ratios} |")
 
 
 if __name__ == "__main__":
