@@ -229,17 +229,38 @@ class EvalConfig(Section):
 Quantization = Literal["f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "q3_k_m", "q2_k"]
 
 
+# Lowest mean cosine of next-token logits (GGUF vs the merged model) a file needs to be published.
+MIN_COSINE = {"f16": 0.999, "q8_0": 0.99, "q6_k": 0.98, "q5_k_m": 0.97, "q5_0": 0.97, "q4_k_m": 0.95,
+              "q4_0": 0.95, "q3_k_m": 0.90, "q2_k": 0.80}
+
+
 class ExportConfig(Section):
     dtype: Literal["float16", "bfloat16"] = "bfloat16"
-    quantizations: list[Quantization] = ["q4_k_m", "q8_0", "q5_k_m"]
+    quantizations: list[Quantization] = Field(
+        ["q4_k_m", "q8_0", "q5_k_m"], description="GGUF quantizations made from the f16 GGUF (always made)")
+    min_cosine: dict[Quantization, float] = Field(
+        MIN_COSINE, description="per quantization, the mean cosine of next-token logits against the merged "
+                                "model a GGUF needs to be published; a file below it is kept locally, marked failed")
     push_to_hub: bool = False
     hub_repo_id: str | None = None
+    hub_private: bool = False
+    hub_endpoint: str | None = Field(None, description="another Hub (a mirror, or a local test hub); None: the Hub")
+    hub_token_secret: str | None = Field(
+        None, description="name of a Prefect Secret block holding the token; else the HF_TOKEN variable")
     output_dir: Path = Path("artifacts/export")
+
+    @field_validator("min_cosine", mode="before")
+    @classmethod
+    def _over_defaults(cls, v: Any) -> Any:
+        return {**MIN_COSINE, **v} if isinstance(v, dict) else v  # name only the thresholds to change
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> "ExportConfig":
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub is true but hub_repo_id is not set; set export.hub_repo_id: <user>/<repo>")
+        missing = [q for q in ["f16", *self.quantizations] if q not in self.min_cosine]
+        if missing:
+            raise ValueError(f"min_cosine has no threshold for {', '.join(missing)}; add one per quantization")
         return self
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,10 @@ def merge_to_16bit(model_dir: Path, out: Path, *, dtype: str = "bfloat16") -> Me
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = model.to(DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(model_dir if (model_dir / "tokenizer_config.json").is_file() else base)
+    tmp = out / ".tmp-merged"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # safetensors, config with the dtype, generation_config.json
+    tokenizer.save_pretrained(tmp)  # tokenizer files and the chat template
     shutil.rmtree(merged_dir, ignore_errors=True)
-    model.save_pretrained(merged_dir)  # safetensors, config with the dtype, generation_config.json
-    tokenizer.save_pretrained(merged_dir)  # tokenizer files and the chat template
+    os.replace(tmp, merged_dir)  # a half-written folder never passes for a merged model
     return Merged(merged_dir, adapters_dir, base, adapter_config.is_file())
