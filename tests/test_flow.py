@@ -38,7 +38,19 @@ def flow_run_named(flow_run_id):
     return asyncio.run(read())
 
 
-def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model):
+def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model, monkeypatch):
+    from huggingface_hub import constants
+    from prefect.blocks.system import Secret
+
+    from tests.hub_server import FakeHub
+
+    # the export pushes to a fake Hub on 127.0.0.1 with the token from a Prefect Secret block
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    token = "hf_FLOWsecretBlockToken0123456789abcdef"
+    Secret(value=token).save("hf-token-for-tests", overwrite=True)
+    hub = FakeHub(token=token).start()
     config = {"data": {"source": str(small_source(tmp_path)), "output_dir": str(tmp_path / "data")},
               "model": {"name_or_path": str(tiny_model), "finetune": "lora", "dtype": "float32",
                         "lora": {"target_modules": ["q_proj", "v_proj"]}},
@@ -47,26 +59,38 @@ def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model):
                        "warmup": {"rows": 4, "batch_size": 4, "eval_prompts": 2},
                        "output_dir": str(tmp_path / "train")},
               "eval": {"max_samples": 3, "max_new_tokens": 8, "output_dir": str(tmp_path / "eval")},
+              "export": {"quantizations": ["q8_0"], "output_dir": str(tmp_path / "export"), "push_to_hub": True,
+                         "hub_repo_id": "alice/tiny", "hub_endpoint": hub.url,
+                         "hub_token_secret": "hf-token-for-tests"},
               "orchestration": {"stages": ["evaluate", "train", "export"]}}
-    state = pipeline(config=config, return_state=True)
-    results = state.result()
+    try:
+        state = pipeline(config=config, return_state=True)
+        results = state.result()
+    finally:
+        hub.stop()
     assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}  # run because train and evaluate need it
     assert results["prepare"]["rejected"] == 1
     assert results["train"]["steps"] == 2 and Path(results["train"]["model"], "adapter_model.safetensors").is_file()
     assert set(results["evaluate"]["models"]) == {"base", "trained"}  # side by side
-    assert results["export"] == {"status": "not built yet", "issue": "#5, export"}
+    assert results["export"]["gguf"] == {"f16": "passed", "q8_0": "passed"}
+    assert results["export"]["push"]["repo_id"] == "alice/tiny"
+    assert {"model.safetensors", "gguf/tiny-q8_0.gguf", "adapters/adapter_model.safetensors",
+            "README.md"} <= set(hub.repos["alice/tiny"].files)
 
     run = flow_run_named(state.state_details.flow_run_id)
     assert run.name == f"{tiny_model.name} on train.jsonl"
     artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert {"data-manifest", "data-rejects", "training", "training-curve", "evaluation",
+    assert {"data-manifest", "data-rejects", "training", "training-curve", "evaluation", "export",
             "pipeline-summary"} <= set(artifacts)
     summary = artifacts["pipeline-summary"].data
-    assert "| export | not built yet (issue #5, export) |" in summary
+    assert "| export | f16 passed, q8_0 passed; 0 warning(s); pushed to" in summary
+    assert "| `gguf/tiny-q8_0.gguf` | passed |" in artifacts["export"].data
+    assert all(token not in (a.data or "") for a in artifacts.values())
     assert "36 train / 4 held-out rows, 1 rejected" in summary and "| train | 2 GRPO steps" in summary
     assert "| metric | base | trained |" in artifacts["evaluation"].data
     assert {"reason": "missing_answer", "rows": 1}.items() <= json.loads(artifacts["data-rejects"].data)[0].items()
 
+    config["export"]["push_to_hub"] = False
     again = pipeline(config=config)  # every stage is keyed by its inputs: nothing is redone
     assert again["prepare"]["cached"] is True
     assert again["train"]["model"] == results["train"]["model"]
@@ -99,8 +123,7 @@ def test_a_bad_config_fails_before_any_stage(prefect_server):
 @pytest.mark.slow
 def test_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_cache):
     config = {"data": {"output_dir": str(tmp_path / "data")}, "model": {"cache_dir": str(model_cache)},
-              "orchestration": {"stages": ["prepare", "model", "export"]}}
+              "orchestration": {"stages": ["prepare", "model"]}}
     results = pipeline(config=config)
     assert results["prepare"]["rows"] == {"train": 7473, "heldout": 1319}
     assert Path(results["model"]["path"], "config.json").is_file()
-    assert results["export"]["status"] == "not built yet"
