@@ -71,8 +71,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
+# vLLM's sleep-mode allocator allows one engine per process: one pytest process per vLLM test.
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+	for k in full lora standby; do $(BIN)/python -m pytest -m gpu tests/test_vllm_gpu.py -k $$k $(PYTEST_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -210,6 +210,14 @@ class RolloutConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="auto: vLLM when installed with a GPU, else transformers generate"
     )
+    # vLLM (colocated: in the training process, on the training GPU)
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of the GPU vLLM takes for weights and KV cache; the rest trains")
+    max_model_len: int | None = Field(
+        None, gt=0, description="longest prompt + completion vLLM plans for; null: max_prompt_length + "
+                                "max_completion_length")
+    sleep: bool = Field(True, description="release vLLM's KV cache while the trainer works, take it back to generate")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower generation")
 
 
 class EvalConfig(Section):

@@ -96,7 +96,7 @@ def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, roll
 def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: str, rows: list[dict],
                     out: Path, answer_type: str) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = load_engine(rollout, path, batch_size=cfg.batch_size)
+    engine = load_engine(rollout, path, batch_size=cfg.batch_size, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     prompts = [r["prompt"] for r in rows]
     log.info("%s: %d held-out questions, greedy, up to %d new tokens (%s engine)", label, len(rows),
              cfg.max_new_tokens, engine.name)

@@ -36,7 +36,7 @@ from grpoflow.config import PipelineConfig
 from grpoflow.errors import TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.hf import HFEngine
-from grpoflow.rollout.load import check_engine
+from grpoflow.rollout.load import resolve_engine
 from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps
@@ -68,7 +68,7 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     this many seconds from the call, for jobs with a time limit; calling again resumes there."""
     stop_at = None if stop_after_s is None else time.monotonic() + stop_after_s
     grpo = cfg.grpo
-    check_engine(cfg.rollout)
+    engine_name = resolve_engine(cfg.rollout)
     plan = BatchPlan.from_config(grpo)
     rows = pq.read_table(train_path).to_pylist()
     heldout_prompts = [r["prompt"] for r in pq.read_table(heldout_path).slice(0, grpo.warmup.eval_prompts).to_pylist()]
@@ -87,8 +87,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     scaler = make_scaler(policy)
     rewards = RewardSet(grpo.reward_funcs, grpo.reward_weights)
     # one generate call per generation (all its prompts), and the warm-up's format check in one call too
-    engine = HFEngine(policy.model, policy.tokenizer, batch_size=max(plan.unique_prompts, grpo.warmup.eval_prompts),
-                      progress=False, autocast=policy.autocast)
+    engine = _rollout_engine(engine_name, cfg, policy, model_path,
+                             batch_size=max(plan.unique_prompts, grpo.warmup.eval_prompts))
     sampler = PromptSampler(len(rows), grpo.seed)
     ref_model = _reference_model(policy, model_path, cfg) if grpo.beta > 0 and not policy.is_peft else None
     # old log-probs are needed once the policy moves between sampling and training on a row
@@ -134,8 +134,10 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             for _ in range(grpo.gradient_accumulation_steps):
                 if buffer is None or next_micro == plan.micro_steps_per_generation:
                     batch_rows = [rows[i] for i in sampler.take(plan.unique_prompts)]
+                    engine.sync_weights(policy, step)  # vLLM: sample from the policy as it is now
                     buffer = generate_batch(engine, policy, batch_rows, rewards, grpo,
                                             need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size)
+                    engine.sleep()  # vLLM: the KV cache is released while the trainer works
                     peaks.end("generation")
                     next_micro = 0
                     if (step + 1) % grpo.log_completions_steps == 0:
@@ -197,6 +199,20 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     return TrainResult(str(out), str(final_dir), step, json.loads((final_dir / "report.json").read_text()))
 
 
+def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, batch_size: int):
+    if name == "hf":  # generates with the policy itself
+        return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
+                        autocast=policy.autocast)
+    from grpoflow.rollout.vllm import VLLMEngine
+
+    grpo, rollout = cfg.grpo, cfg.rollout
+    return VLLMEngine(model_path, policy.tokenizer, dtype=cfg.model.dtype,
+                      gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
+                      seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
+                      enforce_eager=rollout.enforce_eager)
+
+
 def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
     T = buffer.completion_len
     with policy.autocast():
@@ -218,7 +234,8 @@ def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grp
         logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
         loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,
         beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
-        max_completion_length=grpo.max_completion_length, num_items_in_batch=buffer.num_items)
+        max_completion_length=grpo.max_completion_length, num_items_in_batch=buffer.num_items,
+        is_weights=micro["is_weights"])
     if grpo.loss_type != "dapo":
         # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
         loss = loss / grpo.gradient_accumulation_steps
@@ -304,6 +321,7 @@ def _batch_to_state(batch: GenerationBatch | None) -> dict | None:
 def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
     if state is None:
         return None
+    state = {"is_weights": None, **state}  # checkpoints from before the vLLM engine have no is_weights
     return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 

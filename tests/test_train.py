@@ -255,8 +255,52 @@ def test_heads_the_chunked_path_does_not_model_fall_back_to_naive(tiny_model, ca
     assert logps.shape == (1, 3)
 
 
-def test_an_engine_that_is_not_built_is_refused(tiny_model, tmp_path):
+def test_vllm_on_a_machine_without_a_gpu_is_refused_before_any_work(tiny_model, tmp_path):
     train, heldout = data(tmp_path)
     cfg = config(tmp_path).model_copy(update={"rollout": validate_config({"rollout": {"engine": "vllm"}}).rollout})
-    with pytest.raises(ConfigError, match=r"rollout.engine: the vLLM engine is not built yet \(issue #6\)"):
+    with pytest.raises(ConfigError, match=r"rollout.engine: vllm needs a CUDA GPU"):
         run_train(cfg, train, heldout, str(tiny_model), progress=False)
+
+
+def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model, tmp_path):
+    """An engine with its own copy of the weights returns its sampling log-probs; the trainer's
+    own log-probs against them give min(ratio, cap) per token. transformers' processed log-probs
+    of the same model must agree with the trainer's: ratio 1."""
+    from grpoflow.rewards import RewardSet
+    from grpoflow.rollout.hf import HFEngine
+    from grpoflow.train.model import load_policy
+    from grpoflow.train.rollouts import generate_batch
+
+    class OtherEngine(HFEngine):
+        name = "other"
+
+    cfg = config(tmp_path, temperature=0.7, max_completion_length=6)
+    policy = load_policy(cfg.model, cfg.grpo, str(tiny_model))
+    engine = OtherEngine(policy.model, policy.tokenizer, batch_size=4, progress=False)
+    rows = [{"prompt": [{"role": "user", "content": f"Count to {i}."}], "answer": str(i)} for i in range(2)]
+    batch = generate_batch(engine, policy, rows, RewardSet(cfg.grpo.reward_funcs), cfg.grpo,
+                           need_old_logps=False, micro_batch=4)
+    mask = batch.completion_mask.bool()
+    assert batch.is_weights is not None and batch.old_logps is None  # on-policy ratio, corrected samples
+    assert torch.allclose(batch.is_weights[mask], torch.ones(int(mask.sum())), atol=1e-4)
+    assert batch.metrics["sampling/sampling_logp_difference/max"] < 1e-4
+    assert batch.slice(0, 2)["is_weights"].shape == (2, batch.completion_len)
+
+    off = cfg.grpo.model_copy(update={"vllm_importance_sampling_correction": False})
+    plain = generate_batch(engine, policy, rows, RewardSet(cfg.grpo.reward_funcs), off, need_old_logps=False,
+                           micro_batch=4)
+    assert plain.is_weights is None and "sampling/importance_sampling_ratio/mean" not in plain.metrics
+
+
+def test_importance_weights_are_truncated_at_the_cap():
+    from grpoflow.rollout.base import Completion
+    from grpoflow.train.rollouts import _importance_weights
+
+    completions = [Completion([1], [5, 6], "", [-1.0, -2.0], True), Completion([1], [7], "", [-0.5], True)]
+    trainer = torch.tensor([[-0.5, -2.5], [-0.5, 0.0]])  # [N, T]
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    ratio, metrics = _importance_weights(completions, trainer, mask, cap=1.5)
+    expected = torch.tensor([[1.5, torch.exp(torch.tensor(-0.5))], [1.0, 1.0]])  # e^0.5 = 1.65 -> 1.5
+    assert torch.allclose(ratio, expected)
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(1.5)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(0.5)

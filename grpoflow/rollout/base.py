@@ -42,3 +42,11 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
         """One list of `params.n` completions per prompt, in prompt order."""
         ...
+
+    def sync_weights(self, policy, step: int) -> None:
+        """Sample from `policy` as it is now (after an optimizer step) from the next generate on."""
+        ...
+
+    def sleep(self) -> None:
+        """Release what generation holds (KV cache) until the next generate."""
+        ...

@@ -77,6 +77,13 @@ class HFEngine:
                 finished=finished, prompt_truncated=truncated[row // params.n]))
         return [completions[i:i + params.n] for i in range(0, len(completions), params.n)]
 
+    # The policy *is* this engine's model: nothing to copy after an optimizer step, nothing to release.
+    def sync_weights(self, policy, step: int) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()

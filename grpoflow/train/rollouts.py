@@ -26,6 +26,7 @@ class GenerationBatch:
     completion_mask: torch.Tensor  # [N, T], float; 0 after EOS, and for truncated ones when masked
     advantages: torch.Tensor  # [N]
     old_logps: torch.Tensor | None  # [N, T]; None: the policy has not moved since sampling
+    is_weights: torch.Tensor | None  # [N, T] truncated importance weights for another engine's samples; None: 1
     num_items: int  # active completion tokens in the whole generation (dapo's normaliser)
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)  # for the completions log
@@ -37,16 +38,20 @@ class GenerationBatch:
     def slice(self, start: int, stop: int) -> dict[str, Any]:
         return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
                 "completion_mask": self.completion_mask[start:stop], "advantages": self.advantages[start:stop],
-                "old_logps": None if self.old_logps is None else self.old_logps[start:stop]}
+                "old_logps": None if self.old_logps is None else self.old_logps[start:stop],
+                "is_weights": None if self.is_weights is None else self.is_weights[start:stop]}
 
 
 def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
                    *, need_old_logps: bool, micro_batch: int) -> GenerationBatch:
     G = grpo.num_generations
     started = time.perf_counter()
+    # another engine (vLLM) samples from its own copy of the weights, computed its own way: its
+    # per-token log-probs against the trainer's give the truncated importance-sampling weights
+    correct = engine.name != "hf" and grpo.vllm_importance_sampling_correction
     params = SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
                             top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty, n=G,
-                            truncate_prompt_tokens=grpo.max_prompt_length)
+                            truncate_prompt_tokens=grpo.max_prompt_length, logprobs=correct)
     groups = engine.generate([r["prompt"] for r in rows], params)
     gen_seconds = time.perf_counter() - started
     completions = [c for group in groups for c in group]  # [N], group order
@@ -73,14 +78,19 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
 
-    old_logps = None
-    if need_old_logps:
-        # the policy will move before some of these rows are trained on: keep the sampling policy's view
+    old_logps, is_weights, is_metrics = None, None, {}
+    if need_old_logps or correct:
+        # the policy will move before some of these rows are trained on, or another engine sampled
+        # them: keep the trainer's view of the policy that sampled
         with torch.no_grad(), policy.autocast():
             parts = [completion_logps(policy.model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
                                       width, temperature=grpo.temperature, kernels=grpo.kernels)[0]
                      for i in range(0, len(completions), micro_batch)]
-        old_logps = torch.cat(parts).float()  # [N, T]
+        trainer_logps = torch.cat(parts).float()  # [N, T]
+        old_logps = trainer_logps if need_old_logps else None
+        if correct:
+            is_weights, is_metrics = _importance_weights(completions, trainer_logps, completion_mask,
+                                                         grpo.vllm_importance_sampling_cap)
 
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     finished = torch.tensor([c.finished for c in completions])
@@ -93,13 +103,34 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
         "prompts/truncated": float(sum(g[0].prompt_truncated for g in groups)),
         "generation/seconds": gen_seconds,
         "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
+        **is_metrics,
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
                 "reward": scores.totals[i], "advantage": advantages[i].item(),
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
-    return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,
+    return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps, is_weights,
                            int(completion_mask.sum().item()), metrics, samples)
+
+
+def _importance_weights(completions, trainer_logps: torch.Tensor, mask: torch.Tensor,
+                        cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """min(p_trainer / p_sampler, cap) per token: truncated importance sampling (TRL's names)."""
+    sampling = torch.zeros_like(trainer_logps)  # [N, T]
+    for i, c in enumerate(completions):
+        sampling[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    difference = (trainer_logps - sampling) * mask  # [N, T]
+    ratio = torch.exp(difference).clamp(max=cap)  # [N, T]
+    active = mask.bool()
+    if not active.any():
+        return ratio, {}
+    return ratio, {
+        "sampling/sampling_logp_difference/mean": difference[active].abs().mean().item(),
+        "sampling/sampling_logp_difference/max": difference[active].abs().max().item(),
+        "sampling/importance_sampling_ratio/min": ratio[active].min().item(),
+        "sampling/importance_sampling_ratio/mean": ratio[active].mean().item(),
+        "sampling/importance_sampling_ratio/max": ratio[active].max().item(),
+    }
 
 
 def _written(completions, width: int, device) -> torch.Tensor:

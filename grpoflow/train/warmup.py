@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from grpoflow.config import FormatWarmupConfig
-from grpoflow.rollout import SamplingParams
-from grpoflow.rollout.hf import HFEngine
+from grpoflow.rollout import RolloutEngine, SamplingParams
 from grpoflow.verifiers.answer import in_format
 
 log = logging.getLogger("grpoflow.train")
@@ -28,14 +27,14 @@ def render_target(solution: str, answer: str) -> str:
     return f"<reasoning>\n{solution}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 
 
-def format_rate(engine: HFEngine, prompts: list, max_tokens: int) -> dict[str, float]:
+def format_rate(engine: RolloutEngine, prompts: list, max_tokens: int) -> dict[str, float]:
     """Share of greedy completions in the strict and the soft format."""
     texts = [g[0].text for g in engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
     return {name: sum(in_format(texts, strict=strict)) / len(texts)
             for name, strict in (("strict_format", True), ("soft_format", False))}
 
 
-def run_format_warmup(policy, engine: HFEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
+def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
                       cfg: FormatWarmupConfig, *, max_tokens: int, max_prompt_length: int, seed: int) -> dict[str, Any]:
     rows = [r for r in train_rows if r.get("solution")][: cfg.rows]
     if not rows:
@@ -65,6 +64,7 @@ def run_format_warmup(policy, engine: HFEngine, train_rows: list[dict[str, Any]]
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+    engine.sync_weights(policy, 0)  # an engine with its own copy of the weights (vLLM) samples the new ones
     after = format_rate(engine, heldout_prompts, max_tokens)
     report = {"rows": len(rows), "epochs": cfg.epochs, "steps": len(losses),
               "loss_first": losses[0], "loss_last": losses[-1],
