@@ -24,6 +24,7 @@ import torch
 
 WORKLOAD = dict(prompts=4, num_generations=8, max_completion_length=256, max_prompt_length=512,
                 learning_rate=1e-6, seed=42)
+VLLM_MEMORY = 0.3  # gpu_memory_utilization of the colocated vLLM, the same for both
 REWARDS = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
 
 
@@ -41,12 +42,13 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked") -> dict:
+def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked", engine: str = "hf") -> dict:
     from grpoflow.config import validate_config
     from stages.train import run_train
 
     w = WORKLOAD
     cfg = validate_config({
+        "rollout": {"engine": engine, "gpu_memory_utilization": VLLM_MEMORY},
         "model": {"finetune": "full", "dtype": "bfloat16"},
         "grpo": {"max_steps": steps, "num_generations": w["num_generations"],
                  "per_device_train_batch_size": w["prompts"] * w["num_generations"],
@@ -68,7 +70,7 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
             "train_tokens_per_second": [r["train/tokens_per_second"] for r in records]}
 
 
-def run_trl(model: str, data: Path, steps: int, out: Path) -> dict:
+def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf") -> dict:
     import pyarrow.parquet as pq
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -106,7 +108,8 @@ def run_trl(model: str, data: Path, steps: int, out: Path) -> dict:
         output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=w["prompts"] * w["num_generations"],
         num_generations=w["num_generations"], max_completion_length=w["max_completion_length"],
         learning_rate=w["learning_rate"], seed=w["seed"], beta=0.0, loss_type="dapo", bf16=True,
-        gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none", use_vllm=False,
+        gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
+        use_vllm=engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=VLLM_MEMORY,
         bf16_full_eval=False, use_cpu=not torch.cuda.is_available())
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[Timer()])
     trainer.train()
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", choices=["ours", "trl"])
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="rollouts: transformers generate (hf) or colocated vLLM, for both trainers")
     parser.add_argument("--kernels", default="chunked",
                         help="comma-separated grpo.kernels values to run ours with (chunked, naive)")
     parser.add_argument("--prompts", type=int, default=WORKLOAD["prompts"], help="prompts a step (smoke tests: 1)")
@@ -129,14 +134,15 @@ def main() -> None:
     WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
     args.out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    results = {"card": card, "workload": WORKLOAD, "steps": args.steps,
+    results = {"card": card, "workload": WORKLOAD, "steps": args.steps, "engine": args.engine,
                "date": time.strftime("%Y-%m-%d")}
     runs = []
     if args.only in (None, "trl"):
-        runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out)))
+        runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out, args.engine)))
     if args.only in (None, "ours"):
         for kernels in args.kernels.split(","):
-            runs.append((f"ours-{kernels}", lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k)))
+            runs.append((f"ours-{kernels}",
+                         lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k, args.engine)))
     for name, fn in runs:
         results[name] = fn()
         results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
