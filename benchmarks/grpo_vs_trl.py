@@ -38,6 +38,37 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class DevicePeak:
+    """Peak memory in use on the whole device (cudaMemGetInfo), polled every 20 ms: unlike torch's
+    allocator statistics it sees vLLM's sleep-mode allocator and what it really gives back."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.stop_flag = 0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop_flag.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(0.02)
+
+    def __enter__(self) -> "DevicePeak":
+        if torch.cuda.is_available():
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
 def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
@@ -144,21 +175,24 @@ def main() -> None:
             runs.append((f"ours-{kernels}",
                          lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k, args.engine)))
     for name, fn in runs:
-        results[name] = fn()
+        with DevicePeak() as device:
+            results[name] = fn()
+        results[name]["device_peak_gib"] = device.gib
         results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
         gc.collect()  # the previous trainer's model and optimizer must not count in the next one's peak
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    (args.out / "grpo_vs_trl.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"grpo_vs_trl{'-' + args.only if args.only else ''}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['card']}, {args.steps} steps, median step time without step 1")
-    print("| trainer | median step s | peak GiB | step / TRL | peak / TRL |")
-    print("|---|---|---|---|---|")
+    print("| trainer | median step s | peak GiB (torch) | device peak GiB | step / TRL | peak / TRL |")
+    print("|---|---|---|---|---|---|")
     trl = results.get("trl")
     for name, _ in runs:
         r = results[name]
         ratios = (f"{r['median_step_seconds'] / trl['median_step_seconds']:.2f} | {r['peak_gib'] / trl['peak_gib']:.2f}"
                   if trl else "- | -")
-        print(f"| {name} | {r['median_step_seconds']:.2f} | {r['peak_gib']:.2f} | {ratios} |")
+        print(f"| {name} | {r['median_step_seconds']:.2f} | {r['peak_gib']:.2f} | {r['device_peak_gib']:.2f} "
+              f"| {ratios} |")
 
 
 if __name__ == "__main__":
