@@ -8,7 +8,6 @@ chat template, generation config) in the cache, and every later run loads the fo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpoflow.config import ModelConfig
+from grpoflow.hashing import file_sha256
 
 log = logging.getLogger("grpoflow.models")
 
@@ -87,7 +87,7 @@ def _package_dir(packaged: PackagedModel) -> Path:
 
 
 def _from_gguf(gguf: Path, cache_dir: Path, description: str) -> ResolvedModel:
-    key = _file_hash(gguf)[:16]
+    key = file_sha256(gguf)[:16]
     target = cache_dir / "models" / f"{gguf.stem}-{key}"
     if (target / "grpoflow.json").is_file():
         log.info("base model: %s (converted earlier)", target)
@@ -130,10 +130,3 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

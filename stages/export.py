@@ -28,6 +28,7 @@ import yaml
 from grpoflow.config import PipelineConfig
 from grpoflow.export.gguf import GGUFExportError, convert_to_gguf, quantize_gguf, reference_logits, verify_gguf
 from grpoflow.export.merge import merge_to_16bit
+from grpoflow.hashing import file_sha256
 from grpoflow.hub import HubPushError, push_folder
 
 log = logging.getLogger("grpoflow.export")
@@ -234,16 +235,8 @@ def _inventory(out: Path) -> list[dict[str, Any]]:
         rel = path.relative_to(out).as_posix()
         if rel in ("export_report.json", "export_report.md"):
             continue
-        rows.append({"file": rel, "bytes": path.stat().st_size, "sha256": _sha256(path)})
+        rows.append({"file": rel, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     return rows
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
