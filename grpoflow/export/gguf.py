@@ -250,7 +250,7 @@ def verify_gguf(gguf_file: Path, reference_dir: Path, *, method: str, min_cosine
             deltas.append(float(np.abs(got - want).max()))
             top1.append(int(got.argmax()) == int(want.argmax()))
     finally:
-        llm.close() if hasattr(llm, "close") else None
+        llm.close()
     mean_cosine = sum(cosines) / len(cosines)
     if not mean_cosine >= min_cosine:  # (NaN fails too)
         problems.append(f"mean cosine {mean_cosine:.4f} of the next-token logits is below {min_cosine} for {method}")

@@ -40,10 +40,6 @@ def resolve_engine(cfg: RolloutConfig) -> str:
     return "vllm"
 
 
-def check_engine(cfg: RolloutConfig) -> None:
-    resolve_engine(cfg)
-
-
 def load_engine(cfg: RolloutConfig, model_path: str, *, batch_size: int = 16, progress: bool = True,
                 max_tokens: int = 512, seed: int = 0):
     """An engine for evaluation: `model_path` is a model folder, a Hub id, or a LoRA adapters folder."""

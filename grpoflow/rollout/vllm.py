@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from grpoflow.config import ConfigError
@@ -71,8 +72,11 @@ class VLLMEngine:
         self.sleep_enabled = sleep
         self.awake = {"weights", "kv_cache"}  # what vLLM holds on the GPU now
         self.lora_request = None
-        self._lora_dir = Path(tempfile.mkdtemp(prefix="grpoflow-lora-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                               else None)) if lora_rank else None
+        self._lora_dir, self._lora_version = None, 0
+        if lora_rank:  # adapters travel through memory-backed files, removed when the engine goes
+            self._lora_dir = Path(tempfile.mkdtemp(prefix="grpoflow-lora-",
+                                                   dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+            weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep,
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
@@ -146,14 +150,16 @@ class VLLMEngine:
     # --- weights ----------------------------------------------------------------------------
 
     def sync_weights(self, policy, step: int) -> None:
-        """Make the next generation sample from the policy as it is now."""
+        """Make the next generation sample from the policy as it is now (`step`: for the interface)."""
         if self._lora_dir is not None:
-            folder = self._lora_dir / f"step-{step}"
-            policy.model.save_pretrained(folder)  # adapters only
             from vllm.lora.request import LoRARequest
 
-            self.lora_request = LoRARequest(f"policy-step-{step}", step + 1, str(folder))
-            for old in sorted(self._lora_dir.iterdir(), key=lambda p: p.stat().st_mtime)[:-2]:  # keep 2
+            # vLLM caches adapters by id: every hand-over gets a new one (the warm-up's and step 0's too)
+            self._lora_version += 1
+            folder = self._lora_dir / f"v{self._lora_version:08d}"
+            policy.model.save_pretrained(folder)  # adapters only
+            self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
+            for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
                 shutil.rmtree(old, ignore_errors=True)
             return
         self.wake_up({"weights"})  # the KV cache stays released until generate
@@ -162,21 +168,11 @@ class VLLMEngine:
         model.load_weights(weights=((name, p.detach()) for name, p in policy.model.named_parameters()))
 
     def _vllm_model(self):
-        engine = self.llm.llm_engine
-        for path in ("model_executor.driver_worker.worker.model_runner.model",):
-            obj = engine
-            try:
-                for attr in path.split("."):
-                    obj = getattr(obj, attr)
-                return obj
-            except AttributeError:
-                continue
-        raise EngineError("cannot reach vLLM's model for in-place weight loading on this vLLM version "
-                          "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)")
-
-    def close(self) -> None:
-        if self._lora_dir is not None:
-            shutil.rmtree(self._lora_dir, ignore_errors=True)
+        try:  # vLLM 0.26, in process
+            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        except AttributeError:
+            raise EngineError("cannot reach vLLM's model for in-place weight loading "
+                              "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)") from None
 
 
 def _lora_rank_slot(rank: int) -> int:
