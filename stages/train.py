@@ -41,7 +41,7 @@ from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_ch
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps
 from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
-from grpoflow.train.rollouts import GenerationBatch, generate_batch
+from grpoflow.train.rollouts import GenerationBatch, generate_batch, importance_weights
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
 from kernels.reference import grpo_loss
@@ -206,11 +206,14 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
     from grpoflow.rollout.vllm import VLLMEngine
 
     grpo, rollout = cfg.grpo, cfg.rollout
-    return VLLMEngine(model_path, policy.tokenizer, dtype=cfg.model.dtype,
-                      gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
-                      seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
-                      enforce_eager=rollout.enforce_eager)
+    engine = VLLMEngine(model_path, policy.tokenizer, dtype=cfg.model.dtype,
+                        gpu_memory_utilization=rollout.gpu_memory_utilization,
+                        max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
+                        seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
+                        enforce_eager=rollout.enforce_eager)
+    if policy.is_peft and rollout.share_weights:
+        engine.share_weights(policy)
+    return engine
 
 
 def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
@@ -230,18 +233,22 @@ def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grp
                                                 temperature=grpo.temperature, kernels=grpo.kernels)
         ref_logps = ref_logps.float()
     mask = micro["completion_mask"]
+    is_weights, is_metrics = micro["is_weights"], {}
+    if micro["sampling_logps"] is not None:  # on-policy samples of another engine: this pass is the trainer's view
+        is_weights, is_metrics = importance_weights(logps, micro["sampling_logps"], mask,
+                                                    grpo.vllm_importance_sampling_cap)
     loss, metrics = grpo_loss(
         logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
         loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,
         beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
         max_completion_length=grpo.max_completion_length, num_items_in_batch=buffer.num_items,
-        is_weights=micro["is_weights"])
+        is_weights=is_weights)
     if grpo.loss_type != "dapo":
         # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
         loss = loss / grpo.gradient_accumulation_steps
     active = mask.sum()
     metrics["entropy"] = ((entropy * mask).sum() / active.clamp(min=1)).item()
-    return loss, {k: float(v) for k, v in metrics.items()}
+    return loss, {**{k: float(v) for k, v in metrics.items()}, **is_metrics}
 
 
 class _PhasePeaks:
@@ -321,7 +328,7 @@ def _batch_to_state(batch: GenerationBatch | None) -> dict | None:
 def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
     if state is None:
         return None
-    state = {"is_weights": None, **state}  # checkpoints from before the vLLM engine have no is_weights
+    state = {"is_weights": None, "sampling_logps": None, **state}  # checkpoints from before the vLLM engine
     return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 
@@ -342,7 +349,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+    """Mean of each metric over the micro-batches that have it (a micro-batch of masked rows has no
+    importance-sampling figures)."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
 
 
 def _mean_key(records: list[dict], key: str) -> float | None:

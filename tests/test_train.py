@@ -265,11 +265,13 @@ def test_vllm_on_a_machine_without_a_gpu_is_refused_before_any_work(tiny_model, 
 def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model, tmp_path):
     """An engine with its own copy of the weights returns its sampling log-probs; the trainer's
     own log-probs against them give min(ratio, cap) per token. transformers' processed log-probs
-    of the same model must agree with the trainer's: ratio 1."""
+    of the same model must agree with the trainer's: ratio 1. On-policy, the weights are made at
+    the loss from its own log-probs (no second forward pass); off-policy, at generation."""
     from grpoflow.rewards import RewardSet
     from grpoflow.rollout.hf import HFEngine
     from grpoflow.train.model import load_policy
     from grpoflow.train.rollouts import generate_batch
+    from stages.train import _micro_step_loss
 
     class OtherEngine(HFEngine):
         name = "other"
@@ -278,28 +280,38 @@ def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model
     policy = load_policy(cfg.model, cfg.grpo, str(tiny_model))
     engine = OtherEngine(policy.model, policy.tokenizer, batch_size=4, progress=False)
     rows = [{"prompt": [{"role": "user", "content": f"Count to {i}."}], "answer": str(i)} for i in range(2)]
-    batch = generate_batch(engine, policy, rows, RewardSet(cfg.grpo.reward_funcs), cfg.grpo,
-                           need_old_logps=False, micro_batch=4)
-    mask = batch.completion_mask.bool()
-    assert batch.is_weights is not None and batch.old_logps is None  # on-policy ratio, corrected samples
-    assert torch.allclose(batch.is_weights[mask], torch.ones(int(mask.sum())), atol=1e-4)
-    assert batch.metrics["sampling/sampling_logp_difference/max"] < 1e-4
-    assert batch.slice(0, 2)["is_weights"].shape == (2, batch.completion_len)
+    rewards = RewardSet(cfg.grpo.reward_funcs)
+
+    on_policy = generate_batch(engine, policy, rows, rewards, cfg.grpo, need_old_logps=False, micro_batch=4)
+    assert on_policy.is_weights is None and on_policy.old_logps is None
+    assert on_policy.sampling_logps.shape == on_policy.completion_mask.shape
+    micro = on_policy.slice(0, 2)
+    assert micro["sampling_logps"].shape == (2, on_policy.completion_len)
+    _, metrics = _micro_step_loss(policy, micro, on_policy, cfg.grpo, None)
+    assert metrics["sampling/sampling_logp_difference/max"] < 1e-4
+    assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
+
+    off_policy = generate_batch(engine, policy, rows, rewards, cfg.grpo, need_old_logps=True, micro_batch=4)
+    mask = off_policy.completion_mask.bool()
+    assert off_policy.old_logps is not None and off_policy.sampling_logps is None
+    assert torch.allclose(off_policy.is_weights[mask], torch.ones(int(mask.sum())), atol=1e-4)
+    assert off_policy.metrics["sampling/sampling_logp_difference/max"] < 1e-4
 
     off = cfg.grpo.model_copy(update={"vllm_importance_sampling_correction": False})
-    plain = generate_batch(engine, policy, rows, RewardSet(cfg.grpo.reward_funcs), off, need_old_logps=False,
-                           micro_batch=4)
-    assert plain.is_weights is None and "sampling/importance_sampling_ratio/mean" not in plain.metrics
+    plain = generate_batch(engine, policy, rows, rewards, off, need_old_logps=False, micro_batch=4)
+    assert plain.is_weights is None and plain.sampling_logps is None
+    _, metrics = _micro_step_loss(policy, plain.slice(0, 2), plain, off, None)
+    assert "sampling/importance_sampling_ratio/mean" not in metrics
 
 
 def test_importance_weights_are_truncated_at_the_cap():
     from grpoflow.rollout.base import Completion
-    from grpoflow.train.rollouts import _importance_weights
+    from grpoflow.train.rollouts import _sampling_logps, importance_weights
 
     completions = [Completion([1], [5, 6], "", [-1.0, -2.0], True), Completion([1], [7], "", [-0.5], True)]
     trainer = torch.tensor([[-0.5, -2.5], [-0.5, 0.0]])  # [N, T]
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    ratio, metrics = _importance_weights(completions, trainer, mask, cap=1.5)
+    ratio, metrics = importance_weights(trainer, _sampling_logps(completions, 2, "cpu"), mask, cap=1.5)
     expected = torch.tensor([[1.5, torch.exp(torch.tensor(-0.5))], [1.0, 1.0]])  # e^0.5 = 1.65 -> 1.5
     assert torch.allclose(ratio, expected)
     assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(1.5)

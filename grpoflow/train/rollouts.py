@@ -27,6 +27,9 @@ class GenerationBatch:
     advantages: torch.Tensor  # [N]
     old_logps: torch.Tensor | None  # [N, T]; None: the policy has not moved since sampling
     is_weights: torch.Tensor | None  # [N, T] truncated importance weights for another engine's samples; None: 1
+    # [N, T] that engine's sampling log-probs, when the weights are made at the loss instead: on-policy,
+    # the loss's own log-probs are the trainer's, and a second forward pass to get them is saved
+    sampling_logps: torch.Tensor | None
     num_items: int  # active completion tokens in the whole generation (dapo's normaliser)
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)  # for the completions log
@@ -39,7 +42,8 @@ class GenerationBatch:
         return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
                 "completion_mask": self.completion_mask[start:stop], "advantages": self.advantages[start:stop],
                 "old_logps": None if self.old_logps is None else self.old_logps[start:stop],
-                "is_weights": None if self.is_weights is None else self.is_weights[start:stop]}
+                "is_weights": None if self.is_weights is None else self.is_weights[start:stop],
+                "sampling_logps": None if self.sampling_logps is None else self.sampling_logps[start:stop]}
 
 
 def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
@@ -79,18 +83,19 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
 
     old_logps, is_weights, is_metrics = None, None, {}
-    if need_old_logps or correct:
-        # the policy will move before some of these rows are trained on, or another engine sampled
-        # them: keep the trainer's view of the policy that sampled
+    sampling_logps = _sampling_logps(completions, width, device) if correct else None  # [N, T]
+    if need_old_logps:
+        # the policy will move before some of these rows are trained on: keep its log-probs now
         with torch.no_grad(), policy.autocast():
             parts = [completion_logps(policy.model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
                                       width, temperature=grpo.temperature, kernels=grpo.kernels)[0]
                      for i in range(0, len(completions), micro_batch)]
-        trainer_logps = torch.cat(parts).float()  # [N, T]
-        old_logps = trainer_logps if need_old_logps else None
+        old_logps = torch.cat(parts).float()  # [N, T]
         if correct:
-            is_weights, is_metrics = _importance_weights(completions, trainer_logps, completion_mask,
-                                                         grpo.vllm_importance_sampling_cap)
+            is_weights, is_metrics = importance_weights(old_logps, sampling_logps, completion_mask,
+                                                        grpo.vllm_importance_sampling_cap)
+            sampling_logps = None
+    # else on-policy: the loss makes the weights from its own log-probs (sampling_logps kept)
 
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     finished = torch.tensor([c.finished for c in completions])
@@ -110,16 +115,16 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
     return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps, is_weights,
-                           int(completion_mask.sum().item()), metrics, samples)
+                           sampling_logps, int(completion_mask.sum().item()), metrics, samples)
 
 
-def _importance_weights(completions, trainer_logps: torch.Tensor, mask: torch.Tensor,
-                        cap: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """min(p_trainer / p_sampler, cap) per token: truncated importance sampling (TRL's names)."""
-    sampling = torch.zeros_like(trainer_logps)  # [N, T]
-    for i, c in enumerate(completions):
-        sampling[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
-    difference = (trainer_logps - sampling) * mask  # [N, T]
+def importance_weights(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """min(p_trainer / p_sampler, cap) per token: truncated importance sampling (TRL's metric names).
+
+    trainer_logps, sampling_logps, mask [N, T] -> weights [N, T] (1 at padding), metrics.
+    """
+    difference = (trainer_logps.detach().float() - sampling_logps) * mask  # [N, T]
     ratio = torch.exp(difference).clamp(max=cap)  # [N, T]
     active = mask.bool()
     if not active.any():
@@ -131,6 +136,14 @@ def _importance_weights(completions, trainer_logps: torch.Tensor, mask: torch.Te
         "sampling/importance_sampling_ratio/mean": ratio[active].mean().item(),
         "sampling/importance_sampling_ratio/max": ratio[active].max().item(),
     }
+
+
+def _sampling_logps(completions, width: int, device) -> torch.Tensor:
+    """The engine's per-token sampling log-probs, right-padded with 0  # [N, T]"""
+    out = torch.zeros((len(completions), width), dtype=torch.float32)
+    for i, c in enumerate(completions):
+        out[i, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return out.to(device)
 
 
 def _written(completions, width: int, device) -> torch.Tensor:
