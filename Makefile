@@ -73,7 +73,8 @@ test-fast: $(STAMP)
 
 # vLLM's sleep-mode allocator allows one engine per process: one pytest process per vLLM test.
 test-gpu: $(STAMP)
-	for k in full lora standby; do $(BIN)/python -m pytest -m gpu tests/test_vllm_gpu.py -k $$k $(PYTEST_ARGS) || exit 1; done
+	for t in $$($(BIN)/python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py | grep '::'); do \
+	    $(BIN)/python -m pytest -m gpu $$t $(PYTEST_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -217,6 +217,9 @@ class RolloutConfig(Section):
         None, gt=0, description="longest prompt + completion vLLM plans for; null: max_prompt_length + "
                                 "max_completion_length")
     sleep: bool = Field(True, description="release vLLM's KV cache while the trainer works, take it back to generate")
+    share_weights: bool = Field(
+        True, description="LoRA: the policy's frozen base weights are vLLM's own tensors, one copy on the card "
+                          "(only tensors equal bit for bit are shared)")
     enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower generation")
 
 

@@ -2,7 +2,7 @@
 
 Runs on the GPU machine with vLLM 0.26 and a SmolLM2 folder (GRPOFLOW_GPU_MODEL, default
 /tmp/smollm2); skipped anywhere else. vLLM's sleep-mode allocator allows one engine per process,
-so each test runs in a pytest process of its own (`make test-gpu` does; or `-k full|lora|standby`).
+so each test runs in a pytest process of its own (`make test-gpu` does, one test id at a time).
 Measured on an H100 on 2026-11-26: see benchmarks/RESULTS.md.
 """
 
@@ -83,19 +83,89 @@ def test_lora_adapters_handed_over_reach_generation():
 
 
 def test_standby_releases_the_kv_cache_and_takes_it_back_fast():
+    """Full fine-tuning: level-2 sleep releases weights and KV cache; the next sync rewrites the
+    weights, so a cycle is sleep + wake + sync."""
+    from grpoflow.rollout.vllm import EngineError
+
     policy, engine = policy_and_engine("full")
     vllm_vs_trainer(policy, engine)
     torch.cuda.synchronize()
     used = torch.cuda.mem_get_info()
-    cycles = []
+    cycles, syncs = [], []
     for _ in range(3):
         started = time.perf_counter()
         engine.sleep()
         asleep = torch.cuda.mem_get_info()
         engine.wake_up({"weights", "kv_cache"})
         cycles.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        engine.sync_weights(policy, step=1)
+        syncs.append(time.perf_counter() - started)
     freed_gib = (asleep[0] - used[0]) / 2**30
-    print(f"standby: {freed_gib:.2f} GiB freed while asleep; sleep + wake {[round(c, 3) for c in cycles]} s")
-    assert freed_gib > 1.0 and max(cycles[1:]) <= 1.0
+    print(f"standby: {freed_gib:.2f} GiB freed while asleep; sleep + wake {[round(c, 3) for c in cycles]} s, "
+          f"then sync {[round(c, 3) for c in syncs]} s")
+    assert freed_gib > 1.0 and max(cycles[1:]) + max(syncs[1:]) <= 1.0
     after, _ = vllm_vs_trainer(policy, engine)
     assert after < 0.1 and not math.isnan(after)  # still the same model after the cycles
+    engine.sleep()
+    with pytest.raises(EngineError, match="sync_weights"):  # released weights are never sampled from
+        vllm_vs_trainer(policy, engine)
+
+
+def test_shared_base_weights_are_one_copy_and_adapters_still_reach_generation():
+    """LoRA: the policy's frozen base weights become views of vLLM's tensors (one copy on the
+    card); standby then releases only the KV cache, and training through the shared weights works."""
+    policy, engine = policy_and_engine("lora")
+    base = [p for p in policy.model.parameters() if not p.requires_grad]
+    base_bytes = sum(p.numel() * p.element_size() for p in base)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    saved = engine.share_weights(policy)
+    free_after = torch.cuda.mem_get_info()[0]
+    print(f"shared: {saved / 2**20:.1f} MiB of {base_bytes / 2**20:.1f} MiB of base weights; "
+          f"free memory +{(free_after - free_before) / 2**20:.1f} MiB")
+    assert saved > 0.9 * base_bytes and free_after - free_before > 0.8 * saved
+    q = policy.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    vllm_ptrs = {p.untyped_storage().data_ptr() for p in engine._vllm_model().parameters()}
+    assert q.untyped_storage().data_ptr() in vllm_ptrs
+
+    with torch.no_grad():  # trained adapters, exaggerated
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    engine.sync_weights(policy, step=1)
+    before_sleep = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    freed_gib = (torch.cuda.mem_get_info()[0] - before_sleep) / 2**30
+    snapshot = q.detach().clone()
+    ids = torch.tensor([[1, 2, 3, 4, 5]], device=policy.device)  # the trainer works while vLLM sleeps
+    with policy.autocast():
+        policy.model(input_ids=ids).logits.float().mean().backward()
+    assert torch.equal(q, snapshot) and q.grad is None
+    after, _ = vllm_vs_trainer(policy, engine)  # wakes the KV cache
+    print(f"shared: standby freed {freed_gib:.2f} GiB (KV cache only); |dlogp| after the hand-over {after:.4f}")
+    assert freed_gib > 1.0 and after < 0.1
+
+
+def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
+    """The evaluate stage's engine (load_engine) given a LoRA run's output folder: vLLM loads the
+    base it names and applies the adapters; its log-probs match transformers + peft."""
+    pytest.importorskip("vllm")
+    from grpoflow.config import RolloutConfig, validate_config
+    from grpoflow.rollout.load import load_engine
+    from grpoflow.train.model import load_policy
+
+    cfg = validate_config({"model": {"finetune": "lora", "dtype": "bfloat16"}, "grpo": {"gradient_checkpointing": False}})
+    policy = load_policy(cfg.model, cfg.grpo, MODEL)
+    with torch.no_grad():  # trained adapters, exaggerated
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    policy.model.save_pretrained(tmp_path / "adapters")
+    policy.tokenizer.save_pretrained(tmp_path / "adapters")
+    engine = load_engine(RolloutConfig(engine="vllm", gpu_memory_utilization=0.2, enforce_eager=True),
+                         str(tmp_path / "adapters"), max_tokens=24)
+    assert engine.name == "vllm" and engine.lora_request is not None
+    after, groups = vllm_vs_trainer(policy, engine)
+    print(f"evaluation engine with adapters: |dlogp| vs transformers + peft {after:.4f}")
+    assert after < 0.1 and all(len(c.token_ids) > 0 for (c,) in groups)

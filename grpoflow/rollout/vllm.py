@@ -11,6 +11,13 @@ adapters as a new LoRA request (saved to /dev/shm, 0.07 s for SmolLM2's), with n
 Sampling log-probs come back after temperature and the other processors ("processed_logprobs"),
 what the trainer's importance-sampling correction compares against.
 
+Standby, by what the weights are:
+    full fine-tuning  sleep(level=2): KV cache and weights released (the next sync rewrites every
+                      weight anyway, so they are not copied to host memory and back)
+    LoRA, shared      the policy's frozen base weights *are* vLLM's tensors (`share_weights`): one
+                      copy on the card; only the KV cache is released
+    LoRA, not shared  sleep(level=1): KV cache released, weights parked in host memory
+
 Tested with vLLM 0.26 (TESTED); another version is refused with a message rather than failing
 somewhere inside vLLM's private attributes.
 """
@@ -71,6 +78,9 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.sleep_enabled = sleep
         self.awake = {"weights", "kv_cache"}  # what vLLM holds on the GPU now
+        self.full_weights = lora_rank is None  # every weight comes from the policy at each sync
+        self.weights_current = True  # False after a level-2 sleep, until the next sync_weights
+        self.shared_bytes = 0  # policy weights that are vLLM's own tensors (share_weights)
         self.lora_request = None
         self._lora_dir, self._lora_version = None, 0
         if lora_rank:  # adapters travel through memory-backed files, removed when the engine goes
@@ -103,6 +113,9 @@ class VLLMEngine:
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        if not self.weights_current:
+            raise EngineError("vLLM released its weights at sleep (full fine-tuning): call sync_weights "
+                              "before generate")
         self.wake_up({"weights", "kv_cache"})
         prompt_ids, truncated = [], []
         keep = params.truncate_prompt_tokens
@@ -115,7 +128,8 @@ class VLLMEngine:
             n=params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, seed=params.seed,
-            logprobs=0 if params.logprobs else None)  # 0: the sampled token's log-prob only
+            logprobs=0 if params.logprobs else None,  # 0: the sampled token's log-prob only
+            detokenize=False)  # the tokens are decoded once below; vLLM's per-step decoding costs CPU time
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling,
                                     lora_request=self.lora_request, use_tqdm=False)
         groups = []
@@ -133,19 +147,48 @@ class VLLMEngine:
             groups.append(group)
         return groups
 
-    # --- standby ----------------------------------------------------------------------------
+    # --- standby ---------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """Release the KV cache (level 1 also moves the weights to host memory) while the trainer works."""
-        if self.sleep_enabled and self.awake:
-            self.llm.sleep(level=1)
-            self.awake = set()
+        """Release the KV cache (and the weights where they need not stay) while the trainer works."""
+        if not (self.sleep_enabled and self.awake):
+            return
+        if self.shared_bytes:  # the policy trains on these weights: only the KV cache goes
+            self._release_kv_cache()
+            return
+        self.llm.sleep(level=2 if self.full_weights else 1)
+        self.awake = set()
+        self.weights_current = not self.full_weights
 
     def wake_up(self, tags: set[str]) -> None:
         missing = tags - self.awake
-        if missing:
+        if not missing:
+            return
+        import torch
+
+        # the trainer's freed blocks go back to the card before vLLM maps its memory again,
+        # or both are counted at once: the step's peak
+        torch.cuda.empty_cache()
+        if self.shared_bytes:  # only the KV cache was released, behind vLLM's sleep
+            self._worker().wake_up(tags=["kv_cache"])
+        else:
             self.llm.wake_up(tags=sorted(missing))
-            self.awake |= missing
+        self.awake |= missing
+
+    def _release_kv_cache(self) -> None:
+        """sleep() for the KV cache alone (vLLM's own sleep unmaps every allocation, weights too)."""
+        import torch
+        from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
+
+        if "kv_cache" not in self.awake:
+            return
+        self.llm.reset_prefix_cache()  # cached prompt blocks are about to hold garbage
+        torch.cuda.synchronize()
+        for data in CuMemAllocator.get_instance().pointer_to_data.values():
+            if data.tag == "kv_cache" and not data.is_asleep:
+                unmap_and_release(data.handle)
+                data.is_asleep = True
+        self.awake.discard("kv_cache")
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -166,13 +209,62 @@ class VLLMEngine:
         model = self._vllm_model()
         # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors
         model.load_weights(weights=((name, p.detach()) for name, p in policy.model.named_parameters()))
+        self.weights_current = True
+
+    def share_weights(self, policy) -> int:
+        """LoRA: make the policy's frozen base weights views of vLLM's tensors, so the card holds
+        one copy. Only tensors that are equal, bit for bit, are shared (vLLM stacks q/k/v and
+        gate/up: their rows are slices of its fused tensors). Returns the bytes freed."""
+        import torch
+
+        vllm_params = {name.replace(".base_layer", ""): p for name, p in self._vllm_model().named_parameters()}
+        rows = {_hf_name(name): p.shape[0] for name, p in policy.model.named_parameters()}
+        packed = getattr(self._vllm_model(), "packed_modules_mapping", {})  # {"qkv_proj": ["q_proj", ...]}
+        slices = {}  # HF name -> the slice of a vLLM tensor it is
+        for name, vp in vllm_params.items():
+            module, _, leaf = name.rpartition(".")
+            prefix, _, last = module.rpartition(".")
+            parts = packed.get(last, [last])
+            offset = 0
+            for part in parts:
+                hf_name = f"{prefix}.{part}.{leaf}" if prefix else f"{part}.{leaf}"
+                slices[hf_name] = (vp, offset)
+                offset += rows.get(hf_name, 0)
+        saved = 0
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if p.requires_grad:
+                    continue
+                key = _hf_name(name)
+                if key not in slices:
+                    continue
+                vp, offset = slices[key]
+                if vp.dtype != p.dtype or vp.shape[1:] != p.shape[1:] or offset + p.shape[0] > vp.shape[0]:
+                    continue
+                view = vp[offset:offset + p.shape[0]]
+                if view.data_ptr() == p.data_ptr() or not torch.equal(view, p):
+                    continue
+                saved += p.numel() * p.element_size()
+                p.data = view  # tied weights are one Parameter: both follow
+        torch.cuda.empty_cache()
+        self.shared_bytes = saved
+        log.info("vLLM and the policy share %.2f GiB of base weights", saved / 2**30)
+        return saved
 
     def _vllm_model(self):
+        return self._worker().model_runner.model
+
+    def _worker(self):
         try:  # vLLM 0.26, in process
-            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+            return self.llm.llm_engine.model_executor.driver_worker.worker
         except AttributeError:
             raise EngineError("cannot reach vLLM's model for in-place weight loading "
                               "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)") from None
+
+
+def _hf_name(peft_name: str) -> str:
+    """base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight -> model.layers.0.self_attn.q_proj.weight"""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
 def _lora_rank_slot(rank: int) -> int:
