@@ -7,8 +7,10 @@ the same weights and prompts; the first step (warm-up, kernel compilation) is le
 median.
 
     python benchmarks/grpo_vs_trl.py --model /tmp/smollm2 --data /tmp/data --steps 10 --out $OUT
+    python benchmarks/grpo_vs_trl.py ... --engine vllm --only ours --finetune lora --set rollout.share_weights=false --tag noshare
 
-Writes <out>/grpo_vs_trl.json and prints a table. TRL is imported only for its half.
+Writes <out>/grpo_vs_trl[-only][-tag].json and prints a table. TRL is imported only for its half.
+Each trainer is best run in a process of its own (--only): a colocated vLLM stays in its process.
 """
 
 from __future__ import annotations
@@ -73,20 +75,24 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked", engine: str = "hf") -> dict:
-    from grpoflow.config import validate_config
+def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked", engine: str = "hf",
+             finetune: str = "full", overrides: list[str] = (), tag: str = "") -> dict:
+    from grpoflow.config import _apply_override, validate_config
     from stages.train import run_train
 
     w = WORKLOAD
-    cfg = validate_config({
+    raw = {
         "rollout": {"engine": engine, "gpu_memory_utilization": VLLM_MEMORY},
-        "model": {"finetune": "full", "dtype": "bfloat16"},
+        "model": {"finetune": finetune, "dtype": "bfloat16"},
         "grpo": {"max_steps": steps, "num_generations": w["num_generations"],
                  "per_device_train_batch_size": w["prompts"] * w["num_generations"],
                  "max_completion_length": w["max_completion_length"], "max_prompt_length": w["max_prompt_length"],
                  "learning_rate": w["learning_rate"], "seed": w["seed"], "beta": 0.0, "loss_type": "dapo",
                  "gradient_checkpointing": True, "reward_funcs": REWARDS, "warmup": {"enabled": False},
-                 "kernels": kernels, "save_steps": 10_000, "output_dir": str(out / f"ours-{kernels}")}})
+                 "kernels": kernels, "save_steps": 10_000, "output_dir": str(out / f"ours-{kernels}-{engine}-{finetune}-{tag}")}}
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = validate_config(raw, "benchmark config")
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -98,10 +104,12 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
             "completion_tokens": [r["completions/mean_length"] * w["prompts"] * w["num_generations"] for r in records],
             "reward": [r["reward"] for r in records],
             "generation_seconds": [r["generation/seconds"] for r in records],
+            "generation_tokens_per_second": [r["generation/tokens_per_second"] for r in records],
             "train_tokens_per_second": [r["train/tokens_per_second"] for r in records]}
 
 
-def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf") -> dict:
+def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf", finetune: str = "full",
+            sleep: bool = False) -> dict:
     import pyarrow.parquet as pq
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -141,8 +149,18 @@ def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf") -
         learning_rate=w["learning_rate"], seed=w["seed"], beta=0.0, loss_type="dapo", bf16=True,
         gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
         use_vllm=engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=VLLM_MEMORY,
-        bf16_full_eval=False, use_cpu=not torch.cuda.is_available())
-    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[Timer()])
+        vllm_enable_sleep_mode=sleep, bf16_full_eval=False, use_cpu=not torch.cuda.is_available())
+    peft_config = None
+    if finetune == "lora":  # grpoflow's LoRA defaults
+        from peft import LoraConfig
+
+        from grpoflow.config import LoraConfig as Ours
+
+        lora = Ours()
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[Timer()],
+                          peft_config=peft_config)
     trainer.train()
     rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
     return {"step_seconds": times, "peak_gib": max(peaks), "reward": rewards}
@@ -161,19 +179,27 @@ def main() -> None:
                         help="comma-separated grpo.kernels values to run ours with (chunked, naive)")
     parser.add_argument("--prompts", type=int, default=WORKLOAD["prompts"], help="prompts a step (smoke tests: 1)")
     parser.add_argument("--max-completion-length", type=int, default=WORKLOAD["max_completion_length"])
+    parser.add_argument("--finetune", choices=["full", "lora"], default="full", help="for both trainers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a grpoflow config override for ours, e.g. rollout.sleep=false (repeatable)")
+    parser.add_argument("--trl-sleep", action="store_true", help="TRL with vllm_enable_sleep_mode (off by default)")
+    parser.add_argument("--tag", default="", help="appended to the output file name")
     args = parser.parse_args()
     WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
     args.out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"card": card, "workload": WORKLOAD, "steps": args.steps, "engine": args.engine,
-               "date": time.strftime("%Y-%m-%d")}
+               "finetune": args.finetune, "model": args.model, "overrides": args.overrides,
+               "trl_sleep": args.trl_sleep, "date": time.strftime("%Y-%m-%d")}
     runs = []
     if args.only in (None, "trl"):
-        runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out, args.engine)))
+        runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out, args.engine, args.finetune,
+                                            args.trl_sleep)))
     if args.only in (None, "ours"):
         for kernels in args.kernels.split(","):
             runs.append((f"ours-{kernels}",
-                         lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k, args.engine)))
+                         lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k, args.engine,
+                                                    args.finetune, args.overrides, args.tag)))
     for name, fn in runs:
         with DevicePeak() as device:
             results[name] = fn()
@@ -182,7 +208,8 @@ def main() -> None:
         gc.collect()  # the previous trainer's model and optimizer must not count in the next one's peak
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    (args.out / f"grpo_vs_trl{'-' + args.only if args.only else ''}.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "grpo_vs_trl" + (f"-{args.only}" if args.only else "") + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['card']}, {args.steps} steps, median step time without step 1")
     print("| trainer | median step s | peak GiB (torch) | device peak GiB | step / TRL | peak / TRL |")
     print("|---|---|---|---|---|---|")

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue #6's measurements on the GPU machine: the vLLM engine in the trainer vs TRL + vLLM, vs
+# bare vLLM and vs our transformers engine; memory with and without standby and weight sharing;
+# the same for a random-init Qwen3-0.6B shape. Every trainer runs in a process of its own.
+#
+# Stage vLLM first (../shared/device/stage.sh with the SmolLM2 GGUF, the GSM8K JSONL and the
+# trl / datasets / multiprocess wheels; the printed commands, then this script's `setup`):
+#   bash benchmarks/vllm_gpu.sh setup      # wheels, /tmp/smollm2, /tmp/run/data, /tmp/qwen3r
+#   bash benchmarks/vllm_gpu.sh speed      # bare vLLM, grpoflow (vLLM), TRL + vLLM
+#   bash benchmarks/vllm_gpu.sh memory     # grpoflow (transformers), no standby, LoRA shared / not, TRL LoRA
+#   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
+# Results: $OUT/bench/*.json (OUT defaults to ./out).
+set -uo pipefail
+OUT=${OUT:-out}
+export PYTHONPATH=$PWD:/tmp/vsite VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps 6 --out "$OUT/bench" "$@"; }
+bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
+mkdir -p "$OUT/bench"
+
+case "${1:?setup|speed|memory|qwen3}" in
+  setup)
+    set -e
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/stage/files/*.whl
+    mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
+    python -c "from pathlib import Path; from grpoflow.models import convert_gguf; \
+convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
+    python -m grpoflow.cli prepare -c configs/gsm8k-gpu.yaml --set data.source=/tmp/gsm8k --set data.output_dir=/tmp/run/data
+    python benchmarks/random_model.py --tokenizer /tmp/smollm2 --out /tmp/qwen3r
+    ;;
+  speed)
+    bare --model /tmp/smollm2 --tag smollm2
+    bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full
+    bench --model /tmp/smollm2 --engine vllm --only trl --tag smollm2-full
+    ;;
+  memory)
+    bench --model /tmp/smollm2 --engine hf --only ours --tag smollm2-full-hf
+    bench --model /tmp/smollm2 --engine vllm --only ours --set rollout.sleep=false --tag smollm2-full-nosleep
+    bench --model /tmp/smollm2 --engine vllm --only ours --finetune lora --tag smollm2-lora-shared
+    bench --model /tmp/smollm2 --engine vllm --only ours --finetune lora --set rollout.share_weights=false --tag smollm2-lora-noshare
+    bench --model /tmp/smollm2 --engine vllm --only trl --finetune lora --tag smollm2-lora
+    ;;
+  qwen3)
+    bare --model /tmp/qwen3r --tag qwen3
+    bench --model /tmp/qwen3r --engine vllm --only ours --set grpo.max_nonfinite_steps=100 --tag qwen3-full
+    bench --model /tmp/qwen3r --engine vllm --only trl --tag qwen3-full
+    bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --tag qwen3-lora-shared
+    bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --set rollout.share_weights=false --tag qwen3-lora-noshare
+    ;;
+esac
