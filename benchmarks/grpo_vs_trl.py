@@ -105,6 +105,8 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
             "reward": [r["reward"] for r in records],
             "generation_seconds": [r["generation/seconds"] for r in records],
             "generation_tokens_per_second": [r["generation/tokens_per_second"] for r in records],
+            "time": {k: [r[k] for r in records] for k in ("time/weight_sync_seconds", "time/train_seconds",
+                                                            "time/optimizer_seconds")},
             "train_tokens_per_second": [r["train/tokens_per_second"] for r in records]}
 
 

@@ -9,15 +9,16 @@
 #   bash benchmarks/vllm_gpu.sh speed      # bare vLLM, grpoflow (vLLM), TRL + vLLM
 #   bash benchmarks/vllm_gpu.sh memory     # grpoflow (transformers), no standby, LoRA shared / not, TRL LoRA
 #   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
+#   bash benchmarks/vllm_gpu.sh repeat     # grpoflow and TRL (SmolLM2, full) twice each, interleaved
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/vsite VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps 6 --out "$OUT/bench" "$@"; }
+bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" --out "$OUT/bench" "$@"; }
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3}" in
+case "${1:?setup|speed|memory|qwen3|repeat}" in
   setup)
     set -e
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/stage/files/*.whl
@@ -45,5 +46,12 @@ convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tm
     bench --model /tmp/qwen3r --engine vllm --only trl --tag qwen3-full
     bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --tag qwen3-lora-shared
     bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --set rollout.share_weights=false --tag qwen3-lora-noshare
+    bench --model /tmp/qwen3r --engine vllm --only trl --finetune lora --tag qwen3-lora
+    ;;
+  repeat)
+    for round in 1 2; do
+      bench --model /tmp/smollm2 --engine vllm --only ours --tag "smollm2-full-r$round"
+      bench --model /tmp/smollm2 --engine vllm --only trl --tag "smollm2-full-r$round"
+    done
     ;;
 esac

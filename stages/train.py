@@ -130,11 +130,13 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             started = time.perf_counter()
             peaks = _PhasePeaks(policy.device)
             micro_metrics: list[dict[str, float]] = []
-            train_seconds, train_tokens = 0.0, 0
+            train_seconds, train_tokens, sync_seconds = 0.0, 0, 0.0
             for _ in range(grpo.gradient_accumulation_steps):
                 if buffer is None or next_micro == plan.micro_steps_per_generation:
                     batch_rows = [rows[i] for i in sampler.take(plan.unique_prompts)]
+                    sync_started = time.perf_counter()
                     engine.sync_weights(policy, step)  # vLLM: sample from the policy as it is now
+                    sync_seconds += time.perf_counter() - sync_started
                     buffer = generate_batch(engine, policy, batch_rows, rewards, grpo,
                                             need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size)
                     engine.sleep()  # vLLM: the KV cache is released while the trainer works
@@ -154,6 +156,7 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                 train_tokens += int(micro["attention_mask"].sum())  # prompt + completion tokens through the model
                 peaks.end("train")
 
+            optimizer_started = time.perf_counter()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), grpo.max_grad_norm).item()
             finite = math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in micro_metrics)
@@ -166,6 +169,9 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if policy.device.type == "cuda":
+                torch.cuda.synchronize()  # the optimizer's kernels are queued: time them here, not in the next phase
+            optimizer_seconds = time.perf_counter() - optimizer_started
             peaks.end("optimizer")
             step += 1
 
@@ -174,6 +180,9 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             record = {**_mean_metrics(micro_metrics), **buffer.metrics, "grad_norm": grad_norm,
                       "learning_rate": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - started,
                       "train/tokens_per_second": train_tokens / train_seconds if train_seconds else 0.0,
+                      # where the step's time went (generation/seconds: sampling, rewards, advantages)
+                      "time/weight_sync_seconds": sync_seconds, "time/train_seconds": train_seconds,
+                      "time/optimizer_seconds": optimizer_seconds,
                       "skipped_steps": skipped_steps, **peaks.metrics()}
             if step % grpo.logging_steps == 0 or step == grpo.max_steps:
                 logger.log(step, record)

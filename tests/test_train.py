@@ -68,6 +68,8 @@ def test_metrics_use_trl_names(tiny_model, tmp_path):
                 "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean", "entropy",
                 "grad_norm", "learning_rate", "step_seconds", "generation/tokens_per_second", "train/tokens_per_second"):
         assert key in step, key
+    parts = [step["time/weight_sync_seconds"], step["time/train_seconds"], step["time/optimizer_seconds"]]
+    assert all(t >= 0 for t in parts) and sum(parts) + step["generation/seconds"] <= step["step_seconds"]
     logged = [json.loads(line) for line in (Path(result.output_dir) / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in logged} == {2} and len(logged) == 4  # one prompt x 4 completions at step 2
     assert {"prompt", "completion", "reward", "advantage", "rewards/spaces"} <= set(logged[0])
