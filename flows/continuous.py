@@ -3,7 +3,7 @@
     grpoflow-continuous (one look at the drops)
         finish the round a stop interrupted, if any
         intake: drops + held-out -> data prep -> rows no round has; >= continuous.min_new_rows opens a round
-        grpoflow-round (a subflow per round, named "round 2: <model> + 40 rows, steps 11-20")
+        grpoflow-round (a subflow per round, named "round 2: <model> (champion of round 1) + 40 rows, steps 11-20")
             train-round     GRPO from the champion's weights on the round's rows (resumes its own checkpoint)
             evaluate-round  champion vs challenger on the fixed held-out set
             gate            promote unless continuous.gate_metric regresses beyond continuous.tolerance
@@ -164,9 +164,11 @@ def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any]) -> d
 
 
 def _round_name() -> str:
+    """'round 2: tiny-model (champion of round 1) + 8 rows, steps 3-4'."""
     r = load_round(Path(flow_run.parameters["round_dir"]))
-    model = "base" if r.champion.round == 0 else f"champion of round {r.champion.round}"
-    return f"round {r.round}: {model} + {r.rows} rows, steps {r.steps[0]}-{r.steps[1]}"
+    base = str(flow_run.parameters["config"]["model"]["name_or_path"]).rstrip("/").rsplit("/", 1)[-1]
+    start = "base" if r.champion.round == 0 else f"champion of round {r.champion.round}"
+    return f"round {r.round}: {base} ({start}) + {r.rows} rows, steps {r.steps[0]}-{r.steps[1]}"
 
 
 @flow(name="grpoflow-round", flow_run_name=_round_name, log_prints=True)

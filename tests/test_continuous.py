@@ -61,19 +61,20 @@ def make_config(root: Path, model: Path) -> dict:
 DROPS = {"drop-1.jsonl": rows(range(8)), "drop-2.jsonl": rows(range(8)), "drop-3.jsonl": rows(range(100, 108))}
 
 
-def task_runs(parent_flow_run_id) -> dict[str, list]:
-    """The task runs of a flow run's subflows, by task name."""
+def task_runs(parent_flow_run_id) -> tuple[dict[str, list], list[str]]:
+    """The task runs of a flow run's subflows, by task name, and the subflows' names."""
     async def read():
         async with get_client() as client:
             subflows = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])))
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(
+            return subflows, await client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[run.id for run in subflows])))
 
+    subflows, runs = asyncio.run(read())
     found: dict[str, list] = {}
-    for run in asyncio.run(read()):
+    for run in runs:
         found.setdefault(run.name.rsplit("-", 1)[0], []).append(run)
-    return found
+    return found, [s.name for s in subflows]
 
 
 def adapters(state: Path, round_number: int) -> dict[str, torch.Tensor]:
@@ -154,7 +155,8 @@ def test_three_drops_two_rounds_and_a_restart_changes_nothing(prefect_server, ti
     final = state.result()
     assert [r["round"] for r in final["rounds"]] == [2]
     assert final["rounds"][0]["decision"] == decided.decision  # taken once, read back after the restart
-    runs = task_runs(state.state_details.flow_run_id)
+    runs, names = task_runs(state.state_details.flow_run_id)
+    assert names == [f"round 2: {tiny_model.name} (champion of round 1) + 8 rows, steps 3-4"]
     assert [r.state.name for r in runs["train-round"]] == ["Cached"]  # finished before the stop: not run again
     assert [r.state.name for r in runs["evaluate-round"]] == ["Cached"]
 
