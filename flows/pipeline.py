@@ -8,103 +8,62 @@ Every stage is a plain function in stages/; the tasks here only call them and pu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (offline Prefect defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
+from flows.retry import retry_options, retry_unless_user_error
 from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_config
-from grpoflow.models import ModelError, resolve_model
-from grpoflow.sources import SourceError
-from grpoflow.export.gguf import GGUFExportError
+from grpoflow.models import resolve_model
 from stages.evaluate import run_evaluate
 from stages.export import run_export
-from stages.prepare import REJECT_REASONS, DataError, run_prepare
-from stages.train import TrainingDiverged, run_train
+from stages.prepare import run_prepare
+from stages.train import run_train
 
 # What a stage reads; those stages run first (they are content-hash cached, so cheap when done).
 NEEDS = {"train": ("prepare", "model"), "evaluate": ("prepare", "model"), "export": ("train",)}
 
-# A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may. (The Hub
-# push retries its transient errors itself, with backoff.)
-USER_ERRORS = (ConfigError, DataError, SourceError, ModelError, TrainingDiverged, GGUFExportError)
 
-
-def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except USER_ERRORS:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(name="prepare-data", retry_condition_fn=_retry_unless_user_error)
+@task(name="prepare-data", retry_condition_fn=retry_unless_user_error)
 def prepare_data(cfg: PipelineConfig) -> dict[str, Any]:
     manifest = run_prepare(cfg.data)
-    rows = [{"split": name, "rows": info["rows"], "limited": info["limited"],
-             "rejected": manifest.rejected["by_split"].get(name, 0)} for name, info in manifest.splits.items()]
-    create_table_artifact(key="data-manifest", table=rows,
-                          description=f"{manifest.source['description']} -> {manifest.output_dir}"
-                                      f"{' (cached)' if manifest.cached else ''}")
-    by_reason = manifest.rejected["by_reason"]
-    if by_reason:
-        create_table_artifact(key="data-rejects", table=[
-            {"reason": reason, "rows": n, "meaning": REJECT_REASONS[reason]} for reason, n in by_reason.items()],
-            description=f"rejected rows, kept in {manifest.rejects_path}")
+    publish_manifest(manifest)
     return {"output_dir": manifest.output_dir, "train": str(manifest.train_path),
             "heldout": str(manifest.heldout_path), "rows": {k: v["rows"] for k, v in manifest.splits.items()},
             "rejected": manifest.rejected["total"], "cached": manifest.cached}
 
 
-@task(name="base-model", retry_condition_fn=_retry_unless_user_error)
+@task(name="base-model", retry_condition_fn=retry_unless_user_error)
 def base_model(cfg: PipelineConfig) -> dict[str, Any]:
     resolved = resolve_model(cfg.model)
     return {"path": resolved.path, "description": resolved.description, "converted": resolved.converted}
 
 
-@task(name="train", retry_condition_fn=_retry_unless_user_error)
+@task(name="train", retry_condition_fn=retry_unless_user_error)
 def train(cfg: PipelineConfig, train_path: str, heldout_path: str, model_path: str) -> dict[str, Any]:
     result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
     report = result.report
-    warm = report.get("warmup") or {}
-    rows = [{"metric": "steps", "value": report["steps"]},
-            {"metric": "skipped steps (non-finite)", "value": report["skipped_steps"]},
-            {"metric": "reward, first 10 steps", "value": report["reward_first_10"]},
-            {"metric": "reward, last 10 steps", "value": report["reward_last_10"]},
-            {"metric": "median step seconds", "value": report["step_seconds_median"]}]
-    if "format_strict_after" in warm:
-        rows += [{"metric": "format warm-up: strict format before", "value": warm["format_strict_before"]},
-                 {"metric": "format warm-up: strict format after", "value": warm["format_strict_after"]}]
-    create_table_artifact(key="training", table=rows, description=f"GRPO run in {result.output_dir}")
-    metrics = Path(result.output_dir) / "metrics.jsonl"
-    curve = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    if curve:
-        keep = ("step", "reward", "reward_std", "frac_reward_zero_std", "loss", "completions/mean_length", "kl")
-        create_table_artifact(key="training-curve", table=[{k: r.get(k) for k in keep} for r in curve],
-                              description="per-step metrics (the plot: reward.png in the run folder)")
+    publish_training(result.output_dir, report)
     return {"output_dir": result.output_dir, "model": result.model_dir, "steps": result.steps,
             "reward_first_10": report["reward_first_10"], "reward_last_10": report["reward_last_10"]}
 
 
-@task(name="evaluate", retry_condition_fn=_retry_unless_user_error)
+@task(name="evaluate", retry_condition_fn=retry_unless_user_error)
 def evaluate(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> dict[str, Any]:
     report = run_evaluate(cfg.eval, Path(heldout), models, rollout=cfg.rollout, answer_type=cfg.data.answer_type)
-    create_markdown_artifact(key="evaluation", markdown=report.markdown,
-                             description=f"held-out evaluation, side by side; per-sample results in {report.output_dir}")
+    publish_evaluation(report.markdown, report.output_dir)
     return {"output_dir": report.output_dir, "models": report.models}
 
 
-@task(name="export", retry_condition_fn=_retry_unless_user_error)
+@task(name="export", retry_condition_fn=retry_unless_user_error)
 def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any] | None) -> dict[str, Any]:
     report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=_hub_token(cfg))
-    create_markdown_artifact(key="export", markdown=report.markdown,
-                             description=f"exported files, GGUF fidelity against the merged model; {report.output_dir}")
+    publish_export(report.markdown, report.output_dir)
     files = report.report["gguf"]
     return {"output_dir": report.output_dir, "gguf": {f["method"]: f["status"] for f in files},
             "push": report.report["push"], "warnings": len(report.report["warnings"])}
@@ -125,10 +84,19 @@ def _hub_token(cfg: PipelineConfig) -> str | None:
 
 
 def _run_name() -> str:
-    config = flow_run.parameters.get("config") or {}
-    model = (config.get("model") or {}).get("name_or_path", "smollm2-135m-instruct")
-    data = (config.get("data") or {}).get("source", "gsm8k")
-    return f"{model.rsplit('/', 1)[-1]} on {data.rsplit('/', 1)[-1]}"
+    """'<model> on <dataset>, steps 1-10': what the run trains (the stages it runs are its task runs)."""
+    try:
+        cfg = validate_config(flow_run.parameters.get("config") or {})
+    except ConfigError:
+        return "invalid config"  # the flow fails at once and says why
+    name = f"{_short(cfg.model.name_or_path)} on {_short(cfg.data.source)}"
+    if "train" in cfg.orchestration.stages or "export" in cfg.orchestration.stages:
+        name += f", steps 1-{cfg.grpo.max_steps}"
+    return name
+
+
+def _short(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
 
 
 @flow(name="grpoflow-pipeline", flow_run_name=_run_name, log_prints=True)
@@ -136,7 +104,7 @@ def pipeline(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the stages listed in orchestration.stages, in DAG order."""
     logger = get_run_logger()
     cfg = validate_config(config or {}, "the flow's config parameter")
-    options = {"retries": cfg.orchestration.retries, "retry_delay_seconds": cfg.orchestration.retry_delay_seconds}
+    options = retry_options(cfg.orchestration)
     wanted = set(cfg.orchestration.stages)
     for stage in list(wanted):
         for need in NEEDS.get(stage, ()):

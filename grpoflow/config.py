@@ -282,7 +282,36 @@ ALL_STAGES: tuple[str, ...] = get_args(Stage)
 class OrchestrationConfig(Section):
     stages: list[Stage] = list(ALL_STAGES)
     retries: int = Field(1, ge=0, description="retries of a failed stage task")
-    retry_delay_seconds: float = Field(10.0, ge=0)
+    retry_delay_seconds: float = Field(10.0, ge=0, description="delay before the first retry; it doubles each retry")
+    schedule_cron: str = Field("0 3 * * *", description="when the served pipeline deployment retrains (make serve)")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule  # Prefect's own check, as the server applies it
+
+        try:
+            CronSchedule(cron=v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a cron schedule; five fields, e.g. '0 3 * * *' (03:00 daily)") from None
+        return v
+
+
+class ContinuousConfig(Section):
+    """The continuous fine-tuning flow (flows/continuous.py): drops in, gated champions out."""
+
+    drop_dir: Path = Field(Path("artifacts/drops"), description="new training rows arrive here as JSONL or Parquet "
+                           "files, in the data section's columns; write a file elsewhere and rename it in")
+    heldout: Path | None = Field(None, description="the fixed held-out questions (a file in the drops' columns) that "
+                                 "every challenger and the champion are evaluated on")
+    min_new_rows: int = Field(64, gt=0, description="a training round starts once this many rows no round has "
+                                                     "trained on have arrived")
+    gate_metric: Literal["accuracy", "accuracy_last_number", "format_strict", "reward"] = Field(
+        "accuracy", description="the held-out figure the challenger is compared on")
+    tolerance: float = Field(0.02, ge=0, description="the challenger is promoted unless its gate_metric is below the "
+                                                     "champion's by more than this")
+    poll_seconds: int = Field(300, gt=0, description="how often the served continuous deployment looks at drop_dir")
+    state_dir: Path = Field(Path("artifacts/continuous"), description="rounds, champions, the row ledger and history")
 
 
 class PipelineConfig(Section):
@@ -293,6 +322,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    continuous: ContinuousConfig = ContinuousConfig()
 
 
 # ---------------------------------------------------------------------------------------

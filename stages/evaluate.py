@@ -192,7 +192,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
     labels = list(figures)
     rows = [("questions scored", lambda f: f"{f['scored']:,}"),
-            ("accuracy (<answer>)", lambda f: _pct_ci(f["accuracy"], f["accuracy_ci95"])),
+            ("accuracy (`<answer>`)", lambda f: _pct_ci(f["accuracy"], f["accuracy_ci95"])),
             ("accuracy (last number)", lambda f: _pct_ci(f["accuracy_last_number"], f["accuracy_last_number_ci95"])),
             ("strict format", lambda f: f"{100 * f['format_strict']:.1f}%"),
             ("soft format", lambda f: f"{100 * f['format_soft']:.1f}%"),

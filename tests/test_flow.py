@@ -55,7 +55,7 @@ def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model, mon
               "model": {"name_or_path": str(tiny_model), "finetune": "lora", "dtype": "float32",
                         "lora": {"target_modules": ["q_proj", "v_proj"]}},
               "grpo": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
-                       "max_completion_length": 8, "gradient_checkpointing": False,
+                       "max_completion_length": 8, "gradient_checkpointing": False, "log_completions_steps": 1,
                        "warmup": {"rows": 4, "batch_size": 4, "eval_prompts": 2},
                        "output_dir": str(tmp_path / "train")},
               "eval": {"max_samples": 3, "max_new_tokens": 8, "output_dir": str(tmp_path / "eval")},
@@ -78,10 +78,13 @@ def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model, mon
             "README.md"} <= set(hub.repos["alice/tiny"].files)
 
     run = flow_run_named(state.state_details.flow_run_id)
-    assert run.name == f"{tiny_model.name} on train.jsonl"
+    assert run.name == f"{tiny_model.name} on train.jsonl, steps 1-2"
     artifacts = artifacts_of(state.state_details.flow_run_id)
-    assert {"data-manifest", "data-rejects", "training", "training-curve", "evaluation", "export",
-            "pipeline-summary"} <= set(artifacts)
+    assert {"data-manifest", "data-rejects", "training", "training-curve", "training-curves", "sampled-completions",
+            "evaluation", "export", "pipeline-summary"} <= set(artifacts)
+    assert artifacts["training-curves"].data.startswith("![reward and loss per step](data:image/png;base64,iVBOR")
+    completions = json.loads(artifacts["sampled-completions"].data)
+    assert len(completions) == 4 and {"prompt", "completion", "reward", "advantage"} <= set(completions[0])
     summary = artifacts["pipeline-summary"].data
     assert "| export | f16 passed, q8_0 passed; 0 warning(s); pushed to" in summary
     assert "| `gguf/tiny-q8_0.gguf` | passed |" in artifacts["export"].data

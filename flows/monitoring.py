@@ -1,0 +1,117 @@
+"""What each stage shows in the Prefect UI: artifacts made from the files the stages write.
+
+    data-manifest, data-rejects       rows per split, rejects by reason
+    training, training-curve          the run's figures; reward, loss, KL ... per step as a table
+    training-curves                   reward and loss against the step, as an image
+    sampled-completions               the last logged completions with their rewards
+    evaluation                        the models side by side on the held-out set
+    export                            files, fidelity, push
+
+Stages know nothing of Prefect; these read their outputs (metrics.jsonl, completions.jsonl, reports).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from stages.prepare import REJECT_REASONS, Manifest
+
+CURVE_KEYS = ("step", "reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "grad_norm",
+              "completions/mean_length")
+COMPLETION_CHARS = 400  # a completion longer than this is cut in the table (the file has it whole)
+
+
+def publish_manifest(manifest: Manifest, key_prefix: str = "data") -> None:
+    rows = [{"split": name, "rows": info["rows"], "limited": info["limited"],
+             "rejected": manifest.rejected["by_split"].get(name, 0)} for name, info in manifest.splits.items()]
+    create_table_artifact(key=f"{key_prefix}-manifest", table=rows,
+                          description=f"{manifest.source['description']} -> {manifest.output_dir}"
+                                      f"{' (cached)' if manifest.cached else ''}")
+    by_reason = manifest.rejected["by_reason"]
+    if by_reason:
+        create_table_artifact(key=f"{key_prefix}-rejects", table=[
+            {"reason": reason, "rows": n, "meaning": REJECT_REASONS[reason]} for reason, n in by_reason.items()],
+            description=f"rejected rows, kept in {manifest.rejects_path}")
+
+
+def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 1) -> None:
+    """`first_step`: the number the run's step 1 has along a lineage (continuous rounds)."""
+    warm = report.get("warmup") or {}
+    rows = [{"metric": "steps", "value": report["steps"]},
+            {"metric": "skipped steps (non-finite)", "value": report["skipped_steps"]},
+            {"metric": "reward, first 10 steps", "value": report["reward_first_10"]},
+            {"metric": "reward, last 10 steps", "value": report["reward_last_10"]},
+            {"metric": "median step seconds", "value": report["step_seconds_median"]}]
+    if "format_strict_after" in warm:
+        rows += [{"metric": "format warm-up: strict format before", "value": warm["format_strict_before"]},
+                 {"metric": "format warm-up: strict format after", "value": warm["format_strict_after"]}]
+    create_table_artifact(key="training", table=rows, description=f"GRPO run in {output_dir}")
+    folder = Path(output_dir)
+    curve = _jsonl(folder / "metrics.jsonl")
+    if curve:
+        shift = first_step - 1
+        table = [{k: (r.get(k) + shift if k == "step" else r.get(k)) for k in CURVE_KEYS} for r in curve]
+        create_table_artifact(key="training-curve", table=table, description=f"per-step metrics ({folder}/metrics.jsonl)")
+        png = plot_curves(table, folder / "curves.png")
+        encoded = base64.b64encode(png.read_bytes()).decode()
+        create_markdown_artifact(key="training-curves", markdown=f"![reward and loss per step](data:image/png;base64,{encoded})",
+                                 description=f"reward and loss per step ({png})")
+    completions = _jsonl(folder / "completions.jsonl")
+    if completions:
+        last = max(c["step"] for c in completions)
+        create_table_artifact(key="sampled-completions", table=[
+            {"step": c["step"] + first_step - 1, "prompt": _last_user_message(c.get("prompt")),
+             "completion": _cut(c.get("completion", "")), "answer": c.get("answer"), "reward": c.get("reward"),
+             "advantage": c.get("advantage")}
+            for c in completions if c["step"] == last], description=f"completions of step {last + first_step - 1} "
+                                                                   f"with their rewards ({folder}/completions.jsonl)")
+
+
+def publish_evaluation(markdown: str, output_dir: str, title: str = "held-out evaluation, side by side") -> None:
+    create_markdown_artifact(key="evaluation", markdown=markdown,
+                             description=f"{title}; per-sample results in {output_dir}")
+
+
+def publish_export(markdown: str, output_dir: str) -> None:
+    create_markdown_artifact(key="export", markdown=markdown,
+                             description=f"exported files, GGUF fidelity against the merged model; {output_dir}")
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax.plot(steps, [r.get("reward") for r in records], marker="o", lw=2, label="reward")
+    ax.set_xlabel("step")
+    ax.set_title("reward")
+    ax2.plot(steps, [r.get("loss") for r in records], marker="o", lw=2, color="tab:red", label="loss")
+    ax2.set_xlabel("step")
+    ax2.set_title("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _last_user_message(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return _cut(users[-1] if users else "")
+    return _cut(str(prompt or ""))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= COMPLETION_CHARS else text[:COMPLETION_CHARS] + " …"
