@@ -105,7 +105,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor()})",
               "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
-              "versions": _versions(), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib, "warmup": args.warmup, "repeats": args.repeats,
+              "versions": _versions(), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib,
+              "warmup": args.warmup, "repeats": args.repeats,
               "results": results}
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{args.name}.md").write_text(_table(report))

@@ -67,8 +67,9 @@ def main() -> None:
         args.start, args.resolution, args.max_length = 4, 1, 64
 
     model = _policy_model(SMOKE if args.smoke else QWEN3_0_6B, device, args.max_length + PROMPT)
-    report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-              "card_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
+    cuda = device.type == "cuda"
+    report = {"card": torch.cuda.get_device_name() if cuda else "CPU",
+              "card_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
               "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
               "versions": {"torch": torch.__version__, **_versions()}, "model": SMOKE if args.smoke else QWEN3_0_6B,
               "lora": LORA, "completions": COMPLETIONS, "prompt": PROMPT, "results": {}}

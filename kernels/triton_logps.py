@@ -238,7 +238,8 @@ class TritonSelectiveLogps(torch.autograd.Function):
         for start in range(0, n, chunk_rows):
             rows = min(chunk_rows, n - start)
             d_logits = d_logits_buffer[:rows]  # [rows, V]
-            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]) * triton.cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"])  # noqa: E731
+                                 * triton.cdiv(vocab, meta["BLOCK_V"]),)
             _logps_bwd_kernel[grid](hidden, weight, targets, lse, grad_logps, d_logits, start, rows, vocab, h,
                                     hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                                     d_logits.stride(0), 1.0 / temperature, COMPUTE=_COMPUTE[compute_dtype],
@@ -283,7 +284,8 @@ def triton_selective_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     if compute_dtype not in _COMPUTE:
         raise ValueError(f"compute_dtype {compute_dtype} is not one of {list(_COMPUTE)} (the Triton kernels' dtypes); "
                          "use kernels/chunked.py for float64")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+    if (hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]
+            or targets.shape != hidden.shape[:1]):
         raise ValueError(f"expected hidden [N, H], weight [V, H], targets [N]; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     with torch.autocast(hidden.device.type, enabled=False):

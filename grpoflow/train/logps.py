@@ -47,8 +47,9 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def triton_or_fallback(device: torch.device) -> str:
-    """"triton" where the Triton kernels run; else "chunked" (same numbers, also without the [B, T, V]
-    logits), with one warning: a config written for a GPU machine still runs on a laptop or in CI."""
+    """"triton" where the Triton kernels run; else "chunked" (the same log-probs up to rounding, also
+    without the [B, T, V] logits), with one warning: a config written for a GPU machine still runs on
+    a laptop or in CI."""
     reason = triton_unavailable(device)
     if reason is None:
         return "triton"
