@@ -298,6 +298,17 @@ def test_triton_without_a_gpu_falls_back_to_chunked_with_one_warning(monkeypatch
     assert caplog.text.count("grpo.kernels=triton") == 1 and "chunked" in caplog.text
 
 
+def test_without_triton_installed_the_reason_says_how_to_get_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernels import triton_support
+
+    assert triton_support.triton_unavailable(DEVICE) is None  # here: CUDA, or the interpreter (conftest)
+    no_triton = SimpleNamespace(util=SimpleNamespace(find_spec=lambda name: None))
+    monkeypatch.setattr(triton_support, "importlib", no_triton)
+    assert "pip install triton" in triton_support.triton_unavailable(DEVICE)
+
+
 def test_heads_the_fused_path_does_not_model_fall_back_to_naive(caplog):
     from grpoflow.train.logps import completion_logps
 
