@@ -16,7 +16,7 @@ above what was allocated before the call (the inputs), and the relative error of
 gradients against naive's. Separately, for the fused paths, log-probs and d_hidden of --check-rows rows
 against a float64 log-softmax (the tests' tolerances: rel <= 2e-2 for log-probs, 1e-2 for gradients).
 
-Writes NAME.json and NAME.md (a markdown table) under --out (--name, default kernels).
+Writes NAME.json and NAME.md (a markdown table) under --out (--name, default kernels), after every case.
 """
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ def main() -> None:
     if "liger" in args.methods and "liger" not in methods:
         print("liger_kernel is not installed: skipping it", file=sys.stderr)
 
-    results = []
+    report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor()})",
+              "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
+              "versions": _versions(), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib,
+              "warmup": args.warmup, "repeats": args.repeats, "results": []}
+    results = report["results"]
+    args.out.mkdir(parents=True, exist_ok=True)
     for (B, T, H, V), dtype_name, head in [(s, d, h) for s in shapes for d in args.dtypes for h in args.heads]:
         case = dict(B=B, T=T, H=H, V=V, dtype=dtype_name, lm_head=head)
         print(f"== {case}", flush=True)
@@ -101,15 +106,9 @@ def main() -> None:
             results.append(row)
         del inputs, reference
         _free()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor()})",
-              "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
-              "versions": _versions(), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib,
-              "warmup": args.warmup, "repeats": args.repeats,
-              "results": results}
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(_table(report))
+        # after every case: a run cut short keeps what it measured
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{args.name}.md").write_text(_table(report))
     print(_table(report))
 
 

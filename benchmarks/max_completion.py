@@ -13,9 +13,10 @@ No padding, so attention runs as plain causal SDPA (FlashAttention): what grows 
 activations and, on the naive path, the [8, L, V] logits.
 
 L doubles from --start until a step runs out of memory, then bisects between the last fit and the
-first failure until they are --resolution tokens apart (or --budget seconds are spent: the
-bracket is reported either way). Each try starts from freed memory; torch.OutOfMemoryError is
-caught. Writes max_completion.json under --out.
+first failure until they are --resolution tokens apart, or until the next try would end past
+--budget seconds (its time guessed from the longest fitting try times the squared length ratio);
+the bracket is reported either way. Each try starts from freed memory; torch.OutOfMemoryError is
+caught. Writes max_completion.json under --out after every try, so a run cut short keeps its tries.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=["naive", "chunked", "triton"], default=["naive", "triton"])
     parser.add_argument("--start", type=int, default=1024, help="first completion length tried")
     parser.add_argument("--resolution", type=int, default=1024, help="stop bisecting when the bracket is this narrow")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for each kernels' search")
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="seconds for each kernels' search; a try that would end past it is not started")
     parser.add_argument("--max-length", type=int, default=1 << 20, help="never try longer than this")
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny model on the CPU too, which pretends that only SMOKE_FITS tokens fit, so "
@@ -75,10 +77,13 @@ def main() -> None:
               "lora": LORA, "completions": COMPLETIONS, "prompt": PROMPT, "results": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for kernels in args.kernels:
-        result = _search(model, kernels, device, args)
-        report["results"][kernels] = result
+        def progress(result: dict, kernels=kernels) -> None:  # after every try: a killed run keeps what it found
+            report["results"][kernels] = result
+            (args.out / "max_completion.json").write_text(json.dumps(report, indent=1) + "\n")
+
+        result = _search(model, kernels, device, args, progress)
+        progress(result)
         print(json.dumps({kernels: result}), flush=True)
-        (args.out / "max_completion.json").write_text(json.dumps(report, indent=1) + "\n")  # after each, in case
     fits = {k: r["longest_fit"] for k, r in report["results"].items()}
     if fits.get("naive") and fits.get("triton"):
         report["triton_over_naive"] = fits["triton"] / fits["naive"]
@@ -146,7 +151,7 @@ def _try(model, kernels: str, length: int, device: torch.device, smoke: bool) ->
     return ok, peak, seconds
 
 
-def _search(model, kernels: str, device: torch.device, args) -> dict:
+def _search(model, kernels: str, device: torch.device, args, progress) -> dict:
     started = time.perf_counter()
     tries = []
     fit, fail = None, None  # longest length that fitted, shortest that did not
@@ -154,19 +159,26 @@ def _search(model, kernels: str, device: torch.device, args) -> dict:
     def attempt(length: int) -> bool:
         ok, peak, seconds = _try(model, kernels, length, device, args.smoke)
         tries.append({"length": length, "fits": ok, "peak_gib": peak, "seconds": round(seconds, 2)})
+        progress({"longest_fit": fit if not ok else max(fit or 0, length), "shortest_failure": fail if ok else length,
+                  "note": "in progress", "tries": tries})
         return ok
 
-    def out_of_time() -> bool:
-        return time.perf_counter() - started > args.budget
+    def out_of_time(length: int) -> bool:
+        """Whether a try at `length` would end past the budget: the time of the longest try that fitted,
+        scaled by the square of the length (causal attention's cost dominates at these lengths)."""
+        done = [t for t in tries if t["fits"]]
+        longest = max(done, key=lambda t: t["length"]) if done else None
+        expected = longest["seconds"] * (length / longest["length"]) ** 2 if longest else 0.0
+        return time.perf_counter() - started + expected > args.budget
 
     length = args.start
-    while length <= args.max_length and not out_of_time():  # doubling
+    while length <= args.max_length and not out_of_time(length):  # doubling
         if attempt(length):
             fit, length = length, length * 2
         else:
             fail = length
             break
-    while fit and fail and fail - fit > args.resolution and not out_of_time():  # bisection
+    while fit and fail and fail - fit > args.resolution and not out_of_time((fit + fail) // 2):  # bisection
         middle = (fit + fail) // 2
         if attempt(middle):
             fit = middle
