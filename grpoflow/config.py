@@ -163,9 +163,12 @@ class GRPOConfig(Section):
     # Memory and numerics
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     gradient_checkpointing: bool = True
-    kernels: Literal["chunked", "naive"] = Field(
-        "chunked", description="log-probs: chunked never makes the [B, T, V] logits (kernels/chunked.py); "
-                               "naive is the model's own forward, the reference")
+    kernels: Literal["triton", "chunked", "naive"] = Field(
+        "chunked", description="log-probs and loss: chunked never makes the [B, T, V] logits (kernels/chunked.py, "
+                               "plain torch); triton fuses the lm_head, log-softmax and GRPO loss in Triton kernels "
+                               "(kernels/triton_logps.py, triton_loss.py; CUDA only: elsewhere, or without triton "
+                               "installed, it runs as chunked after one warning); naive is the model's own forward, "
+                               "the reference")
     max_nonfinite_steps: int = Field(
         10, gt=0, description="this many optimizer steps in a row with a non-finite loss or gradient stop the run")
     # Checkpoints and logs

@@ -39,12 +39,11 @@ from grpoflow.rollout.hf import HFEngine
 from grpoflow.rollout.load import resolve_engine
 from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from grpoflow.train.log import RunLogger
-from grpoflow.train.logps import completion_logps
+from grpoflow.train.logps import completion_logps, loss_function
 from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.rollouts import GenerationBatch, generate_batch, importance_weights
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
-from kernels.reference import grpo_loss
 
 log = logging.getLogger("grpoflow.train")
 
@@ -246,6 +245,7 @@ def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grp
     if micro["sampling_logps"] is not None:  # on-policy samples of another engine: this pass is the trainer's view
         is_weights, is_metrics = importance_weights(logps, micro["sampling_logps"], mask,
                                                     grpo.vllm_importance_sampling_cap)
+    grpo_loss = loss_function(grpo.kernels, logps.device)
     loss, metrics = grpo_loss(
         logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
         loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,

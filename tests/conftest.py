@@ -19,6 +19,11 @@ try:
 except ImportError:  # the CPU tests below never need it; the GPU marker does
     torch = None
 
+# Without a GPU the Triton kernels (kernels/triton_*.py) run under Triton's interpreter, on the
+# CPU. Read when a kernel is defined, so this must come before kernels/ is imported.
+if torch is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch is not None and torch.cuda.is_available()

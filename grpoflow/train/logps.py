@@ -1,10 +1,13 @@
 """Per-token log-probs of completions under a model: the quantity the GRPO loss is built on.
 
-Two paths, chosen by `grpo.kernels`:
+Three paths, chosen by `grpo.kernels`:
     chunked  the backbone's hidden states go through the lm_head in row chunks
              (kernels/chunked.py): the [B, T, V] logits never exist; the default
+    triton   the same from hidden states, fused in Triton (kernels/triton_logps.py): vocabulary
+             tiles with an online logsumexp, no [rows, V] tensor in the forward; CUDA only, else
+             it falls back to chunked with one warning (see `triton_or_fallback`)
     naive    the model's own forward makes the logits, then log-softmax: the reference path,
-             and the fallback for heads the chunked path does not model (see `plain_lm_head`)
+             and the fallback for heads the fused paths do not model (see `plain_lm_head`)
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import logging
 import torch
 
 from kernels.chunked import chunked_selective_logps
-from kernels.reference import entropy_from_logits, selective_log_softmax
+from kernels.reference import entropy_from_logits, grpo_loss, selective_log_softmax
+from kernels.triton_support import triton_unavailable
 
 log = logging.getLogger("grpoflow.train")
 
 # config attributes that change the logits after the lm_head matmul: such heads take the naive path
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
-_warned: set[str] = set()
+_warned: set = set()  # each fallback is said once a process
 
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, *,
@@ -32,14 +36,41 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Returns log p(completion token) [B, T] and, if asked, the entropy of each position [B, T].
     Logits are divided by the sampling temperature, as the sampler did.
     """
-    if kernels == "chunked":
-        head = plain_lm_head(model)
+    if kernels == "triton":
+        kernels = triton_or_fallback(input_ids.device)
+    if kernels in ("chunked", "triton"):
+        head = plain_lm_head(model, kernels)
         if head is not None:
-            return _chunked(model, head, input_ids, attention_mask, completion_len, temperature, with_entropy)
+            return _from_hidden(model, head, input_ids, attention_mask, completion_len, temperature, with_entropy,
+                                kernels)
     return _naive(model, input_ids, attention_mask, completion_len, temperature, with_entropy)
 
 
-def plain_lm_head(model) -> torch.nn.Linear | None:
+def triton_or_fallback(device: torch.device) -> str:
+    """"triton" where the Triton kernels run; else "chunked" (the same log-probs up to rounding, also
+    without the [B, T, V] logits), with one warning: a config written for a GPU machine still runs on
+    a laptop or in CI."""
+    reason = triton_unavailable(device)
+    if reason is None:
+        return "triton"
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("grpo.kernels=triton: %s; using grpo.kernels=chunked (kernels/chunked.py, the same log-probs "
+                    "and loss in plain torch)", reason)
+    return "chunked"
+
+
+def loss_function(kernels: str, device: torch.device):
+    """The GRPO loss for `grpo.kernels`: the fused Triton one, or kernels/reference.py's (which
+    chunked and naive use; both take the [B, T] log-probs, and the reference is fast at that size)."""
+    if kernels == "triton" and triton_or_fallback(device) == "triton":
+        from kernels.triton_loss import triton_grpo_loss
+
+        return triton_grpo_loss
+    return grpo_loss
+
+
+def plain_lm_head(model, kernels: str = "chunked") -> torch.nn.Linear | None:
     """The lm_head when logits = hidden @ W.T exactly (no bias, scale, softcap or adapter); else None."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
     head = causal_lm.get_output_embeddings()
@@ -54,14 +85,14 @@ def plain_lm_head(model) -> torch.nn.Linear | None:
         reason = f"its config transforms the logits ({', '.join(transforms)})"
     if reason is None:
         return head
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("grpo.kernels=chunked: %s; log-probs take the naive path (full [B, T, V] logits)", reason)
+    if (kernels, reason) not in _warned:
+        _warned.add((kernels, reason))
+        log.warning("grpo.kernels=%s: %s; log-probs take the naive path (full [B, T, V] logits)", kernels, reason)
     return None
 
 
-def _chunked(model, head: torch.nn.Linear, input_ids, attention_mask, completion_len: int, temperature: float,
-             with_entropy: bool):
+def _from_hidden(model, head: torch.nn.Linear, input_ids, attention_mask, completion_len: int, temperature: float,
+                 with_entropy: bool, kernels: str):
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state  # [B, P + T, H]
@@ -69,8 +100,12 @@ def _chunked(model, head: torch.nn.Linear, input_ids, attention_mask, completion
     targets = input_ids[:, -completion_len:]  # [B, T]
     # only the tokens that were written (not the padding after EOS) go through the head
     written = attention_mask[:, -completion_len:].bool()  # [B, T]
-    logps_flat, entropy_flat = chunked_selective_logps(hidden[written], head.weight, targets[written],
-                                                       temperature=temperature, with_entropy=with_entropy)  # [n]
+    if kernels == "triton":
+        from kernels.triton_logps import triton_selective_logps as selective_logps  # imports triton
+    else:
+        selective_logps = chunked_selective_logps
+    logps_flat, entropy_flat = selective_logps(hidden[written], head.weight, targets[written],
+                                               temperature=temperature, with_entropy=with_entropy)  # [n]
     logps = logps_flat.new_zeros(targets.shape).masked_scatter(written, logps_flat)  # [B, T]
     entropy = None
     if with_entropy:
