@@ -21,6 +21,7 @@ from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_co
 from grpoflow.models import ModelError, resolve_model
 from grpoflow.sources import SourceError
 from grpoflow.export.gguf import GGUFExportError
+from grpoflow.launch import launch_train
 from stages.evaluate import run_evaluate
 from stages.export import run_export
 from stages.prepare import REJECT_REASONS, DataError, run_prepare
@@ -70,7 +71,10 @@ def base_model(cfg: PipelineConfig) -> dict[str, Any]:
 
 @task(name="train", retry_condition_fn=_retry_unless_user_error)
 def train(cfg: PipelineConfig, train_path: str, heldout_path: str, model_path: str) -> dict[str, Any]:
-    result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
+    if cfg.orchestration.train_processes > 1:  # torchrun here, in this container or pod: one process per GPU
+        result = launch_train(cfg, cfg.orchestration.train_processes)
+    else:
+        result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
     report = result.report
     warm = report.get("warmup") or {}
     rows = [{"metric": "steps", "value": report["steps"]},
