@@ -16,7 +16,8 @@ L doubles from --start until a step runs out of memory, then bisects between the
 first failure until they are --resolution tokens apart, or until the next try would end past
 --budget seconds (its time guessed from the longest fitting try times the squared length ratio);
 the bracket is reported either way. Each try starts from freed memory; torch.OutOfMemoryError is
-caught. Writes max_completion.json under --out after every try, so a run cut short keeps its tries.
+caught. Writes max_completion-<kernels>.json under --out after every try, so a run cut short keeps
+its tries, and runs for different kernels (separate calls) keep each other's.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def main() -> None:
     for kernels in args.kernels:
         def progress(result: dict, kernels=kernels) -> None:  # after every try: a killed run keeps what it found
             report["results"][kernels] = result
-            (args.out / "max_completion.json").write_text(json.dumps(report, indent=1) + "\n")
+            (args.out / f"max_completion-{'-'.join(args.kernels)}.json").write_text(json.dumps(report, indent=1) + "\n")
 
         result = _search(model, kernels, device, args, progress)
         progress(result)
@@ -87,7 +88,7 @@ def main() -> None:
     fits = {k: r["longest_fit"] for k, r in report["results"].items()}
     if fits.get("naive") and fits.get("triton"):
         report["triton_over_naive"] = fits["triton"] / fits["naive"]
-    (args.out / "max_completion.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"max_completion-{'-'.join(args.kernels)}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"longest_fit": fits, "triton_over_naive": report.get("triton_over_naive")}))
 
 

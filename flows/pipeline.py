@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
 from flows.retry import retry_options, retry_unless_user_error
 from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_config
+from grpoflow.launch import launch_train
 from grpoflow.models import resolve_model
 from stages.evaluate import run_evaluate
 from stages.export import run_export
@@ -46,7 +47,10 @@ def base_model(cfg: PipelineConfig) -> dict[str, Any]:
 
 @task(name="train", retry_condition_fn=retry_unless_user_error)
 def train(cfg: PipelineConfig, train_path: str, heldout_path: str, model_path: str) -> dict[str, Any]:
-    result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
+    if cfg.orchestration.train_processes > 1:  # torchrun here, in this container or pod: one process per GPU
+        result = launch_train(cfg, cfg.orchestration.train_processes)
+    else:
+        result = run_train(cfg, Path(train_path), Path(heldout_path), model_path, progress=False)
     report = result.report
     publish_training(result.output_dir, report)
     return {"output_dir": result.output_dir, "model": result.model_dir, "steps": result.steps,

@@ -111,6 +111,33 @@ class BatchPlan:
         return self.effective_batch_size // self.num_generations
 
     @property
+    def rows_per_process(self) -> int:
+        """Completions each process generates and trains on per generation (its block)."""
+        return self.per_device_train_batch_size * self.steps_per_generation
+
+    @property
+    def global_batch_size(self) -> int:
+        """Completions behind one optimizer step, all processes together."""
+        return self.gradient_accumulation_steps * self.num_processes * self.per_device_train_batch_size
+
+    def check_groups_stay_on_one_process(self) -> None:
+        """grpoflow's trainer generates a prompt's whole group on one process (its own engine) and
+        scores it there, so each process's block must hold whole groups. (TRL lets a group straddle
+        two processes and gathers the rewards; the schedule above still shows that layout.)"""
+        R, G = self.rows_per_process, self.num_generations
+        if self.num_processes == 1 or R % G == 0:
+            return
+        B, S = self.per_device_train_batch_size, self.steps_per_generation
+        step_s, step_b = G // math.gcd(G, B), G // math.gcd(G, S)
+        raise ConfigError(
+            f"on {self.num_processes} processes each process takes a block of per_device_train_batch_size {B} x "
+            f"steps_per_generation {S} = {R} completions of every generation, not a whole number of prompt groups "
+            f"(num_generations {G}): a group would straddle two processes, and grpoflow generates and scores each "
+            f"group on one process. To fix, set per_device_train_batch_size to a multiple of {step_b} "
+            f"(e.g. {_nearby_multiples(B, step_b)}), or steps_per_generation to a multiple of {step_s} "
+            f"(e.g. {_nearby_multiples(S, step_s)}), or num_generations to a divisor of {R}.")
+
+    @property
     def micro_steps_per_generation(self) -> int:
         return self.steps_per_generation * self.num_iterations
 
@@ -149,6 +176,10 @@ class BatchPlan:
         return {
             "effective_batch_size": self.effective_batch_size,
             "unique_prompts": self.unique_prompts,
+            "num_processes": self.num_processes,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "rows_per_process": self.rows_per_process,
+            "global_batch_size": self.global_batch_size,
             "optimizer_steps_per_generation": self.optimizer_steps_per_generation,
             "cycles": [{"micro_steps": [{"rows_by_process": [list(rows) for rows in m.rows_by_process],
                                          "optimizer_update": m.optimizer_update} for m in c.micro_steps]}
@@ -167,9 +198,13 @@ class BatchPlan:
             f"{_number(self.optimizer_steps_per_generation)} optimizer steps (one every "
             f"gradient_accumulation_steps {self.gradient_accumulation_steps} micro-steps)",
         ]
+        lines.append(f"optimizer step: gradient_accumulation_steps {self.gradient_accumulation_steps} x "
+                     f"num_processes {P} x per_device_train_batch_size {B} = {self.global_batch_size} completions "
+                     f"(the global batch)")
         if P > 1:
-            lines.append(f"process p trains on the p-th block of {B * self.steps_per_generation} rows of each "
-                         f"generation batch")
+            lines.append(f"process p generates and trains on the p-th block of {self.rows_per_process} rows of each "
+                         f"generation batch ({_number(self.rows_per_process // G if self.rows_per_process % G == 0 else self.rows_per_process / G)} "
+                         f"prompts x {G})")
         if self.micro_steps_per_generation % self.gradient_accumulation_steps:
             lines.append("note: gradient_accumulation_steps does not divide the micro-steps of a generation, "
                          "so some optimizer steps span two generations")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,11 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="a model to evaluate (repeatable); default: base=the config's base model")
     command("config", "validate the config and print it with every default filled in", _config)
     explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
-                      "steps, as TRL's GRPOTrainer batches (flags override the config's grpo keys)", _explain_batches)
+                      "steps, as the trainer (and TRL's GRPOTrainer) batches (flags override the config's grpo keys)", _explain_batches)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
                 "generation_batch_size", "num_generations", "num_iterations"):
         explain.add_argument("--" + key.replace("_", "-"), type=int, metavar="N", help=f"overrides grpo.{key}")
-    explain.add_argument("--num-processes", type=int, default=1, metavar="N", help="training processes (default 1)")
+    explain.add_argument("--num-processes", type=int, default=None, metavar="N",
+                         help="training processes, as torchrun --nproc-per-node (default: orchestration.train_processes)")
     explain.add_argument("--cycles", type=int, default=2, metavar="N", help="generation cycles to show (default 2)")
     explain.add_argument("--json", action="store_true", help="print the schedule as JSON")
     return parser
@@ -127,16 +129,25 @@ def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """Also under `torchrun --nproc-per-node N` / `accelerate launch`: data parallel, rank 0 reports."""
     from grpoflow.models import resolve_model
+    from grpoflow.train.distributed import setup_distributed
     from stages.prepare import run_prepare
     from stages.train import run_train
 
-    _log_to_console()
-    manifest = run_prepare(cfg.data)
-    base = resolve_model(cfg.model)
-    result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path, stop_after_s=args.stop_after)
-    stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir,
-                                  "finished": result.finished, **result.report}))
+    main = os.environ.get("RANK", "0") == "0"  # torchrun's rank: one process logs progress
+    _log_to_console(level=logging.INFO if main else logging.WARNING)
+    dist = setup_distributed()
+    with dist.main_process_first():  # data and model folders are written once, then found
+        manifest = run_prepare(cfg.data)
+        base = resolve_model(cfg.model)
+    try:
+        result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path, stop_after_s=args.stop_after)
+    finally:
+        dist.close()
+    if dist.is_main:
+        stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir,
+                                      "finished": result.finished, **result.report}))
     return 0
 
 
@@ -182,17 +193,19 @@ def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     values.update(flags)
     if args.cycles < 1:
         raise ConfigError(f"--cycles must be at least 1, got {args.cycles}")
-    plan = BatchPlan(**values, num_processes=args.num_processes)
+    processes = args.num_processes if args.num_processes is not None else cfg.orchestration.train_processes
+    plan = BatchPlan(**values, num_processes=processes)
+    plan.check_groups_stay_on_one_process()  # as the trainer does
     cycles = plan.cycles(args.cycles)
     sys.stdout.write(json.dumps(plan.to_json(cycles)) + "\n" if args.json else plan.render(cycles))
     return 0
 
 
-def _log_to_console() -> None:
+def _log_to_console(level: int = logging.INFO) -> None:
     from rich.logging import RichHandler
 
     logger = logging.getLogger("grpoflow")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.addHandler(RichHandler(console=console, show_path=False))
 
 

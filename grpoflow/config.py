@@ -287,6 +287,9 @@ class OrchestrationConfig(Section):
     retries: int = Field(1, ge=0, description="retries of a failed stage task")
     retry_delay_seconds: float = Field(10.0, ge=0, description="delay before the first retry; it doubles each retry")
     schedule_cron: str = Field("0 3 * * *", description="when the served pipeline deployment retrains (make serve)")
+    train_processes: int = Field(
+        1, gt=0, description="the flow runs the train stage as `torchrun --nproc-per-node N` (one process per GPU, "
+                             "data parallel); 1: in the flow's own process")
 
     @field_validator("schedule_cron")
     @classmethod
@@ -326,6 +329,18 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     continuous: ContinuousConfig = ContinuousConfig()
+
+    @model_validator(mode="after")
+    def _batches_split_over_processes(self) -> "PipelineConfig":
+        from grpoflow.batching import BatchPlan
+
+        processes = self.orchestration.train_processes
+        if processes > 1:  # the 1-process schedule is checked with grpo
+            try:
+                BatchPlan.from_config(self.grpo, num_processes=processes).check_groups_stay_on_one_process()
+            except ConfigError as e:
+                raise ValueError(f"orchestration.train_processes is {processes}: {e}") from None
+        return self
 
 
 # ---------------------------------------------------------------------------------------

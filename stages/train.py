@@ -11,6 +11,13 @@
 Generation follows TRL's batching (grpoflow/batching.py, `grpoflow explain-batches`): one
 generation holds `unique_prompts` x `num_generations` completions, trained on as
 `steps_per_generation` micro-batches, `num_iterations` times over.
+
+Under torchrun (or accelerate launch) each of the N processes holds a replica of the policy (DDP):
+every process draws the same prompts, generates and scores its block of them (whole groups) with
+its own engine, and trains on those rows; advantages and metrics are over the whole generation,
+dapo divides by its token count over all processes, rank 0 logs and checkpoints
+(grpoflow/train/distributed.py). Sampling is seeded per prompt, so the completions, and the
+steps, are those of a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
@@ -29,15 +36,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from grpoflow.batching import BatchPlan
-from grpoflow.config import PipelineConfig
+from grpoflow.config import ConfigError, PipelineConfig
 from grpoflow.errors import TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.hf import HFEngine
 from grpoflow.rollout.load import resolve_engine
-from grpoflow.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from grpoflow.rollout.seeded import prompt_seed
+from grpoflow.train.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                       set_rng_state)
+from grpoflow.train.distributed import setup_distributed, wrap_ddp
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps, loss_function
 from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
@@ -67,11 +78,14 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     this many seconds from the call, for jobs with a time limit; calling again resumes there."""
     stop_at = None if stop_after_s is None else time.monotonic() + stop_after_s
     grpo = cfg.grpo
+    dist = setup_distributed()  # one process, or this one of torchrun's
     engine_name = resolve_engine(cfg.rollout)
-    plan = BatchPlan.from_config(grpo)
+    plan = BatchPlan.from_config(grpo, num_processes=dist.world_size)
+    plan.check_groups_stay_on_one_process()
+    per_process = plan.unique_prompts // dist.world_size  # prompts this process generates each generation
     rows = pq.read_table(train_path).to_pylist()
     heldout_prompts = [r["prompt"] for r in pq.read_table(heldout_path).slice(0, grpo.warmup.eval_prompts).to_pylist()]
-    out = Path(grpo.output_dir) / _run_key(cfg, train_path, model_path)[:16]
+    out = Path(grpo.output_dir) / _run_key(cfg, train_path, model_path, dist.world_size)[:16]
     out.mkdir(parents=True, exist_ok=True)
     final_dir = out / "final"
     if (final_dir / "report.json").is_file():
@@ -80,14 +94,14 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
         return TrainResult(str(out), str(final_dir), report["steps"], report)
 
     _seed_everything(grpo.seed)
-    policy = load_policy(cfg.model, grpo, model_path)
+    policy = load_policy(cfg.model, grpo, model_path, dist.device)
     optimizer = make_optimizer(policy, grpo)
     scheduler = make_scheduler(optimizer, grpo)
     scaler = make_scaler(policy)
     rewards = RewardSet(grpo.reward_funcs, grpo.reward_weights)
     # one generate call per generation (all its prompts), and the warm-up's format check in one call too
     engine = _rollout_engine(engine_name, cfg, policy, model_path,
-                             batch_size=max(plan.unique_prompts, grpo.warmup.eval_prompts))
+                             batch_size=max(per_process, grpo.warmup.eval_prompts))
     sampler = PromptSampler(len(rows), grpo.seed)
     ref_model = _reference_model(policy, model_path, cfg) if grpo.beta > 0 and not policy.is_peft else None
     # old log-probs are needed once the policy moves between sampling and training on a row
@@ -102,27 +116,39 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
         nonfinite_in_row, skipped_steps = saved["nonfinite_in_row"], saved["skipped_steps"]
         warmup_report = saved["warmup"]
         sampler.load_state_dict(saved["sampler"])
-        buffer = _batch_from_state(saved["buffer"], policy.device)
+        buffer = _batch_from_state(_buffer_of_this_process(saved, checkpoints[-1], dist.rank, dist.world_size),
+                                   policy.device)
+        if len(saved.get("rng_by_rank", [])) == dist.world_size:  # load_checkpoint set rank 0's
+            set_rng_state(saved["rng_by_rank"][dist.rank])
         log.info("resumed from %s at step %d", checkpoints[-1], step)
     elif grpo.warmup.enabled:
         warmup_report = run_format_warmup(policy, engine, rows, heldout_prompts, grpo.warmup,
                                           max_tokens=grpo.max_completion_length,
                                           max_prompt_length=grpo.max_prompt_length, seed=grpo.seed)
+    if dist.active:  # built after the warm-up and the resume: it broadcasts rank 0's weights to every replica
+        policy.ddp = wrap_ddp(policy.model, dist)
 
     def checkpoint(at: int) -> Path:
+        # the weights are replicas; each process's unconsumed rows and RNG are its own, so rank 0 saves them all
+        buffers, rngs = dist.all_gather(_batch_to_state(buffer)), dist.all_gather(rng_state())
         state = {"next_micro": next_micro, "nonfinite_in_row": nonfinite_in_row, "skipped_steps": skipped_steps,
-                 "warmup": warmup_report, "sampler": sampler.state_dict(), "buffer": _batch_to_state(buffer)}
-        return save_checkpoint(out / "checkpoints", at, policy, optimizer, scheduler, scaler, state,
-                               keep=grpo.save_total_limit)
+                 "warmup": warmup_report, "sampler": sampler.state_dict(), "buffers": buffers, "rng_by_rank": rngs,
+                 "num_processes": dist.world_size,
+                 "at_generation_boundary": buffer is None or next_micro == plan.micro_steps_per_generation}
+        if dist.is_main:
+            save_checkpoint(out / "checkpoints", at, policy, optimizer, scheduler, scaler, state,
+                            keep=grpo.save_total_limit)
+        dist.barrier()
+        return checkpoint_path(out / "checkpoints", at)
 
     logger = RunLogger(out, resume_step=step, report_to=grpo.report_to, run_name=out.name,
-                       config=cfg.model_dump(mode="json"))
+                       config=cfg.model_dump(mode="json"), write=dist.is_main)
     log.info("GRPO: %d steps; each generation %d prompts x %d completions, %d micro-batches of %d, %d iteration(s)",
              grpo.max_steps, plan.unique_prompts, grpo.num_generations, plan.steps_per_generation,
              grpo.per_device_train_batch_size, grpo.num_iterations)
     bar = Progress(TextColumn("GRPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                    TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   disable=not progress)
+                   console=Console(stderr=True), disable=not progress or not dist.is_main)  # stdout: results
     with bar:
         task = bar.add_task("train", total=grpo.max_steps, completed=step, reward="-")
         while step < grpo.max_steps:
@@ -130,26 +156,31 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             peaks = _PhasePeaks(policy.device)
             micro_metrics: list[dict[str, float]] = []
             train_seconds, train_tokens, sync_seconds = 0.0, 0, 0.0
-            for _ in range(grpo.gradient_accumulation_steps):
+            for micro_step in range(grpo.gradient_accumulation_steps):
                 if buffer is None or next_micro == plan.micro_steps_per_generation:
-                    batch_rows = [rows[i] for i in sampler.take(plan.unique_prompts)]
+                    # every process draws the whole generation's prompts and takes its block of them
+                    first, drawn = dist.rank * per_process, sampler.drawn
+                    prompts = sampler.take(plan.unique_prompts)[first:first + per_process]
+                    seeds = [prompt_seed(grpo.seed, drawn + first + i) for i in range(per_process)]
                     sync_started = time.perf_counter()
                     engine.sync_weights(policy, step)  # vLLM: sample from the policy as it is now
                     sync_seconds += time.perf_counter() - sync_started
-                    buffer = generate_batch(engine, policy, batch_rows, rewards, grpo,
-                                            need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size)
+                    buffer = generate_batch(engine, policy, [rows[i] for i in prompts], rewards, grpo,
+                                            need_old_logps=need_old_logps, micro_batch=grpo.per_device_train_batch_size,
+                                            seeds=seeds, dist=dist)
                     engine.sleep()  # vLLM: the KV cache is released while the trainer works
                     peaks.end("generation")
                     next_micro = 0
                     if (step + 1) % grpo.log_completions_steps == 0:
-                        logger.log_completions(step + 1, buffer.samples)
+                        logger.log_completions(step + 1, [s for part in dist.all_gather(buffer.samples) for s in part])
                 chunk = next_micro % plan.steps_per_generation
                 size = grpo.per_device_train_batch_size
                 micro = buffer.slice(chunk * size, (chunk + 1) * size)
                 next_micro += 1
                 micro_started = time.perf_counter()
-                loss, metrics = _micro_step_loss(policy, micro, buffer, grpo, ref_model)
-                scaler.scale(loss).backward()
+                with policy.no_sync(skip=micro_step < grpo.gradient_accumulation_steps - 1):
+                    loss, metrics = _micro_step_loss(policy, micro, buffer, grpo, ref_model)
+                    scaler.scale(loss).backward()
                 micro_metrics.append({"loss": loss.item(), **metrics})  # .item() waits for the GPU
                 train_seconds += time.perf_counter() - micro_started
                 train_tokens += int(micro["attention_mask"].sum())  # prompt + completion tokens through the model
@@ -158,7 +189,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
             optimizer_started = time.perf_counter()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), grpo.max_grad_norm).item()
-            finite = math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in micro_metrics)
+            # every process takes the same branch (the gradients are all-reduced; the losses are not)
+            finite = dist.all_true(math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in micro_metrics))
             if finite:
                 scaler.step(optimizer)
                 nonfinite_in_row = 0
@@ -183,9 +215,11 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                       "time/weight_sync_seconds": sync_seconds, "time/train_seconds": train_seconds,
                       "time/optimizer_seconds": optimizer_seconds,
                       "skipped_steps": skipped_steps, **peaks.metrics()}
+            record = dist.reduce_metrics(record)  # one record for all processes
             if step % grpo.logging_steps == 0 or step == grpo.max_steps:
                 logger.log(step, record)
-            _watch_signal(logger.history, step)
+            if dist.is_main:
+                _watch_signal(logger.history, step)
             bar.update(task, completed=step, reward=f"{record.get('reward', float('nan')):.3f}")
 
             if nonfinite_in_row >= grpo.max_nonfinite_steps:
@@ -194,7 +228,7 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                     f"{nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient (step {step}); "
                     f"checkpoint kept at {path}. Lower grpo.learning_rate or grpo.max_grad_norm, or set model.dtype "
                     f"to bfloat16 or float32 if it is float16.")
-            past_deadline = stop_at is not None and time.monotonic() >= stop_at
+            past_deadline = dist.any_true(stop_at is not None and time.monotonic() >= stop_at)
             if step % grpo.save_steps == 0 or step == grpo.max_steps or past_deadline:
                 path = checkpoint(step)
                 logger.plot()
@@ -203,7 +237,9 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                          step, grpo.max_steps, stop_after_s, path)
                 return TrainResult(str(out), "", step, {"steps": step, "checkpoint": str(path)}, finished=False)
 
-    final_dir = _save_final(out, policy, logger, warmup_report, step, skipped_steps, cfg)
+    if dist.is_main:
+        _save_final(out, policy, logger, warmup_report, step, skipped_steps, cfg)
+    dist.barrier()
     return TrainResult(str(out), str(final_dir), step, json.loads((final_dir / "report.json").read_text()))
 
 
@@ -227,8 +263,8 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
 def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
     T = buffer.completion_len
     with policy.autocast():
-        logps, entropy = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,  # [b, T]
-                                          temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
+        logps, entropy = policy.train_logps(micro["input_ids"], micro["attention_mask"], T,  # [b, T]
+                                            temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
     ref_logps = None
     if grpo.beta > 0:
         with torch.no_grad(), policy.autocast():
@@ -250,8 +286,9 @@ def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grp
         logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
         loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,
         beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
-        max_completion_length=grpo.max_completion_length, num_items_in_batch=buffer.num_items,
-        is_weights=is_weights)
+        max_completion_length=grpo.max_completion_length,
+        # DDP averages the processes' gradients: each divides by its share of the generation's tokens
+        num_items_in_batch=buffer.num_items / buffer.num_processes, is_weights=is_weights)
     if grpo.loss_type != "dapo":
         # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
         loss = loss / grpo.gradient_accumulation_steps
@@ -334,6 +371,21 @@ def _batch_to_state(batch: GenerationBatch | None) -> dict | None:
     return {f.name: (v.cpu() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
 
 
+def _buffer_of_this_process(saved: dict, path: Path, rank: int, world_size: int) -> dict | None:
+    """This process's unconsumed rows of the checkpoint's generation. On another number of
+    processes the rows would have to be dealt out again: resumable at a generation boundary only."""
+    buffers = saved.get("buffers", [saved.get("buffer")])  # one process's, before data parallelism
+    if len(buffers) == world_size:
+        return buffers[rank]
+    if saved.get("at_generation_boundary", all(b is None for b in buffers)):
+        return None  # used up: the next generation is drawn for this number of processes
+    raise ConfigError(
+        f"{path} stopped inside a generation (micro-step {saved['next_micro']} of it) on {len(buffers)} "
+        f"process(es); this run has {world_size}. Resume it on {len(buffers)} process(es), or from a checkpoint at a "
+        f"generation boundary (grpo.save_steps a multiple of the optimizer steps per generation, see "
+        f"`grpoflow explain-batches`), or set grpo.resume_from_checkpoint: false to start over.")
+
+
 def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
     if state is None:
         return None
@@ -341,13 +393,16 @@ def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
     return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 
-def _run_key(cfg: PipelineConfig, train_path: Path, model_path: str) -> str:
-    """Same data, base model and training config: the same run (and its checkpoints)."""
+def _run_key(cfg: PipelineConfig, train_path: Path, model_path: str, num_processes: int = 1) -> str:
+    """Same data, base model and training config: the same run (and its checkpoints). The batch
+    counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
+    global batch on another number of processes is the same run and resumes its checkpoints."""
+    grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
+                                                    "report_to", "save_steps", "save_total_limit",
+                                                    "resume_from_checkpoint"})
+    grpo["per_device_train_batch_size"] *= num_processes
     key = {"data": hashlib.sha256(Path(train_path).read_bytes()).hexdigest(), "model": str(model_path),
-           "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
-           "grpo": cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
-                                                            "report_to", "save_steps", "save_total_limit",
-                                                            "resume_from_checkpoint"})}
+           "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}), "grpo": grpo}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -131,7 +131,9 @@ def test_json_shape():
     plan = BatchPlan(per_device_train_batch_size=6, gradient_accumulation_steps=2, num_generations=3,
                      steps_per_generation=2)
     data = json.loads(json.dumps(plan.to_json(plan.cycles(1))))
-    assert data == {"effective_batch_size": 12, "unique_prompts": 4, "optimizer_steps_per_generation": 1,
+    assert data == {"effective_batch_size": 12, "unique_prompts": 4, "num_processes": 1,
+                    "per_device_train_batch_size": 6, "rows_per_process": 12, "global_batch_size": 12,
+                    "optimizer_steps_per_generation": 1,
                     "cycles": [{"micro_steps": [
                         {"rows_by_process": [[0, 0, 0, 1, 1, 1]], "optimizer_update": False},
                         {"rows_by_process": [[2, 2, 2, 3, 3, 3]], "optimizer_update": True}]}]}

@@ -136,3 +136,15 @@ def test_the_images_install_prefect_for_the_worker_command():
     for path in DOCKERFILES:
         installs = " ".join(a for k, a in instructions(path) if k == "RUN")
         assert "pip install '.[" in installs, f"{path.name}: the project (and with it prefect) is not installed"
+
+
+def test_the_kubernetes_gpu_job_template_uses_every_variable_it_declares():
+    """Prefect passes a variable to the job only where job_configuration references it."""
+    template = json.loads((ROOT / "containers" / "k8s-gpu-job-template.json").read_text())
+    used = json.dumps(template["job_configuration"])
+    declared = template["variables"]["properties"]
+    assert [name for name in declared if "{{ " + name + " }}" not in used] == []
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]

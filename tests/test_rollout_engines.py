@@ -63,3 +63,37 @@ def test_lora_rank_takes_the_smallest_vllm_slot():
     assert [_lora_rank_slot(r) for r in (4, 8, 16, 17, 64)] == [8, 8, 16, 32, 64]
     with pytest.raises(ConfigError, match="model.lora.r: 600"):
         _lora_rank_slot(600)
+
+
+def test_seeded_completions_do_not_depend_on_the_rest_of_the_batch(tiny_model):
+    """What makes a 2-process run draw a 1-process run's completions: a prompt's samples come
+    from its own seed, alone or batched with other (longer: more left padding) prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpoflow.rollout import SamplingParams
+    from grpoflow.rollout.hf import HFEngine
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model), batch_size=8, progress=False)
+    prompts = [[{"role": "user", "content": "Count the sheep in the long meadow by the river, please."}],
+               [{"role": "user", "content": "Hi."}]]
+    params = SamplingParams(max_tokens=6, temperature=1.0, n=3, logprobs=True)
+    together = engine.generate(prompts, params, seeds=[11, 22])
+    alone = engine.generate(prompts[1:], params, seeds=[22])
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+    assert len({tuple(c.token_ids) for c in together[1]}) > 1  # the n rows of a prompt differ
+    assert together[1][0].logprobs == pytest.approx(alone[0][0].logprobs, abs=1e-5)
+    other = engine.generate(prompts[1:], params, seeds=[23])
+    assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
+
+
+def test_seeded_sampling_draws_from_the_processed_distribution():
+    from grpoflow.rollout import SamplingParams
+    from grpoflow.rollout.seeded import SeededSampling
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    sampler = SeededSampling([1, 2], SamplingParams(n=2000, temperature=0.7, top_k=4), torch.device("cpu"))
+    chosen = sampler(None, logits.expand(4000, 5).clone()).argmax(-1)  # [4000]: one-hot rows
+    expected = torch.softmax(torch.where(logits >= 0.0, logits / 0.7, float("-inf")), -1)  # top 4 of 5
+    assert torch.allclose(torch.bincount(chosen, minlength=5) / 4000.0, expected, atol=0.025)
+    assert torch.allclose(sampler.logprobs[0], expected.log()[chosen])

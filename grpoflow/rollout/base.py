@@ -39,8 +39,10 @@ class Completion:
 class RolloutEngine(Protocol):
     name: str
 
-    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
-        """One list of `params.n` completions per prompt, in prompt order."""
+    def generate(self, prompts: list[Messages], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        """One list of `params.n` completions per prompt, in prompt order. seeds: one per prompt,
+        making its completions independent of the rest of the batch (grpoflow/rollout/seeded.py)."""
         ...
 
     def sync_weights(self, policy, step: int) -> None:

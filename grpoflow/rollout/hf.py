@@ -7,8 +7,10 @@ from typing import Callable, ContextManager
 
 import torch
 from rich.progress import Progress
+from transformers import LogitsProcessorList
 
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
+from grpoflow.rollout.seeded import SeededSampling
 
 
 class HFEngine:
@@ -24,7 +26,10 @@ class HFEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[Messages], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        """seeds: one per prompt; its completions then come from its own generator, whatever else
+        is in the batch (grpoflow/rollout/seeded.py)."""
         texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
         results: list[list[Completion]] = []
         was_training = self.model.training
@@ -36,31 +41,44 @@ class HFEngine:
                     batch = texts[start:start + self.batch_size]
                     if params.seed is not None:
                         torch.manual_seed(params.seed + start)
-                    results.extend(self._generate_batch(batch, params))
+                    batch_seeds = None if seeds is None else seeds[start:start + self.batch_size]
+                    results.extend(self._generate_batch(batch, params, batch_seeds))
                     progress.advance(task, len(batch))
         finally:
             self.model.train(was_training)
         return results
 
     @torch.no_grad()
-    def _generate_batch(self, texts: list[str], params: SamplingParams) -> list[list[Completion]]:
+    def _generate_batch(self, texts: list[str], params: SamplingParams,
+                        seeds: list[int] | None) -> list[list[Completion]]:
         prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         keep = params.truncate_prompt_tokens
         truncated = [keep is not None and len(ids) > keep for ids in prompt_ids]
         prompt_ids = [ids[-keep:] if keep else ids for ids in prompt_ids]
         input_ids, attention_mask = left_pad(prompt_ids, self.tokenizer.pad_token_id, self.model.device)  # [B, P]
-        sampling = {} if params.greedy else {
+        sampling = {"do_sample": False} if params.greedy else {
             "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k or None, "min_p": params.min_p or None}
+            # top_k 0, not None: None lets transformers apply its default of 50
+            "top_k": params.top_k, "min_p": params.min_p or None, "do_sample": True}
+        seeded, copies = None, params.n
+        if seeds is not None and not params.greedy:
+            # generate runs greedy over the sampler's choices, on n copies of each prompt
+            seeded = SeededSampling(seeds, params, input_ids.device)
+            sampling = {"logits_processor": LogitsProcessorList([seeded]), "do_sample": False}
+            input_ids = input_ids.repeat_interleave(params.n, dim=0)  # [B*n, P]
+            attention_mask = attention_mask.repeat_interleave(params.n, dim=0)  # [B*n, P]
+            copies = 1
         with self.autocast():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_tokens,
-                num_return_sequences=params.n, repetition_penalty=params.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id, use_cache=True, output_scores=params.logprobs,
-                return_dict_in_generate=True, do_sample=not params.greedy, **sampling)
+                num_return_sequences=copies, repetition_penalty=params.repetition_penalty,
+                pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
+                output_scores=params.logprobs and seeded is None, return_dict_in_generate=True, **sampling)
         generated = out.sequences[:, input_ids.shape[1]:]  # [B*n, T]
         logprobs = None
-        if params.logprobs:
+        if params.logprobs and seeded is not None:
+            logprobs = torch.stack(seeded.logprobs, dim=1)  # [B*n, T], under the processed distribution
+        elif params.logprobs:
             # log-probs after the sampler's processing (temperature, top-p, ...): what it drew from
             logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)  # [B*n, T]
         eos_ids = self._eos_ids()

@@ -92,6 +92,14 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
+        # per-request seeds make vLLM's sampler draw each seeded request on its own (a Python loop
+        # at every decoding step): taken only where they buy something, under torchrun, where they
+        # make a rank's samples independent of how prompts were split
+        self.per_request_seeds = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.per_request_seeds:
+            # under torchrun: one engine per process on its own GPU, inside the launcher's process
+            # group (as TRL's colocate mode does); not run on a multi-GPU machine yet
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(lora_rank), max_loras=1)
         started = time.perf_counter()
@@ -110,7 +118,10 @@ class VLLMEngine:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[Messages], params: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        """seeds: one per prompt, a per-request seed under torchrun (vLLM draws a seeded request from
+        its own generator, whatever else is in the batch); in one process, vLLM's engine seed."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         if not self.weights_current:
@@ -124,12 +135,14 @@ class VLLMEngine:
             ids = self.tokenizer(text, add_special_tokens=False).input_ids  # as the transformers engine does
             truncated.append(keep is not None and len(ids) > keep)
             prompt_ids.append(ids[-keep:] if keep else ids)
-        sampling = VLLMSamplingParams(
+        seeds = seeds if seeds and self.per_request_seeds else [params.seed] * len(prompt_ids)
+        sampling = [VLLMSamplingParams(
             n=params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty, seed=params.seed,
+            repetition_penalty=params.repetition_penalty, seed=seeds[i],
             logprobs=0 if params.logprobs else None,  # 0: the sampled token's log-prob only
             detokenize=False)  # the tokens are decoded once below; vLLM's per-step decoding costs CPU time
+            for i in range(len(prompt_ids))]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling,
                                     lora_request=self.lora_request, use_tqdm=False)
         groups = []

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically (temp folder, then rename), the newest K kept, resumable exactly.
 
 A checkpoint holds everything the next step depends on: trained weights, optimizer, schedule,
-loss scaler, every RNG, the data position and the unconsumed rest of the current generation.
+loss scaler, every RNG, the data position and the unconsumed rest of the current generation
+(each process's, under data parallelism; rank 0 writes the checkpoint).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch
 PREFIX = "step-"
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"{PREFIX}{step:06d}"
+
+
 def save_checkpoint(folder: Path, step: int, policy, optimizer, scheduler, scaler, state: dict[str, Any],
                     keep: int) -> Path:
-    final = folder / f"{PREFIX}{step:06d}"
+    final = checkpoint_path(folder, step)
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -14,10 +14,17 @@ from grpoflow.config import ConfigError
 
 
 class RunLogger:
-    def __init__(self, folder: Path, *, resume_step: int, report_to: list[str], run_name: str, config: dict):
+    """write=False (every process but rank 0 of a data-parallel run): history in memory, no files."""
+
+    def __init__(self, folder: Path, *, resume_step: int, report_to: list[str], run_name: str, config: dict,
+                 write: bool = True):
         self.folder = folder
+        self.write = write
         self.metrics_path = folder / "metrics.jsonl"
         self.completions_path = folder / "completions.jsonl"
+        self.history, self.sinks = [], []
+        if not write:
+            return
         # a resumed run redoes the steps after its checkpoint: drop their old lines
         for path in (self.metrics_path, self.completions_path):
             _truncate_after(path, resume_step)
@@ -27,19 +34,23 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self.history.append(record)
+        if not self.write:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink(step, metrics)
 
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        if not self.write:
+            return
         with self.completions_path.open("a") as f:
             for s in samples:
                 f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
 
     def plot(self) -> Path | None:
         """reward.png: the total reward and each reward's mean against the step."""
-        if not self.history:
+        if not (self.history and self.write):
             return None
         import matplotlib
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from grpoflow.config import ConfigError, GRPOConfig, ModelConfig
+from grpoflow.train.logps import completion_logps
 
 log = logging.getLogger("grpoflow.train")
 
@@ -22,6 +24,19 @@ class Policy:
     device: torch.device
     dtype: torch.dtype  # compute dtype (autocast)
     is_peft: bool
+    ddp: torch.nn.Module | None = None  # the training forward under DDP (grpoflow/train/distributed.py)
+
+    def train_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, **kwargs):
+        """The forward whose backward trains: through DDP under data parallelism (DDP all-reduces
+        the gradients of a forward through its wrapper only), else the model's own."""
+        if self.ddp is not None:
+            return self.ddp(input_ids, attention_mask, completion_len, **kwargs)
+        return completion_logps(self.model, input_ids, attention_mask, completion_len, **kwargs)
+
+    def no_sync(self, skip: bool):
+        """skip=True for a micro-step before the last of an optimizer step: DDP leaves out its
+        all-reduce and reduces the accumulated gradients once, at the last."""
+        return self.ddp.no_sync() if skip and self.ddp is not None else contextlib.nullcontext()
 
     def autocast(self):
         # weights stay float32 under full fine-tuning (Adam needs them), LoRA adapters too;
@@ -33,10 +48,11 @@ class Policy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str) -> Policy:
+def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, device: torch.device | None = None) -> Policy:
+    """device: this process's (cuda:LOCAL_RANK under torchrun); default the GPU if any, else the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[model_cfg.dtype]
     if device.type == "cpu" and model_cfg.finetune == "qlora":
         raise ConfigError("model.finetune: qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use lora or full")

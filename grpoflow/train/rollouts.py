@@ -11,8 +11,10 @@ import torch
 from grpoflow.advantages import compute_advantages
 from grpoflow.config import GRPOConfig
 from grpoflow.rewards import RewardSet
+from grpoflow.rewards.reward_set import Scores
 from grpoflow.rollout import RolloutEngine, SamplingParams
 from grpoflow.rollout.hf import left_pad
+from grpoflow.train.distributed import Distributed
 from grpoflow.train.logps import completion_logps
 
 COLUMNS = ("answer", "question", "solution", "metadata")  # dataset columns the rewards receive
@@ -30,9 +32,10 @@ class GenerationBatch:
     # [N, T] that engine's sampling log-probs, when the weights are made at the loss instead: on-policy,
     # the loss's own log-probs are the trainer's, and a second forward pass to get them is saved
     sampling_logps: torch.Tensor | None
-    num_items: int  # active completion tokens in the whole generation (dapo's normaliser)
-    metrics: dict[str, float]
-    samples: list[dict[str, Any]] = field(default_factory=list)  # for the completions log
+    num_items: int  # active completion tokens in the whole generation, all processes (dapo's normaliser)
+    metrics: dict[str, float]  # of the whole generation, all processes
+    samples: list[dict[str, Any]] = field(default_factory=list)  # this process's, for the completions log
+    num_processes: int = 1  # that made the generation; each holds its share of the rows
 
     @property
     def completion_len(self) -> int:
@@ -47,7 +50,12 @@ class GenerationBatch:
 
 
 def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
-                   *, need_old_logps: bool, micro_batch: int) -> GenerationBatch:
+                   *, need_old_logps: bool, micro_batch: int, seeds: list[int] | None = None,
+                   dist: Distributed | None = None) -> GenerationBatch:
+    """rows: this process's prompts of the generation (all of them with one process). Rewards are
+    scored here, where the completions are; advantages and metrics are over the whole generation,
+    every process's groups together, as one process would compute them."""
+    dist = dist or Distributed(0, 1, 0, policy.device)
     G = grpo.num_generations
     started = time.perf_counter()
     # another engine (vLLM) samples from its own copy of the weights, computed its own way: its
@@ -56,18 +64,28 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     params = SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
                             top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty, n=G,
                             truncate_prompt_tokens=grpo.max_prompt_length, logprobs=correct)
-    groups = engine.generate([r["prompt"] for r in rows], params)
+    groups = engine.generate([r["prompt"] for r in rows], params, seeds=seeds)
     gen_seconds = time.perf_counter() - started
     completions = [c for group in groups for c in group]  # [N], group order
     texts = [c.text for c in completions]
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
     scores = rewards.score(prompts, texts, **columns)
+    # a few numbers per completion cross processes; the completions stay where they are
+    mine = {"scores": scores, "seconds": gen_seconds, "lengths": [len(c.token_ids) for c in completions],
+            "finished": [c.finished for c in completions], "prompts_truncated": sum(g[0].prompt_truncated for g in groups),
+            "num_items": sum(len(c.token_ids) for c in completions if c.finished or not grpo.mask_truncated_completions)}
+    everyone = dist.all_gather(mine)
+    every_score = Scores({n: [v for e in everyone for v in e["scores"].per_reward[n]] for n in rewards.names},
+                         [t for e in everyone for t in e["scores"].totals],
+                         {n: sum(e["scores"].errors[n] for e in everyone) for n in rewards.names})
 
-    totals = torch.tensor(scores.totals, dtype=torch.float32)  # [N]
-    applied = torch.tensor([any(scores.per_reward[n][i] is not None for n in rewards.names)
-                            for i in range(len(completions))])  # [N]: a completion no reward applies to gets A = 0
-    advantages, adv_stats = compute_advantages(totals, G, grpo.scale_rewards, valid=applied)
+    totals = torch.tensor(every_score.totals, dtype=torch.float32)  # [W*N], rank order = generation order
+    applied = torch.tensor([any(every_score.per_reward[n][i] is not None for n in rewards.names)
+                            for i in range(len(totals))])  # [W*N]: a completion no reward applies to gets A = 0
+    all_advantages, adv_stats = compute_advantages(totals, G, grpo.scale_rewards, valid=applied)  # [W*N]
+    N = len(completions)
+    advantages = all_advantages[dist.rank * N:(dist.rank + 1) * N]  # [N], this process's groups
 
     device = policy.device
     pad = policy.tokenizer.pad_token_id
@@ -97,15 +115,16 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
             sampling_logps = None
     # else on-policy: the loss makes the weights from its own log-probs (sampling_logps kept)
 
-    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-    finished = torch.tensor([c.finished for c in completions])
+    lengths = torch.tensor([n for e in everyone for n in e["lengths"]], dtype=torch.float32)  # [W*N]
+    finished = torch.tensor([f for e in everyone for f in e["finished"]])  # [W*N]
+    gen_seconds = max(e["seconds"] for e in everyone)  # the generation is done when the slowest process is
     metrics = {
-        **scores.metrics(G), **adv_stats,
+        **every_score.metrics(G), **adv_stats,
         "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": 1.0 - finished.float().mean().item(),
         "completions/mean_terminated_length": lengths[finished].mean().item() if finished.any() else 0.0,
-        "prompts/truncated": float(sum(g[0].prompt_truncated for g in groups)),
+        "prompts/truncated": float(sum(e["prompts_truncated"] for e in everyone)),
         "generation/seconds": gen_seconds,
         "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
         **is_metrics,
@@ -115,7 +134,7 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
     return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps, is_weights,
-                           sampling_logps, int(completion_mask.sum().item()), metrics, samples)
+                           sampling_logps, sum(e["num_items"] for e in everyone), metrics, samples, dist.world_size)
 
 
 def importance_weights(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,

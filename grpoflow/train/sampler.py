@@ -24,6 +24,11 @@ class PromptSampler:
             self.position += 1
         return out
 
+    @property
+    def drawn(self) -> int:
+        """Prompts taken so far, over every epoch: each drawn prompt's number in the run."""
+        return self.epoch * self.num_rows + self.position
+
     def _permutation(self, epoch: int) -> list[int]:
         # its own generator: the global RNG (sampling) does not shift the data order, nor the reverse
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

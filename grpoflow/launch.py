@@ -1,0 +1,61 @@
+"""The train stage as a multi-process job: `torchrun --nproc-per-node N -m grpoflow.cli train`.
+
+    result = launch_train(cfg, num_processes=2)     # what run_train returns, from rank 0's report
+
+The flow calls this when orchestration.train_processes > 1, inside the GPU container (or pod) it
+runs in. The job inherits this process's environment as it is: NCCL settings the host made
+(NCCL_NVLS_ENABLE=0 on shared hosts, NCCL_SOCKET_IFNAME, ...) reach every rank unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from grpoflow.config import ConfigError, PipelineConfig, to_yaml
+from grpoflow.errors import TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `kernels` import from
+
+
+def torchrun_command(num_processes: int, config_path: Path) -> list[str]:
+    # --standalone: a one-machine job on a free port, so two jobs on one host do not collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+            "-m", "grpoflow.cli", "train", "-c", str(config_path)]
+
+
+def launch_train(cfg: PipelineConfig, num_processes: int):
+    from stages.train import TrainResult
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="grpoflow-launch-") as folder:
+        config_path = Path(folder) / "config.yaml"
+        config_path.write_text(to_yaml(cfg))
+        process = subprocess.Popen(torchrun_command(num_processes, config_path), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        tail: collections.deque[str] = collections.deque(maxlen=60)
+        for line in process.stderr:  # the ranks' logs and progress, passed on as they come
+            sys.stderr.write(line)
+            tail.append(line)
+        stdout = process.stdout.read()
+        code = process.wait()
+    if code != 0:
+        errors = [line.split("error:", 1)[1].strip() for line in tail if line.lstrip().startswith("error:")]
+        if errors:  # the CLI's one-line report of a user's mistake (a config key, the data, divergence)
+            kind = TrainingDiverged if "non-finite" in errors[0] else ConfigError
+            raise kind(f"train on {num_processes} processes: {errors[0]}")
+        raise RuntimeError(f"torchrun --nproc-per-node {num_processes} grpoflow train exited with {code}; "
+                           f"its last lines:\n{''.join(tail)}")
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"grpoflow train on {num_processes} processes printed no report (JSON) on stdout; "
+                           f"it printed:\n{stdout[-3000:]}") from None
+    return TrainResult(report.pop("output_dir"), report.pop("model"), report["steps"], report,
+                       report.pop("finished"))

@@ -1,0 +1,156 @@
+"""Data parallelism: the process group torchrun (or accelerate launch) describes, and what crosses ranks.
+
+    dist = setup_distributed()             # reads RANK, WORLD_SIZE, LOCAL_RANK; 1 process without them
+    policy.ddp = wrap_ddp(policy, dist)     # the training forward goes through DDP
+    dist.all_gather(obj) / dist.all_true(flag) / dist.reduce_metrics(record)
+
+Every process holds a whole replica of the policy (DDP), generates its share of each generation's
+prompts with its own engine, and trains on that share; DDP averages the gradients. Rank 0 writes
+the logs and checkpoints.
+
+NCCL settings are the host's: nothing here sets or changes an NCCL_* variable (shared hosts set
+some on purpose, e.g. NCCL_NVLS_ENABLE=0); the ones set are logged once, as they were found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger("grpoflow.train")
+
+# How each metric combines over processes; anything else is averaged (micro-batch means, the loss,
+# which under dapo is each process's share of one generation-wide sum).
+SUM_METRICS = ("train/tokens_per_second",)
+MAX_METRICS = ("step_seconds",)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank when it is True on every rank: ranks take the same branch."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    def reduce_metrics(self, record: dict[str, float]) -> dict[str, float]:
+        """One record for the whole step: sums, maxima, minima or means over the processes."""
+        if not self.active:
+            return record
+        records = self.all_gather(record)
+        out = {}
+        for key in dict.fromkeys(k for r in records for k in r):
+            values = [r[key] for r in records if key in r and r[key] is not None]
+            if not values:
+                out[key] = None
+            elif key in SUM_METRICS:
+                out[key] = sum(values)
+            elif key in MAX_METRICS or key.startswith("memory/") or key.endswith("/max"):
+                out[key] = max(values)
+            elif key.endswith("/min"):
+                out[key] = min(values)
+            else:
+                out[key] = sum(values) / len(values)
+        return out
+
+    def close(self) -> None:
+        if self.active and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (data prep, model conversion: cached, content-keyed), the
+        others then find its results instead of writing the same folders at the same time."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+def setup_distributed() -> Distributed:
+    """The process group from torchrun's / accelerate's environment: nccl on CUDA (one GPU per
+    process, cuda:LOCAL_RANK), gloo on CPU. Without WORLD_SIZE > 1: one process, no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size <= 1:
+        return Distributed(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but this machine shows {torch.cuda.device_count()} GPU(s): "
+                               f"start at most one process per GPU (torchrun --nproc-per-node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        # a long timeout: a rank waits at the next collective while another one generates or saves
+        torch_dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60),
+                                      **({"device_id": device} if cuda else {}))
+        if rank == 0:
+            nccl = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+            log.info("data parallel: %d processes (%s)%s", world_size, torch_dist.get_backend(),
+                     f"; the host's NCCL settings, unchanged: {nccl}" if nccl else "")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+class CompletionLogps(torch.nn.Module):
+    """The training forward as one module, so that DDP sees it: DDP all-reduces gradients only
+    for a forward that went through its wrapper, and the chunked log-probs path calls the
+    backbone and the lm_head itself, not model.forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, completion_len: int, **kwargs):
+        from grpoflow.train.logps import completion_logps
+
+        return completion_logps(self.model, input_ids, attention_mask, completion_len, **kwargs)
+
+
+def wrap_ddp(model: torch.nn.Module, dist: Distributed) -> torch.nn.Module:
+    """DDP over the training forward. Building it broadcasts rank 0's weights to every rank, so
+    replicas start equal whatever happened before (a warm-up, a resume)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(CompletionLogps(model), device_ids=[dist.device] if dist.device.type == "cuda"
+                                   else None)

@@ -1,0 +1,142 @@
+"""Data-parallel training for real: `torchrun --nproc-per-node 2` on CPU (gloo), through the
+launcher the flow uses, against a 1-process run with the same global batch.
+
+Sampling is seeded per prompt (grpoflow/rollout/seeded.py), so both runs draw the same prompts
+and the same completions; what is left to differ is how the work is split. The optimizer steps
+must agree: weights within float32 noise, the same logged rewards, the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpoflow.config import ConfigError
+from grpoflow.launch import launch_train
+from stages.train import _buffer_of_this_process, run_train
+from tests.test_train import config, metrics
+
+WEIGHTS_ATOL = 2e-6  # lr 3e-3: a wrong normaliser or a missing all-reduce moves weights by ~1e-3
+
+
+def trained(run_dir: str, step: int) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / "checkpoints" / f"step-{step:06d}" / "trainer_state.pt"
+    return torch.load(path, weights_only=False)["trainable"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < WEIGHTS_ATOL, f"weights differ by up to {worst:.2e}"
+
+
+def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
+    assert [m["step"] for m in one] == [m["step"] for m in two]  # logged once, by rank 0
+    for x, y in zip(one, two):
+        for key in ("reward", "reward_std", "rewards/spaces/mean", "completions/mean_length", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6), x["step"]
+
+
+def two_configs(tmp_path: Path, finetune: str, **grpo):
+    """The same global batch: 2 prompts x 4 completions a step, on 1 process or on 2 of 4 rows each."""
+    one = config(tmp_path / "one", per_device_train_batch_size=8, num_generations=4, save_steps=1, **grpo)
+    two = config(tmp_path / "two", per_device_train_batch_size=4, num_generations=4, save_steps=1, **grpo)
+    for cfg in (one, two):
+        cfg.model.finetune = finetune
+        cfg.model.lora.target_modules = ["q_proj", "v_proj"]
+    two.grpo.reward_funcs = one.grpo.reward_funcs  # one file: the runs differ by their split alone
+    two.orchestration.train_processes = 2
+    return one, two
+
+
+def prepared(tmp_path: Path, tiny_model: Path, *configs):
+    """The CLI inside torchrun prepares the data and resolves the model itself: the same files."""
+    from grpoflow.models import resolve_model
+    from stages.prepare import run_prepare
+
+    (tmp_path / "rows.jsonl").write_text("".join(
+        json.dumps({"question": f"Say something about {i}.", "answer": str(i)}) + "\n" for i in range(20)))
+    for cfg in configs:
+        cfg.data.source, cfg.data.output_dir = str(tmp_path / "rows.jsonl"), tmp_path / "data"
+        cfg.data.answer_format = "plain"
+        cfg.model.name_or_path = str(tiny_model)
+    manifest = run_prepare(configs[0].data)
+    return manifest.train_path, manifest.heldout_path, resolve_model(configs[0].model).path
+
+
+def test_two_processes_step_as_one_full_finetuning_dapo_and_resume_on_one(tiny_model, tmp_path, monkeypatch,
+                                                                          capsys):
+    one, two = two_configs(tmp_path, "full", max_steps=2, loss_type="dapo", temperature=0.9)
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    single = run_train(one, train, heldout, model, progress=False)
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # a host's NCCL setting reaches the ranks as it is
+    double = launch_train(two, 2)
+    assert "unchanged: {'NCCL_NVLS_ENABLE': '0'}" in " ".join(capsys.readouterr().err.split())
+
+    assert double.finished and double.steps == 2
+    assert Path(double.output_dir).name == Path(single.output_dir).name  # the same run, by its global batch
+    for step in (1, 2):
+        assert_same_weights(trained(single.output_dir, step), trained(double.output_dir, step))
+    assert_same_metrics(metrics(single), metrics(double))
+    logged = [json.loads(line) for line in (Path(double.output_dir) / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 8  # log_completions_steps 2: both processes' completions of step 2, written once
+
+    # the 2-process run's step-1 checkpoint (a generation boundary) resumes on 1 process
+    resumed_out = tmp_path / "resumed"
+    shutil.copytree(Path(double.output_dir).parent, resumed_out)
+    run = resumed_out / Path(double.output_dir).name
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    shutil.rmtree(run / "final")
+    saved = torch.load(run / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert saved["num_processes"] == 2 and len(saved["buffers"]) == 2 and saved["at_generation_boundary"]
+    one.grpo.output_dir = resumed_out
+    resumed = run_train(one, train, heldout, model, progress=False)
+    assert resumed.steps == 2
+    assert_same_weights(trained(single.output_dir, 2), trained(resumed.output_dir, 2))
+
+
+def test_two_processes_step_as_one_lora_grpo_loss(tiny_model, tmp_path):
+    one, two = two_configs(tmp_path, "lora", max_steps=1, loss_type="grpo")
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    single = run_train(one, train, heldout, model, progress=False)
+    double = launch_train(two, 2)
+    a, b = trained(single.output_dir, 1), trained(double.output_dir, 1)
+    assert a and all("lora_" in k for k in a)  # the adapters alone are trained
+    assert_same_weights(a, b)
+    assert_same_metrics(metrics(single), metrics(double))
+    assert (Path(double.model_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_a_checkpoint_inside_a_generation_resumes_only_on_its_own_number_of_processes(tmp_path):
+    inside = {"buffers": [{"rows": 1}, {"rows": 2}], "next_micro": 1, "at_generation_boundary": False}
+    assert _buffer_of_this_process(inside, tmp_path, rank=1, world_size=2) == {"rows": 2}
+    with pytest.raises(ConfigError, match=r"stopped inside a generation \(micro-step 1 of it\) on 2 process\(es\); "
+                                          r"this run has 1\. Resume it on 2 process\(es\)"):
+        _buffer_of_this_process(inside, tmp_path, rank=0, world_size=1)
+    boundary = {**inside, "at_generation_boundary": True}
+    assert _buffer_of_this_process(boundary, tmp_path, rank=0, world_size=4) is None
+    before = {"buffer": {"rows": 1}, "next_micro": 1}  # a checkpoint from before data parallelism
+    assert _buffer_of_this_process(before, tmp_path, rank=0, world_size=1) == {"rows": 1}
+
+
+def test_groups_that_would_straddle_two_processes_are_refused_before_any_work(tmp_path):
+    from grpoflow.config import validate_config
+
+    # 12 completions = 3 prompts x 4: whole groups on 1 process, 6 + 6 rows on 2
+    grpo = {"per_device_train_batch_size": 3, "generation_batch_size": 12, "num_generations": 4}
+    validate_config({"grpo": grpo})
+    with pytest.raises(ConfigError, match=r"orchestration.train_processes is 2: on 2 processes each process takes a "
+                                          r"block of per_device_train_batch_size 3 x steps_per_generation 2 = 6 "
+                                          r"completions of every generation, not a whole number of prompt groups"):
+        validate_config({"grpo": grpo, "orchestration": {"train_processes": 2}})
+    out = subprocess.run([sys.executable, "-m", "grpoflow.cli", "explain-batches", "--per-device-train-batch-size",
+                          "3", "--generation-batch-size", "12", "--num-generations", "4", "--num-processes", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "a group would straddle two processes" in " ".join(out.stderr.split())
