@@ -37,8 +37,8 @@ from kernels.triton_support import interpreting, sm_count
 
 # bytes of the backward's d_logits chunk [chunk_rows, V] in the compute dtype
 CHUNK_BYTES = 256 * 2**20
-# with a trained lm_head each chunk also adds its [V, H] gradient into the float32 sum:
-# at least this many rows per chunk keep that addition small next to the chunk's matmuls
+# with a trained lm_head each chunk also adds its [V, H] gradient into the sum: at least this
+# many rows per chunk keep those additions few (and their rounding, for a half-precision weight)
 MIN_ROWS_TRAINED_HEAD = 2048
 _NEG = tl.constexpr(-1.0e30)  # running max before any tile: finite, so exp(_NEG - m) = 0 and 0 * _NEG = 0, never NaN
 _COMPUTE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -231,9 +231,16 @@ class TritonSelectiveLogps(torch.autograd.Function):
         grad_logps = grad_logps.float().contiguous()
         w = weight.to(compute_dtype)  # [V, H]; the weight itself when it is already in the compute dtype
         grad_hidden = torch.empty_like(hidden) if want_hidden else None  # [N, H]
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        # The lm_head's gradient [V, H], summed over row chunks. A weight held in the compute dtype
+        # gets it in that dtype, each chunk's matmul adding into it in place (float32 inside the
+        # matmul, rounded once per chunk, as Liger does): no float32 [V, H] sum and no [V, H]
+        # chunk buffer. A float32 weight (full fine-tuning's master weights under autocast) gets a
+        # float32 sum of the half-precision chunk products.
+        in_place = want_weight and weight.dtype == compute_dtype
+        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if in_place else torch.float32,
+                                  device=weight.device) if want_weight else None
         chunk_grad = torch.empty(weight.shape, dtype=compute_dtype, device=weight.device) \
-            if want_weight and compute_dtype != torch.float32 else None  # [V, H], reused by every chunk
+            if want_weight and not in_place and compute_dtype != torch.float32 else None  # [V, H], reused
         d_logits_buffer = torch.empty(chunk_rows, vocab, dtype=compute_dtype, device=hidden.device)  # [c, V]
         for start in range(0, n, chunk_rows):
             rows = min(chunk_rows, n - start)
@@ -256,7 +263,7 @@ class TritonSelectiveLogps(torch.autograd.Function):
                 else:
                     torch.mm(d_logits.T, h_chunk, out=chunk_grad)
                     grad_weight.add_(chunk_grad)
-        if want_weight:
+        if want_weight and not in_place:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 

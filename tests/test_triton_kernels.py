@@ -89,6 +89,19 @@ def test_half_inputs_within_tolerance_of_float64(gen, dtype):
     assert _rel(d_weight, ref_d_weight) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_gradient_summed_in_place_over_many_chunks_stays_within_tolerance(gen, dtype):
+    """A half-precision lm_head's gradient is summed in its own dtype, rounded once per chunk:
+    sixteen chunks must still be within 1e-2 of float64."""
+    hidden, weight, targets = _inputs(gen, 64, 16, 90, dtype)
+    logps, _ = triton_selective_logps(hidden, weight, targets, chunk_rows=4)
+    grad_out = torch.randn(64, generator=gen).to(DEVICE)
+    d_weight, = torch.autograd.grad((logps * grad_out).sum(), (weight,))
+    assert d_weight.dtype == dtype
+    _, _, _, ref_d_weight = _reference(hidden, weight, targets, 1.0, grad_out)
+    assert _rel(d_weight, ref_d_weight) <= 1e-2
+
+
 def test_float32_weights_under_bfloat16_autocast_run_bfloat16_matmuls(gen):
     """The trainer's case: float32 master weights, matmuls in bf16 (tiles are cast as they load)."""
     hidden, weight, targets = _inputs(gen, 24, 16, 70, torch.float32)
