@@ -19,6 +19,7 @@ import torch
 
 from grpoflow.config import ConfigError
 from grpoflow.launch import launch_train
+from grpoflow.train.checkpoint import trained_weights
 from stages.train import _buffer_of_this_process, run_train
 from tests.test_train import config, metrics
 
@@ -26,8 +27,7 @@ WEIGHTS_ATOL = 2e-6  # lr 3e-3: a wrong normaliser or a missing all-reduce moves
 
 
 def trained(run_dir: str, step: int) -> dict[str, torch.Tensor]:
-    path = Path(run_dir) / "checkpoints" / f"step-{step:06d}" / "trainer_state.pt"
-    return torch.load(path, weights_only=False)["trainable"]
+    return trained_weights(Path(run_dir) / "checkpoints" / f"step-{step:06d}")
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

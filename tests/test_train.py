@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from grpoflow.config import ConfigError, validate_config
+from grpoflow.train.checkpoint import trained_weights
 from stages import train as train_stage
 from stages.train import TrainingDiverged, run_train
 
@@ -99,6 +100,7 @@ def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path
     saved = torch.load(next((Path(cfg.grpo.output_dir)).glob("*/checkpoints/step-000003")) / "trainer_state.pt",
                        weights_only=False)
     assert saved["next_micro"] == 1 and saved["buffers"][0] is not None  # stopped inside a generation
+    assert "trainable" not in saved  # the weights are in model/ only
     assert not saved["at_generation_boundary"]
     resumed = run_train(cfg, train, heldout, str(tiny_model), progress=False)
 
@@ -107,11 +109,9 @@ def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path
     for x, y in zip(a, b):
         for key in ("loss", "reward", "grad_norm", "completions/mean_length"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
-    wa = torch.load(next(Path(whole.output_dir).glob("checkpoints/step-000005")) / "trainer_state.pt",
-                    weights_only=False)["trainable"]
-    wb = torch.load(next(Path(resumed.output_dir).glob("checkpoints/step-000005")) / "trainer_state.pt",
-                    weights_only=False)["trainable"]
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    wa = trained_weights(next(Path(whole.output_dir).glob("checkpoints/step-000005")))
+    wb = trained_weights(next(Path(resumed.output_dir).glob("checkpoints/step-000005")))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
 def test_stop_after_checkpoints_and_the_same_call_resumes(tiny_model, tmp_path):
@@ -124,6 +124,28 @@ def test_stop_after_checkpoints_and_the_same_call_resumes(tiny_model, tmp_path):
     done = run_train(cfg, train, heldout, str(tiny_model), progress=False)
     assert done.finished and done.steps == 3
     assert [m["step"] for m in metrics(done)] == [1, 2, 3]
+
+
+def test_lora_resume_takes_the_adapters_from_the_checkpoint(tiny_model, tmp_path):
+    """The checkpoint's model/ folder is the only copy of the trained weights: a LoRA run stopped
+    after its first step and resumed ends with the adapters of an uninterrupted run."""
+    train, heldout = data(tmp_path)
+
+    def lora(path: Path):
+        cfg = config(path, max_steps=3)
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"finetune": "lora"})})
+
+    whole = run_train(lora(tmp_path / "a"), train, heldout, str(tiny_model), progress=False)
+    cfg = lora(tmp_path / "b")
+    first = run_train(cfg, train, heldout, str(tiny_model), progress=False, stop_after_s=0)
+    assert not first.finished and first.steps == 1
+    after_one = trained_weights(Path(first.report["checkpoint"]))
+    resumed = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    wa = trained_weights(next(Path(whole.output_dir).glob("checkpoints/step-000003")))
+    wb = trained_weights(next(Path(resumed.output_dir).glob("checkpoints/step-000003")))
+    assert wa and all("lora_" in k for k in wa)  # adapters only
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert any(not torch.allclose(after_one[k], wb[k]) for k in wb)  # the adapters did move after the resume
 
 
 def test_every_completion_truncated_is_no_nan(tiny_model, tmp_path):
