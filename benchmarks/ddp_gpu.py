@@ -8,7 +8,7 @@
 
 Each run is `grpoflow train` (1 process) or `torchrun --standalone --nproc-per-node N -m grpoflow.cli
 train` with per_device_train_batch_size = global batch / N: SmolLM2-135M-Instruct, full fine-tuning,
-bf16, the transformers engine, 8 prompts x 8 completions x up to 256 tokens a step, 10 steps, no
+bf16, the transformers engine (--engine vllm: a colocated vLLM per process), 8 prompts x 8 completions x up to 256 tokens a step, 10 steps, no
 format warm-up. Sampling is seeded per prompt, so both runs start from the same completions; bf16
 kernels on other batch shapes then let them drift apart ("within noise").
 
@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=None, help="completions a prompt (default 8; smoke 4)")
     parser.add_argument("--tokens", type=int, default=None, help="max_completion_length (default 256; smoke 8)")
     parser.add_argument("--model", default=os.environ.get("MODEL", "/tmp/smollm2"))
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="rollouts: transformers generate, or a colocated vLLM in every process (staged vLLM)")
     parser.add_argument("--data", default=os.environ.get("GSM8K", "/tmp/gsm8k"), help="GSM8K folder (train/test.jsonl)")
     parser.add_argument("--finetune", default="full", choices=["full", "lora"])
     args = parser.parse_args()
@@ -66,7 +68,7 @@ def main() -> int:
 
     common = [*base, "--set", f"model.name_or_path={model}", "--set", f"data.source={data}",
               "--set", f"data.output_dir={work / 'data'}", "--set", f"model.finetune={args.finetune}",
-              "--set", "rollout.engine=hf", "--set", "grpo.warmup.enabled=false",
+              "--set", f"rollout.engine={args.engine}", "--set", "grpo.warmup.enabled=false",
               "--set", f"grpo.max_steps={steps}", "--set", f"grpo.num_generations={G}",
               "--set", f"grpo.max_completion_length={tokens}", "--set", "grpo.gradient_accumulation_steps=1",
               "--set", "grpo.steps_per_generation=1", "--set", f"grpo.save_steps={steps}",
@@ -98,7 +100,7 @@ def main() -> int:
               for key in ("loss", "reward")}
     difference = {key: [abs(a - b) for a, b in zip(v["1"], v[str(N)])] for key, v in curves.items()}
     result = {
-        "settings": {"smoke": smoke, "model": str(model), "finetune": args.finetune, "engine": "hf",
+        "settings": {"smoke": smoke, "model": str(model), "finetune": args.finetune, "engine": args.engine,
                      "processes": N, "steps": steps, "prompts_per_step": prompts, "num_generations": G,
                      "max_completion_length": tokens, "global_batch": prompts * G,
                      "device": _device(), "date": time.strftime("%Y-%m-%d")},
