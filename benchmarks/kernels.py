@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -40,6 +38,8 @@ import torch
 # would shadow the repository's kernels/ package: the repository root takes its place
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from benchmarks.common import free_memory, versions  # noqa: E402
 
 SHAPES = [(16, 1024, 2048, 151_936), (8, 4096, 4096, 128_256)]  # B, T, H, V: Qwen3-1.7B-, Llama-3-8B-like heads
 SMOKE_SHAPES = [(2, 7, 16, 75)]
@@ -83,7 +83,7 @@ def main() -> None:
 
     report = {"card": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor()})",
               "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
-              "versions": _versions(), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib,
+              "versions": versions("triton", "liger_kernel", "transformers"), "loss": LOSS, "triton_chunk_mib": args.triton_chunk_mib,
               "warmup": args.warmup, "repeats": args.repeats, "results": []}
     results = report["results"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def main() -> None:
             print("   ", json.dumps({k: v for k, v in row.items() if k not in case}), flush=True)
             results.append(row)
         del inputs, reference
-        _free()
+        free_memory()
         # after every case: a run cut short keeps what it measured
         (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
         (args.out / f"{args.name}.md").write_text(_table(report))
@@ -168,7 +168,7 @@ def _measure(method: str, x: dict, warmup: int, repeats: int, device: torch.devi
     try:
         for _ in range(warmup):
             _step(method, x, liger_module)
-        _free()
+        free_memory()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else 0
@@ -183,14 +183,14 @@ def _measure(method: str, x: dict, warmup: int, repeats: int, device: torch.devi
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
     except torch.OutOfMemoryError as error:
         x["hidden"].grad = x["weight"].grad = None
-        _free()
+        free_memory()
         return {"error": f"OutOfMemoryError: {str(error).splitlines()[0]}"}
     grads = {"loss": loss.detach().float().cpu().reshape(1), "d_hidden": x["hidden"].grad.float().cpu()}
     if x["weight"].requires_grad:
         grads["d_weight"] = x["weight"].grad.float().cpu()
     x["hidden"].grad = x["weight"].grad = None
     del liger_module
-    _free()
+    free_memory()
     return {"median_ms": 1000 * statistics.median(times), "times_ms": [round(1000 * t, 3) for t in times],
             "peak_gib_above_inputs": peak, "_grads": grads}
 
@@ -251,16 +251,6 @@ def _liger_module(device: torch.device):
                                     temperature=LOSS["temperature"], compiled=device.type == "cuda")
 
 
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("triton", "liger_kernel", "transformers"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def _table(report: dict) -> str:
     lines = [f"{report['card']}, {report['date']}, median of {report['repeats']} forward+backward runs after "
              f"{report['warmup']} warm-up runs; peak = allocated CUDA memory above the inputs.", "",
@@ -297,12 +287,6 @@ def _fmt(value) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import sys
@@ -35,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for grpoflow/ and kernels/
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=True)
+from benchmarks.common import QWEN3_0_6B, free_memory, versions  # noqa: E402
+
 SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=300, tie_word_embeddings=True)
 # grpoflow's model.lora defaults (grpoflow/config.py LoraConfig); not imported, so that this runs without pydantic
@@ -74,7 +73,7 @@ def main() -> None:
     report = {"card": torch.cuda.get_device_name() if cuda else "CPU",
               "card_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None,
               "date": datetime.date.today().isoformat(), "command": " ".join([sys.executable, *sys.argv]),
-              "versions": {"torch": torch.__version__, **_versions()}, "model": SMOKE if args.smoke else QWEN3_0_6B,
+              "versions": versions("triton", "transformers", "peft"), "model": SMOKE if args.smoke else QWEN3_0_6B,
               "lora": LORA, "completions": COMPLETIONS, "prompt": PROMPT, "results": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for kernels in args.kernels:
@@ -133,7 +132,7 @@ def _step(model, kernels: str, length: int, device: torch.device) -> float | Non
 
 def _try(model, kernels: str, length: int, device: torch.device, smoke: bool) -> tuple[bool, float | None, float]:
     model.zero_grad(set_to_none=True)
-    _free()
+    free_memory()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -146,7 +145,7 @@ def _try(model, kernels: str, length: int, device: torch.device, smoke: bool) ->
         peak, ok = None, False
     seconds = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
-    _free()
+    free_memory()
     print(f"  {kernels} L={length}: {'fits' if ok else 'out of memory'}"
           f"{f', peak {peak:.1f} GiB' if peak else ''}, {seconds:.1f} s", flush=True)
     return ok, peak, seconds
@@ -195,24 +194,6 @@ def _search(model, kernels: str, device: torch.device, args, progress) -> dict:
         note = f"bisected to {args.resolution} tokens"
     return {"longest_fit": fit, "shortest_failure": fail, "note": note, "tries": tries,
             "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    out = {}
-    for package in ("triton", "transformers", "peft"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    return out
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -11,14 +11,17 @@ smaller than the model's, so sampled ids above it decode to nothing; lengths are
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, vocab_size=151_936, max_position_embeddings=40_960,
-                  rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
 
+from benchmarks.common import QWEN3_0_6B  # noqa: E402
+
+# beyond the shape: what a saved config of Qwen3-0.6B also says
+QWEN3_EXTRA = dict(max_position_embeddings=40_960, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +32,7 @@ def main() -> None:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = Qwen3Config(**QWEN3_0_6B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = Qwen3Config(**QWEN3_0_6B, **QWEN3_EXTRA, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
     torch.manual_seed(args.seed)
     model = Qwen3ForCausalLM(config).to(torch.bfloat16)

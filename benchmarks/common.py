@@ -1,0 +1,32 @@
+"""What several benchmarks share: the Qwen3-0.6B shape, package versions for the record, freeing memory."""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import platform
+
+import torch
+
+# Qwen3-0.6B: 28 layers, hidden 1024, MLP 3072, 16 query / 8 key-value heads of 128, vocabulary
+# 151,936, tied embeddings (random weights stand in for it: speed and memory of the shape)
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=True)
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Python, torch and the given packages' installed versions (None: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in packages:
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def free_memory() -> None:
+    """Drop what the last case left, so the next one's peak starts from the inputs."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
