@@ -230,9 +230,10 @@ class VLLMEngine:
         gate/up: their rows are slices of its fused tensors). Returns the bytes freed."""
         import torch
 
-        vllm_params = {name.replace(".base_layer", ""): p for name, p in self._vllm_model().named_parameters()}
+        model = self._vllm_model()
+        vllm_params = {name.replace(".base_layer", ""): p for name, p in model.named_parameters()}
         rows = {_hf_name(name): p.shape[0] for name, p in policy.model.named_parameters()}
-        packed = getattr(self._vllm_model(), "packed_modules_mapping", {})  # {"qkv_proj": ["q_proj", ...]}
+        packed = getattr(model, "packed_modules_mapping", {})  # {"qkv_proj": ["q_proj", ...]}
         slices = {}  # HF name -> the slice of a vLLM tensor it is
         for name, vp in vllm_params.items():
             module, _, leaf = name.rpartition(".")
