@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-rows", type=int, default=128)
     parser.add_argument("--triton-chunk-mib", type=int, default=None,
-                        help="the Triton backward's d_logits chunk (kernels/triton_logps.py CHUNK_BYTES)")
+                        help="a fixed d_logits chunk for the Triton backward (default: kernels/triton_logps.py's rule)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def main() -> None:
     if args.triton_chunk_mib:
         from kernels import triton_logps
 
-        triton_logps.CHUNK_BYTES = args.triton_chunk_mib * 2**20
+        triton_logps.CHUNK_BYTES_MIN = triton_logps.CHUNK_BYTES_MAX = args.triton_chunk_mib * 2**20
     methods = [m for m in args.methods if m != "liger" or _liger_available()]
     if "liger" in args.methods and "liger" not in methods:
         print("liger_kernel is not installed: skipping it", file=sys.stderr)
