@@ -12,7 +12,7 @@ bf16, the transformers engine (--engine vllm: a colocated vLLM per process), 8 p
 format warm-up. Sampling is seeded per prompt, so both runs start from the same completions; bf16
 kernels on other batch shapes then let them drift apart ("within noise").
 
-Writes to --out: ddp_scaling.json (settings, per-run throughput, per-step curves and their
+Writes to --out (names end in -TAG with --tag): ddp_scaling.json (settings, per-run throughput, per-step curves and their
 differences), ddp_scaling.md (the table for benchmarks/RESULTS.md), ddp_scaling.png (loss and
 reward against the step, both runs) and each run's metrics-<processes>.jsonl. Throughput leaves out the first step (CUDA start-up):
 completion tokens/s = sum of the steps' completion tokens / sum of their step_seconds.
@@ -47,6 +47,9 @@ def main() -> int:
                         help="rollouts: transformers generate, or a colocated vLLM in every process (staged vLLM)")
     parser.add_argument("--data", default=os.environ.get("GSM8K", "/tmp/gsm8k"), help="GSM8K folder (train/test.jsonl)")
     parser.add_argument("--finetune", default="full", choices=["full", "lora"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both runs (e.g. rollout.seed_per_prompt=true)")
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
     args = parser.parse_args()
     smoke = args.smoke
     steps = args.steps or (3 if smoke else 10)
@@ -72,7 +75,8 @@ def main() -> int:
               "--set", f"grpo.max_steps={steps}", "--set", f"grpo.num_generations={G}",
               "--set", f"grpo.max_completion_length={tokens}", "--set", "grpo.gradient_accumulation_steps=1",
               "--set", "grpo.steps_per_generation=1", "--set", f"grpo.save_steps={steps}",
-              "--set", "grpo.log_completions_steps=1000000"]
+              "--set", "grpo.log_completions_steps=1000000", *[a for kv in args.set for a in ("--set", kv)]]
+    suffix = f"-{args.tag}" if args.tag else ""
     runs = {}
     for n in (1, N):
         per_device = prompts * G // n
@@ -90,7 +94,7 @@ def main() -> int:
             print(f"[ddp_gpu] the {n}-process run failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
         report = json.loads(done.stdout)
-        shutil.copy(report["metrics"], args.out / f"metrics-{n}.jsonl")
+        shutil.copy(report["metrics"], args.out / f"metrics-{n}{suffix}.jsonl")
         history = [json.loads(line) for line in Path(report["metrics"]).read_text().splitlines()]
         runs[n] = _summary(history, prompts * G, wall, per_device)
     shutil.rmtree(work)  # checkpoints of full fine-tuning: GBs
@@ -103,7 +107,7 @@ def main() -> int:
         "settings": {"smoke": smoke, "model": str(model), "finetune": args.finetune, "engine": args.engine,
                      "processes": N, "steps": steps, "prompts_per_step": prompts, "num_generations": G,
                      "max_completion_length": tokens, "global_batch": prompts * G,
-                     "device": _device(), "date": time.strftime("%Y-%m-%d")},
+                     "device": _device(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set},
         "runs": {str(n): {k: v for k, v in r.items() if k != "curve"} for n, r in runs.items()},
         "scaling": {"completion_tokens_per_second": many["completion_tokens_per_second"]
                     / one["completion_tokens_per_second"],
@@ -111,9 +115,9 @@ def main() -> int:
         "curves": curves,
         "difference": {key: {"per_step": d, "max": max(d), "mean": sum(d) / len(d)} for key, d in difference.items()},
     }
-    (args.out / "ddp_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ddp_scaling.md").write_text(_markdown(result))
-    _plot(result, args.out / "ddp_scaling.png")
+    (args.out / f"ddp_scaling{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"ddp_scaling{suffix}.md").write_text(_markdown(result))
+    _plot(result, args.out / f"ddp_scaling{suffix}.png")
     print(_markdown(result))
     return 0
 

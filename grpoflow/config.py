@@ -224,6 +224,10 @@ class RolloutConfig(Section):
         True, description="LoRA: the policy's frozen base weights are vLLM's own tensors, one copy on the card "
                           "(only tensors equal bit for bit are shared)")
     enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower generation")
+    seed_per_prompt: bool = Field(
+        False, description="vLLM: each prompt's completions from a seed of its own, so the same on any number of "
+                           "processes (the transformers engine always does this); costs vLLM one random draw per "
+                           "request at every decoding step. Off: each process's engine draws from seed + rank")
 
 
 class EvalConfig(Section):

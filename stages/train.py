@@ -16,8 +16,9 @@ Under torchrun (or accelerate launch) each of the N processes holds a replica of
 every process draws the same prompts, generates and scores its block of them (whole groups) with
 its own engine, and trains on those rows; advantages and metrics are over the whole generation,
 dapo divides by its token count over all processes, rank 0 logs and checkpoints
-(grpoflow/train/distributed.py). Sampling is seeded per prompt, so the completions, and the
-steps, are those of a 1-process run with the same global batch.
+(grpoflow/train/distributed.py). Sampling is seeded per prompt (the transformers engine; vLLM with
+rollout.seed_per_prompt), so the completions, and the steps, are those of a 1-process run with the
+same global batch.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
                         gpu_memory_utilization=rollout.gpu_memory_utilization,
                         max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
                         seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
-                        enforce_eager=rollout.enforce_eager)
+                        enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt)
     if policy.is_peft and rollout.share_weights:
         engine.share_weights(policy)
     return engine

@@ -97,3 +97,49 @@ def test_seeded_sampling_draws_from_the_processed_distribution():
     expected = torch.softmax(torch.where(logits >= 0.0, logits / 0.7, float("-inf")), -1)  # top 4 of 5
     assert torch.allclose(torch.bincount(chosen, minlength=5) / 4000.0, expected, atol=0.025)
     assert torch.allclose(sampler.logprobs[0], expected.log()[chosen])
+
+
+class _RecordingLLM:
+    """vllm.LLM's surface that VLLMEngine uses: records what it was given, one empty completion a request."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.sampling = kwargs, None
+
+    def generate(self, requests, sampling, **_):
+        self.sampling = sampling
+        done = types.SimpleNamespace(token_ids=[], logprobs=[], finish_reason="length")
+        return [types.SimpleNamespace(outputs=[done] * s.n) for s in sampling]
+
+
+def _recording_engine(monkeypatch, tiny_model, *, world_size: int, rank: int, seed_per_prompt: bool):
+    from grpoflow.rollout.vllm import VLLMEngine
+    from transformers import AutoTokenizer
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        __version__="0.26.0", LLM=_RecordingLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", str(rank))
+    return VLLMEngine(str(tiny_model), AutoTokenizer.from_pretrained(tiny_model), dtype="bfloat16",
+                      gpu_memory_utilization=0.3, max_model_len=256, seed=7, sleep=False,
+                      seed_per_prompt=seed_per_prompt)
+
+
+@pytest.mark.parametrize("seed_per_prompt", [False, True])
+def test_vllm_under_torchrun_runs_in_the_launchers_group_with_a_seed_per_rank(monkeypatch, tiny_model,
+                                                                               seed_per_prompt):
+    from grpoflow.rollout.base import SamplingParams
+
+    engine = _recording_engine(monkeypatch, tiny_model, world_size=2, rank=1, seed_per_prompt=seed_per_prompt)
+    assert engine.llm.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert engine.llm.kwargs["seed"] == 8  # seed + rank: the ranks draw different noise
+    prompts = [[{"role": "user", "content": q}] for q in ("one", "two")]
+    groups = engine.generate(prompts, SamplingParams(max_tokens=4, n=3), seeds=[101, 202])
+    assert [len(g) for g in groups] == [3, 3]
+    # seeded requests cost vLLM a draw per request and step: only when asked for
+    assert [s.seed for s in engine.llm.sampling] == ([101, 202] if seed_per_prompt else [None, None])
+
+
+def test_vllm_in_one_process_keeps_its_own_executor_and_the_run_seed(monkeypatch, tiny_model):
+    engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False)
+    assert "distributed_executor_backend" not in engine.llm.kwargs
+    assert engine.llm.kwargs["seed"] == 7

@@ -72,7 +72,7 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, seed_per_prompt: bool = False):
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
         self.tokenizer = tokenizer
@@ -92,14 +92,14 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
-        # per-request seeds make vLLM's sampler draw each seeded request on its own (a Python loop
-        # at every decoding step): taken only where they buy something, under torchrun, where they
-        # make a rank's samples independent of how prompts were split
-        self.per_request_seeds = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if self.per_request_seeds:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun: one engine per process on its own GPU, inside the launcher's process
-            # group (as TRL's colocate mode does); not run on a multi-GPU machine yet
+            # group (as TRL's colocate mode does), each drawing its own noise
             kwargs["distributed_executor_backend"] = "external_launcher"
+            kwargs["seed"] = seed + int(os.environ["RANK"])
+        # per-request seeds make vLLM's sampler draw each seeded request on its own (one small
+        # kernel per request at every decoding step): only when asked for (rollout.seed_per_prompt)
+        self.per_request_seeds = seed_per_prompt
         if lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(lora_rank), max_loras=1)
         started = time.perf_counter()
@@ -120,8 +120,8 @@ class VLLMEngine:
 
     def generate(self, prompts: list[Messages], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
-        """seeds: one per prompt, a per-request seed under torchrun (vLLM draws a seeded request from
-        its own generator, whatever else is in the batch); in one process, vLLM's engine seed."""
+        """seeds: one per prompt, a per-request seed with seed_per_prompt (vLLM draws a seeded request
+        from its own generator, whatever else is in the batch); otherwise vLLM's engine seed."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         if not self.weights_current:
