@@ -93,7 +93,7 @@ def main() -> int:
         if done.returncode != 0:
             print(f"[ddp_gpu] the {n}-process run failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
-        report = json.loads(done.stdout)
+        report = json.loads(done.stdout[done.stdout.rfind("\n{") + 1:])  # the last JSON document: the report
         shutil.copy(report["metrics"], args.out / f"metrics-{n}{suffix}.jsonl")
         history = [json.loads(line) for line in Path(report["metrics"]).read_text().splitlines()]
         runs[n] = _summary(history, prompts * G, wall, per_device)

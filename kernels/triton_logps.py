@@ -35,13 +35,14 @@ import triton.language as tl
 
 from kernels.triton_support import interpreting, sm_count
 
-# bytes of the backward's d_logits chunk [chunk_rows, V] in the compute dtype: as many as the hidden
-# states [N, H] it differentiates, so the kernel's own memory stays within its input's (Liger sizes
-# its chunks the same way), but at least CHUNK_BYTES_MIN (smaller chunks leave the GPU waiting
-# between launches: 1.03-1.08x naive's time at (8*4096, 4096, 128256) with 64 MiB, 0.87-0.92x
-# with 256 MiB, H100) and at most CHUNK_BYTES_MAX
+# bytes of the backward's d_logits chunk [chunk_rows, V] in the compute dtype: with the float32
+# vectors kept per row (ROW_BYTES), no more than the hidden states [N, H] it differentiates, so the
+# kernel's own memory stays within its input's (Liger sizes its chunks the same way); but at least
+# CHUNK_BYTES_MIN (smaller chunks leave the GPU waiting between launches: 1.03-1.08x naive's time
+# at (8*4096, 4096, 128256) with 64 MiB, 0.87-0.92x with 256 MiB, H100) and at most CHUNK_BYTES_MAX
 CHUNK_BYTES_MIN = 64 * 2**20
 CHUNK_BYTES_MAX = 256 * 2**20
+ROW_BYTES = 16  # logps, logsumexp, entropy and the incoming gradient: float32 each
 # with a trained lm_head each chunk also adds its [V, H] gradient into the sum: at least this
 # many rows per chunk keep those additions few (and their rounding, for a half-precision weight)
 MIN_ROWS_TRAINED_HEAD = 2048
@@ -275,7 +276,7 @@ class TritonSelectiveLogps(torch.autograd.Function):
 
 def _chunk_rows(n: int, hidden_size: int, vocab: int, compute_dtype: torch.dtype, weight_trained: bool) -> int:
     item = torch.finfo(compute_dtype).bits // 8
-    chunk_bytes = min(max(n * hidden_size * item, CHUNK_BYTES_MIN), CHUNK_BYTES_MAX)
+    chunk_bytes = min(max(n * (hidden_size * item - ROW_BYTES), CHUNK_BYTES_MIN), CHUNK_BYTES_MAX)
     rows = max(1, chunk_bytes // (vocab * item))
     return max(rows, MIN_ROWS_TRAINED_HEAD) if weight_trained else rows
 

@@ -129,13 +129,15 @@ def test_any_number_of_vocabulary_splits_merges_to_the_same_values(gen, monkeypa
 @pytest.mark.parametrize("n, h, v", [(16 * 1024, 2048, 151_936), (8 * 4096, 4096, 128_256), (64, 576, 49_152),
                                      (10**6, 8192, 256_000)])
 def test_backward_chunk_stays_within_the_hidden_states_size_between_the_bounds(n, h, v):
-    """the frozen head's d_logits chunk: no larger than hidden [N, H] unless that is under the floor"""
+    """the frozen head's d_logits chunk and row vectors: no larger than hidden [N, H] unless under the floor"""
     item = 2  # bfloat16
     rows = triton_logps._chunk_rows(n, h, v, torch.bfloat16, weight_trained=False)
     chunk = rows * v * item
     assert chunk <= triton_logps.CHUNK_BYTES_MAX
-    assert chunk <= max(n * h * item, triton_logps.CHUNK_BYTES_MIN)
-    assert chunk > min(max(n * h * item, triton_logps.CHUNK_BYTES_MIN), triton_logps.CHUNK_BYTES_MAX) - v * item
+    rows_bytes = n * triton_logps.ROW_BYTES
+    assert chunk + rows_bytes <= max(n * h * item, triton_logps.CHUNK_BYTES_MIN + rows_bytes)
+    budget = min(max(n * h * item - rows_bytes, triton_logps.CHUNK_BYTES_MIN), triton_logps.CHUNK_BYTES_MAX)
+    assert chunk > budget - v * item  # as large as the budget allows
     trained = triton_logps._chunk_rows(n, h, v, torch.bfloat16, weight_trained=True)
     assert trained == max(rows, triton_logps.MIN_ROWS_TRAINED_HEAD)
 
