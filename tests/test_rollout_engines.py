@@ -143,3 +143,13 @@ def test_vllm_in_one_process_keeps_its_own_executor_and_the_run_seed(monkeypatch
     engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False)
     assert "distributed_executor_backend" not in engine.llm.kwargs
     assert engine.llm.kwargs["seed"] == 7
+
+
+def test_vllm_logs_go_to_stderr_keeping_stdout_for_the_json_result(gpu, monkeypatch):
+    """vLLM configures its logger to stdout when imported; `grpoflow train | jq` needs stdout clean"""
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    fake_vllm(monkeypatch, "0.26.0")
+    resolve_engine(RolloutConfig(engine="vllm"))
+    import os
+
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"

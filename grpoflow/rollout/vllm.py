@@ -45,7 +45,13 @@ class EngineError(RuntimeError):
     """vLLM could not start or serve; the message names the config key to change."""
 
 
+def _quiet_stdout() -> None:
+    """vLLM logs to stdout by default; grpoflow's stdout carries the commands' JSON results."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
 def vllm_available() -> bool:
+    _quiet_stdout()
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -56,6 +62,7 @@ def vllm_available() -> bool:
 
 
 def import_vllm():
+    _quiet_stdout()
     try:
         import vllm
     except ImportError as e:
