@@ -1,5 +1,6 @@
 """Which rollout engine runs, and the errors users hit choosing one (vLLM itself runs on the GPU machine)."""
 
+import os
 import sys
 import types
 
@@ -150,6 +151,4 @@ def test_vllm_logs_go_to_stderr_keeping_stdout_for_the_json_result(gpu, monkeypa
     monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
     fake_vllm(monkeypatch, "0.26.0")
     resolve_engine(RolloutConfig(engine="vllm"))
-    import os
-
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
