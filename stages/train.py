@@ -277,7 +277,11 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
                         seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
                         enforce_eager=rollout.enforce_eager)
     if policy.is_peft and rollout.share_weights:
-        engine.share_weights(policy)
+        if policy.fsdp is None:
+            engine.share_weights(policy)
+        else:  # vLLM needs whole tensors; the policy holds 1/N of each
+            log.info("rollout.share_weights: not under grpo.distributed: fsdp (the policy's base weights are "
+                     "shards); vLLM keeps its own copy")
     return engine
 
 
