@@ -28,8 +28,8 @@ class Policy:
     fsdp: torch.nn.Module | None = None  # FSDP2's root module when the model is sharded (shard_fsdp)
 
     def run(self, fn, *args, **kwargs):
-        """fn(self.model, *args, **kwargs): every use of the model goes through here. Sharded, it
-        runs as FSDP2's root forward, which gathers the weights outside the decoder layers first
+        """fn(self.model, *args, **kwargs): every forward of the model goes through here. Sharded,
+        it runs as FSDP2's root forward, which gathers the weights outside the decoder layers first
         (distributed.FSDPRoot says why); every process must make the same calls."""
         if self.fsdp is None:
             return fn(self.model, *args, **kwargs)
