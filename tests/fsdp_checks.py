@@ -15,6 +15,8 @@ both processes to OUT.json; the test reads the numbers and holds them to toleran
                      the weights and format rates of a whole model's warm-up
     full_parameters  what vLLM's weight sync receives: whole tensors on every process
     gather_trained   the adapters LoRA hands vLLM, whole on every process
+    optimizer        a whole model's optimizer state (keyed by position) into a sharded optimizer,
+                     and gathered back by name, as checkpoints take it across DDP and FSDP2
 """
 
 from __future__ import annotations
@@ -177,6 +179,30 @@ def parameters_case(dist) -> dict:
             "adapter_diff": max((gathered[n].cpu() - adapters[n]).abs().max().item() for n in adapters)}
 
 
+def optimizer_case(dist) -> dict:
+    from grpoflow.train.checkpoint import _load_optimizer, gather_optimizer
+
+    model = tiny_llama(tied=True)
+    whole = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(whole.parameters(), lr=1e-2)
+    for p in whole.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())  # what a 1-process or DDP checkpoint holds
+    policy = Policy(model, None, dist.device, torch.float32, is_peft=False)
+    policy.fsdp = shard_fsdp(model, dist, torch.float32)
+    sharded = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _load_optimizer(Path("trainer_state.pt"), policy, sharded, saved)
+    local = {type(s["exp_avg"]).__name__ for s in sharded.state.values()}  # the shards hold 1/N each
+    back = gather_optimizer(policy, sharded)  # whole, by name, on rank 0
+    if not dist.is_main:
+        return {"state": sorted(local)}
+    names = [n for n, _ in whole.named_parameters()]
+    return {"state": sorted(local), "names": sorted(back["state"]) == sorted(names),
+            "diff": max((back["state"][n][k].float() - saved["state"][i][k].float()).abs().max().item()
+                        for i, n in enumerate(names) for k in ("step", "exp_avg", "exp_avg_sq"))}
+
+
 def main() -> None:
     out, tiny_model = Path(sys.argv[1]), sys.argv[2]
     dist = setup_distributed()
@@ -192,6 +218,7 @@ def main() -> None:
         "generate": generate_case(dist, tiny_model),
         "warmup": warmup_case(dist, tiny_model),
         "parameters": parameters_case(dist),
+        "optimizer": optimizer_case(dist),
     }
     every = dist.all_gather(results)
     if dist.is_main:

@@ -147,6 +147,10 @@ def test_fsdp_two_processes_step_as_one_full_finetuning_and_resume_on_one_or_two
     saved = torch.load(Path(double.output_dir) / "checkpoints" / "step-000001" / "trainer_state.pt",
                        weights_only=False)
     assert all(isinstance(name, str) for name in saved["optimizer"]["state"])  # gathered, keyed by name
+    from transformers import AutoModelForCausalLM
+
+    final = [dict(AutoModelForCausalLM.from_pretrained(r.model_dir).named_parameters()) for r in (single, double)]
+    assert_same_weights(*final)  # final/ loads without FSDP
 
     for processes in (1, 2):  # from the FSDP step-1 checkpoint
         resumed_out = tmp_path / f"resumed-{processes}"
@@ -190,6 +194,8 @@ def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
         assert rank["parameters"] == {"names": True, "full_diff": 0.0, "plain_tensors": True, "adapter_names": True,
                                       "adapter_diff": 0.0}
     assert [rank["generate"]["lengths"] for rank in ranks] == [[3], [9]]  # rank 0 waited for rank 1's 6 more steps
+    assert [rank["optimizer"]["state"] for rank in ranks] == [["DTensor"], ["DTensor"]]
+    assert ranks[0]["optimizer"]["names"] and ranks[0]["optimizer"]["diff"] == 0.0
 
 
 def test_a_checkpoint_inside_a_generation_resumes_only_on_its_own_number_of_processes(tmp_path):
