@@ -5,6 +5,8 @@
     PYTHONPATH=$PWD:/tmp/site python benchmarks/ddp_gpu.py --out $OUT
     # here, on CPU: 2 gloo processes, a tiny random model, a few steps
     python benchmarks/ddp_gpu.py --smoke --out /tmp/ddp-smoke
+    # the N-process run sharded with FSDP2 (grpo.distributed: fsdp) instead of DDP replicas
+    PYTHONPATH=$PWD:/tmp/site python benchmarks/ddp_gpu.py --distributed fsdp --out $OUT
 
 Each run is `grpoflow train` (1 process) or `torchrun --standalone --nproc-per-node N -m grpoflow.cli
 train` with per_device_train_batch_size = global batch / N: SmolLM2-135M-Instruct, full fine-tuning,
@@ -14,8 +16,10 @@ kernels on other batch shapes then let them drift apart ("within noise").
 
 Writes to --out (names end in -TAG with --tag): ddp_scaling.json (settings, per-run throughput, per-step curves and their
 differences), ddp_scaling.md (the table for benchmarks/RESULTS.md), ddp_scaling.png (loss and
-reward against the step, both runs) and each run's metrics-<processes>.jsonl. Throughput leaves out the first step (CUDA start-up):
-completion tokens/s = sum of the steps' completion tokens / sum of their step_seconds.
+reward against the step, both runs) and each run's metrics-<processes>.jsonl; fsdp_scaling.* and
+metrics-fsdp-<processes>.jsonl with --distributed fsdp (the 1-process run is the same either way).
+Throughput leaves out the first step (CUDA start-up): completion tokens/s = sum of the steps'
+completion tokens / sum of their step_seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both runs (e.g. rollout.seed_per_prompt=true)")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
+                        help="the N-process run: DDP replicas, or FSDP2 shards (grpo.distributed)")
     args = parser.parse_args()
     smoke = args.smoke
     steps = args.steps or (3 if smoke else 10)
@@ -71,7 +77,8 @@ def main() -> int:
 
     common = [*base, "--set", f"model.name_or_path={model}", "--set", f"data.source={data}",
               "--set", f"data.output_dir={work / 'data'}", "--set", f"model.finetune={args.finetune}",
-              "--set", f"rollout.engine={args.engine}", "--set", "grpo.warmup.enabled=false",
+              "--set", f"rollout.engine={args.engine}", "--set", f"grpo.distributed={args.distributed}",
+              "--set", "grpo.warmup.enabled=false",
               "--set", f"grpo.max_steps={steps}", "--set", f"grpo.num_generations={G}",
               "--set", f"grpo.max_completion_length={tokens}", "--set", "grpo.gradient_accumulation_steps=1",
               "--set", "grpo.steps_per_generation=1", "--set", f"grpo.save_steps={steps}",
@@ -94,7 +101,7 @@ def main() -> int:
             print(f"[ddp_gpu] the {n}-process run failed (exit {done.returncode})", file=sys.stderr)
             return done.returncode
         report = json.loads(done.stdout[done.stdout.rfind("\n{") + 1:])  # the last JSON document: the report
-        shutil.copy(report["metrics"], args.out / f"metrics-{n}{suffix}.jsonl")
+        shutil.copy(report["metrics"], args.out / f"metrics{'-fsdp' if args.distributed == 'fsdp' else ''}-{n}{suffix}.jsonl")
         history = [json.loads(line) for line in Path(report["metrics"]).read_text().splitlines()]
         runs[n] = _summary(history, prompts * G, wall, per_device)
     shutil.rmtree(work)  # checkpoints of full fine-tuning: GBs
@@ -105,6 +112,7 @@ def main() -> int:
     difference = {key: [abs(a - b) for a, b in zip(v["1"], v[str(N)])] for key, v in curves.items()}
     result = {
         "settings": {"smoke": smoke, "model": str(model), "finetune": args.finetune, "engine": args.engine,
+                     "distributed": args.distributed,
                      "processes": N, "steps": steps, "prompts_per_step": prompts, "num_generations": G,
                      "max_completion_length": tokens, "global_batch": prompts * G,
                      "device": _device(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set},
@@ -115,9 +123,10 @@ def main() -> int:
         "curves": curves,
         "difference": {key: {"per_step": d, "max": max(d), "mean": sum(d) / len(d)} for key, d in difference.items()},
     }
-    (args.out / f"ddp_scaling{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"ddp_scaling{suffix}.md").write_text(_markdown(result))
-    _plot(result, args.out / f"ddp_scaling{suffix}.png")
+    name = f"{args.distributed}_scaling{suffix}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(_markdown(result))
+    _plot(result, args.out / f"{name}.png")
     print(_markdown(result))
     return 0
 
@@ -136,7 +145,8 @@ def _summary(history: list[dict], completions_per_step: int, wall: float, per_de
 
 def _markdown(result: dict) -> str:
     s, N = result["settings"], str(result["settings"]["processes"])
-    lines = [f"Data-parallel GRPO, {s['model']} ({s['finetune']}, {s['engine']} engine), {s['prompts_per_step']} "
+    lines = [f"Data-parallel GRPO ({s['distributed'].upper()} on {N}), {s['model']} ({s['finetune']}, {s['engine']} "
+             f"engine), {s['prompts_per_step']} "
              f"prompts x {s['num_generations']} completions x up to {s['max_completion_length']} tokens a step, "
              f"{s['steps']} steps, on {s['device']} ({s['date']}); throughput over steps 2..{s['steps']}.", "",
              "| processes | per-device batch | step s | generation s | steps/s | completion tokens/s | peak GiB |",

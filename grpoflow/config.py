@@ -169,6 +169,10 @@ class GRPOConfig(Section):
                                "(kernels/triton_logps.py, triton_loss.py; CUDA only: elsewhere, or without triton "
                                "installed, it runs as chunked after one warning); naive is the model's own forward, "
                                "the reference")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp keeps a whole replica of the policy in every process; fsdp shards "
+                           "weights, gradients and optimizer state over the processes (FSDP2, per decoder layer) "
+                           "for models that do not fit one card (docs/distributed.md). One process: no effect")
     max_nonfinite_steps: int = Field(
         10, gt=0, description="this many optimizer steps in a row with a non-finite loss or gradient stop the run")
     # Checkpoints and logs
@@ -333,6 +337,24 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     continuous: ContinuousConfig = ContinuousConfig()
+
+    @model_validator(mode="after")
+    def _fsdp_can_shard(self) -> "PipelineConfig":
+        if self.grpo.distributed != "fsdp":
+            return self
+        # bitsandbytes keeps its own structures beside the tensors FSDP2 would shard (DTensor): a 4-bit weight's
+        # quantization state, the 8-bit optimizer's state buffers; neither follows a shard
+        if self.model.finetune == "qlora":
+            raise ValueError("model.finetune: qlora cannot be sharded (grpo.distributed: fsdp): FSDP2 gathers a "
+                             "bitsandbytes 4-bit weight back as a plain tensor, without the quantization state kept "
+                             "beside it (an error with the default uint8 storage, silently wrong results with a float "
+                             "one: accelerate issue #3983). Use grpo.distributed: ddp (a 4-bit base is small enough "
+                             "to replicate), or model.finetune: lora or full with fsdp")
+        if self.grpo.optim == "adamw_8bit":
+            raise ValueError("grpo.optim: adamw_8bit does not run on FSDP2's sharded parameters (bitsandbytes' "
+                             "8-bit AdamW expects plain tensors, not DTensor shards: bitsandbytes issues #89, "
+                             "#1633). Use grpo.optim: adamw_torch with grpo.distributed: fsdp")
+        return self
 
     @model_validator(mode="after")
     def _batches_split_over_processes(self) -> "PipelineConfig":

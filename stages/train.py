@@ -12,13 +12,13 @@ Generation follows TRL's batching (grpoflow/batching.py, `grpoflow explain-batch
 generation holds `unique_prompts` x `num_generations` completions, trained on as
 `steps_per_generation` micro-batches, `num_iterations` times over.
 
-Under torchrun (or accelerate launch) each of the N processes holds a replica of the policy (DDP):
-every process draws the same prompts, generates and scores its block of them (whole groups) with
-its own engine, and trains on those rows; advantages and metrics are over the whole generation,
-dapo divides by its token count over all processes, rank 0 logs and checkpoints
-(grpoflow/train/distributed.py). Sampling is seeded per prompt (the transformers engine; vLLM with
-rollout.seed_per_prompt), so the completions, and the steps, are those of a 1-process run with the
-same global batch.
+Under torchrun (or accelerate launch) each of the N processes holds a replica of the policy (DDP)
+or 1/N of it (`grpo.distributed: fsdp`, FSDP2): every process draws the same prompts, generates
+and scores its block of them (whole groups) with its own engine, and trains on those rows;
+advantages and metrics are over the whole generation, dapo divides by its token count over all
+processes, rank 0 logs and checkpoints (grpoflow/train/distributed.py). Sampling is seeded per
+prompt (the transformers engine; vLLM with rollout.seed_per_prompt), so the completions, and the
+steps, are those of a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from grpoflow.rewards import RewardSet
 from grpoflow.rollout.hf import HFEngine
 from grpoflow.rollout.load import resolve_engine
 from grpoflow.rollout.seeded import prompt_seed
-from grpoflow.train.checkpoint import (checkpoint_path, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                                       set_rng_state)
-from grpoflow.train.distributed import setup_distributed, wrap_ddp
+from grpoflow.train.checkpoint import (checkpoint_path, gather_optimizer, gather_trained, list_checkpoints,
+                                       load_checkpoint, load_trained, rng_state, save_checkpoint, set_rng_state)
+from grpoflow.train.distributed import Distributed, setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps, loss_function
-from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
+from grpoflow.train.model import Policy, load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.rollouts import GenerationBatch, generate_batch, importance_weights
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
@@ -95,7 +95,14 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
         return TrainResult(str(out), str(final_dir), report["steps"], report)
 
     _seed_everything(grpo.seed)
-    policy = load_policy(cfg.model, grpo, model_path, dist.device)
+    sharded = _fsdp(grpo, dist)
+    policy = load_policy(cfg.model, grpo, model_path, dist.device, to_device=not sharded)
+    checkpoints = list_checkpoints(out / "checkpoints")
+    resume_from = checkpoints[-1] if grpo.resume_from_checkpoint and checkpoints else None
+    if resume_from:
+        load_trained(resume_from, policy)  # whole tensors into the whole model, before any sharding
+    if sharded:  # before the optimizer, which must hold the shards
+        policy.fsdp = shard_fsdp(policy.model, dist, policy.dtype)
     optimizer = make_optimizer(policy, grpo)
     scheduler = make_scheduler(optimizer, grpo)
     scaler = make_scaler(policy)
@@ -104,40 +111,42 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     engine = _rollout_engine(engine_name, cfg, policy, model_path,
                              batch_size=max(per_process, grpo.warmup.eval_prompts))
     sampler = PromptSampler(len(rows), grpo.seed)
-    ref_model = _reference_model(policy, model_path, cfg) if grpo.beta > 0 and not policy.is_peft else None
+    ref_model = _reference_model(policy, model_path, dist) if grpo.beta > 0 and not policy.is_peft else None
     # old log-probs are needed once the policy moves between sampling and training on a row
     need_old_logps = grpo.num_iterations > 1 or plan.steps_per_generation > grpo.gradient_accumulation_steps
 
     step, buffer, next_micro = 0, None, 0
     nonfinite_in_row, skipped_steps, warmup_report = 0, 0, None
-    checkpoints = list_checkpoints(out / "checkpoints")
-    if grpo.resume_from_checkpoint and checkpoints:
-        saved = load_checkpoint(checkpoints[-1], policy, optimizer, scheduler, scaler)
+    if resume_from:
+        saved = load_checkpoint(resume_from, policy, optimizer, scheduler, scaler)
         step, next_micro = saved["step"], saved["next_micro"]
         nonfinite_in_row, skipped_steps = saved["nonfinite_in_row"], saved["skipped_steps"]
         warmup_report = saved["warmup"]
         sampler.load_state_dict(saved["sampler"])
-        buffer = _batch_from_state(_buffer_of_this_process(saved, checkpoints[-1], dist.rank, dist.world_size),
+        buffer = _batch_from_state(_buffer_of_this_process(saved, resume_from, dist.rank, dist.world_size),
                                    policy.device)
         if len(saved.get("rng_by_rank", [])) == dist.world_size:  # load_checkpoint set rank 0's
             set_rng_state(saved["rng_by_rank"][dist.rank])
-        log.info("resumed from %s at step %d", checkpoints[-1], step)
+        log.info("resumed from %s at step %d", resume_from, step)
     elif grpo.warmup.enabled:
         warmup_report = run_format_warmup(policy, engine, rows, heldout_prompts, grpo.warmup,
                                           max_tokens=grpo.max_completion_length,
                                           max_prompt_length=grpo.max_prompt_length, seed=grpo.seed)
-    if dist.active:  # built after the warm-up and the resume: it broadcasts rank 0's weights to every replica
+    if dist.active and not sharded:
+        # DDP: built after the warm-up and the resume, it broadcasts rank 0's weights to every replica
         policy.ddp = wrap_ddp(policy.model, dist)
 
     def checkpoint(at: int) -> Path:
-        # the weights are replicas; each process's unconsumed rows and RNG are its own, so rank 0 saves them all
+        # the weights are replicas (or FSDP2's shards, gathered here); each process's unconsumed rows and RNG
+        # are its own, so rank 0 saves them all
+        weights, optimizer_state = gather_trained(policy), gather_optimizer(policy, optimizer)
         buffers, rngs = dist.all_gather(_batch_to_state(buffer)), dist.all_gather(rng_state())
         state = {"next_micro": next_micro, "nonfinite_in_row": nonfinite_in_row, "skipped_steps": skipped_steps,
                  "warmup": warmup_report, "sampler": sampler.state_dict(), "buffers": buffers, "rng_by_rank": rngs,
                  "num_processes": dist.world_size,
                  "at_generation_boundary": buffer is None or next_micro == plan.micro_steps_per_generation}
         if dist.is_main:
-            save_checkpoint(out / "checkpoints", at, policy, optimizer, scheduler, scaler, state,
+            save_checkpoint(out / "checkpoints", at, policy, weights, optimizer_state, scheduler, scaler, state,
                             keep=grpo.save_total_limit)
         dist.barrier()
         return checkpoint_path(out / "checkpoints", at)
@@ -238,16 +247,28 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
                          step, grpo.max_steps, stop_after_s, path)
                 return TrainResult(str(out), "", step, {"steps": step, "checkpoint": str(path)}, finished=False)
 
+    weights = gather_trained(policy)  # FSDP2's shards, whole on rank 0; None otherwise
     if dist.is_main:
-        _save_final(out, policy, logger, warmup_report, step, skipped_steps, cfg)
+        _save_final(out, policy, weights, logger, warmup_report, step, skipped_steps, cfg)
     dist.barrier()
     return TrainResult(str(out), str(final_dir), step, json.loads((final_dir / "report.json").read_text()))
 
 
+def _fsdp(grpo, dist: Distributed) -> bool:
+    """grpo.distributed: fsdp under torchrun. One process has nothing to shard over: it trains the
+    whole model, the run a sharded one is checked against (its checkpoints are the same)."""
+    if grpo.distributed != "fsdp":
+        return False
+    if not dist.active:
+        log.info("grpo.distributed: fsdp in one process: nothing to shard over, the policy trains whole "
+                 "(start several processes with torchrun to shard it)")
+    return dist.active
+
+
 def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, batch_size: int):
-    if name == "hf":  # generates with the policy itself
+    if name == "hf":  # generates with the policy itself (in lockstep with the other processes when sharded)
         return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
-                        autocast=policy.autocast)
+                        autocast=policy.autocast, generate=policy.generate)
     from grpoflow.rollout.vllm import VLLMEngine
 
     grpo, rollout = cfg.grpo, cfg.rollout
@@ -257,26 +278,31 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
                         seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
                         enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt)
     if policy.is_peft and rollout.share_weights:
-        engine.share_weights(policy)
+        if policy.fsdp is None:
+            engine.share_weights(policy)
+        else:  # vLLM needs whole tensors; the policy holds 1/N of each
+            log.info("rollout.share_weights: not under grpo.distributed: fsdp (the policy's base weights are "
+                     "shards); vLLM keeps its own copy")
     return engine
 
 
-def _micro_step_loss(policy, micro: dict[str, Any], buffer: GenerationBatch, grpo, ref_model) -> tuple[torch.Tensor, dict]:
+def _micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBatch, grpo,
+                     ref_model: Policy | None) -> tuple[torch.Tensor, dict]:
     T = buffer.completion_len
-    with policy.autocast():
-        logps, entropy = policy.train_logps(micro["input_ids"], micro["attention_mask"], T,  # [b, T]
-                                            temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
     ref_logps = None
-    if grpo.beta > 0:
+    if grpo.beta > 0:  # before the training forward: a sharded policy gives its gathered weights back after this
         with torch.no_grad(), policy.autocast():
             if ref_model is None:  # LoRA: the reference is the base, the adapters switched off
                 with policy.model.disable_adapter():
-                    ref_logps, _ = completion_logps(policy.model, micro["input_ids"], micro["attention_mask"], T,
-                                                    temperature=grpo.temperature, kernels=grpo.kernels)
+                    ref_logps, _ = policy.run(completion_logps, micro["input_ids"], micro["attention_mask"], T,
+                                              temperature=grpo.temperature, kernels=grpo.kernels)
             else:
-                ref_logps, _ = completion_logps(ref_model, micro["input_ids"], micro["attention_mask"], T,
-                                                temperature=grpo.temperature, kernels=grpo.kernels)
+                ref_logps, _ = ref_model.run(completion_logps, micro["input_ids"], micro["attention_mask"], T,
+                                            temperature=grpo.temperature, kernels=grpo.kernels)
         ref_logps = ref_logps.float()
+    with policy.autocast():
+        logps, entropy = policy.train_logps(micro["input_ids"], micro["attention_mask"], T,  # [b, T]
+                                            temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
     mask = micro["completion_mask"]
     is_weights, is_metrics = micro["is_weights"], {}
     if micro["sampling_logps"] is not None:  # on-policy samples of another engine: this pass is the trainer's view
@@ -334,11 +360,12 @@ def _watch_signal(history: list[dict], step: int) -> None:
             "or grpo.temperature, or use easier prompts.", ZERO_STD_WINDOW, 100 * ZERO_STD_ALARM)
 
 
-def _save_final(out: Path, policy, logger: RunLogger, warmup_report, steps: int, skipped: int,
+def _save_final(out: Path, policy, weights: dict | None, logger: RunLogger, warmup_report, steps: int, skipped: int,
                 cfg: PipelineConfig) -> Path:
     final = out / "final"
     tmp = out / f".tmp-final-{os.getpid()}"
-    policy.model.save_pretrained(tmp)  # adapters only under LoRA (save_lora); the whole model otherwise
+    # adapters only under LoRA (save_lora); the whole model otherwise; weights: gathered from FSDP2's shards
+    policy.model.save_pretrained(tmp, state_dict=weights)
     policy.tokenizer.save_pretrained(tmp)
     plot = logger.plot()
     history = logger.history
@@ -357,13 +384,19 @@ def _save_final(out: Path, policy, logger: RunLogger, warmup_report, steps: int,
     return final
 
 
-def _reference_model(policy, model_path: str, cfg: PipelineConfig):
+def _reference_model(policy: Policy, model_path: str, dist: Distributed) -> Policy:
+    """The frozen base model for the KL term (full fine-tuning), sharded as the policy is."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).to(policy.device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    return ref
+    reference = Policy(ref, policy.tokenizer, policy.device, policy.dtype, is_peft=False)
+    if policy.fsdp is not None:
+        reference.fsdp = shard_fsdp(ref, dist, policy.dtype, "KL reference")
+    else:
+        ref.to(policy.device)
+    return reference
 
 
 def _batch_to_state(batch: GenerationBatch | None) -> dict | None:
@@ -397,10 +430,11 @@ def _batch_from_state(state: dict | None, device) -> GenerationBatch | None:
 def _run_key(cfg: PipelineConfig, train_path: Path, model_path: str, num_processes: int = 1) -> str:
     """Same data, base model and training config: the same run (and its checkpoints). The batch
     counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
-    global batch on another number of processes is the same run and resumes its checkpoints."""
+    global batch on another number of processes is the same run and resumes its checkpoints; with
+    ddp or fsdp alike (grpo.distributed), whose checkpoints are the same."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
                                                     "report_to", "save_steps", "save_total_limit",
-                                                    "resume_from_checkpoint"})
+                                                    "resume_from_checkpoint", "distributed"})
     grpo["per_device_train_batch_size"] *= num_processes
     key = {"data": hashlib.sha256(Path(train_path).read_bytes()).hexdigest(), "model": str(model_path),
            "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}), "grpo": grpo}

@@ -87,6 +87,19 @@ def test_cross_field_checks():
         "set export.hub_repo_id: <user>/<repo>")
 
 
+def test_fsdp_refuses_what_it_cannot_shard():
+    fsdp = {"distributed": "fsdp"}
+    assert validate_config({"grpo": fsdp, "orchestration": {"train_processes": 2}}).grpo.distributed == "fsdp"
+    assert error_of({"grpo": fsdp, "model": {"finetune": "qlora"}}).startswith(
+        "invalid config (test.yaml):\n  - model.finetune: qlora cannot be sharded (grpo.distributed: fsdp): FSDP2 "
+        "gathers a bitsandbytes 4-bit weight back as a plain tensor")
+    assert "grpo.optim: adamw_8bit does not run on FSDP2's sharded parameters" in error_of(
+        {"grpo": {**fsdp, "optim": "adamw_8bit"}})
+    validate_config({"model": {"finetune": "qlora"}, "grpo": {"optim": "adamw_8bit"}})  # both fine under ddp
+    assert "grpo.distributed: 'zero3' is not allowed; allowed values: 'ddp' or 'fsdp'" in error_of(
+        {"grpo": {"distributed": "zero3"}})
+
+
 def test_trl_boolean_scale_rewards_still_works():
     assert validate_config({"grpo": {"scale_rewards": True}}).grpo.scale_rewards == "group"
     assert validate_config({"grpo": {"scale_rewards": False}}).grpo.scale_rewards == "none"

@@ -1,5 +1,6 @@
 """Data-parallel training for real: `torchrun --nproc-per-node 2` on CPU (gloo), through the
-launcher the flow uses, against a 1-process run with the same global batch.
+launcher the flow uses, against a 1-process run with the same global batch; with DDP and with
+FSDP2 (grpo.distributed: fsdp).
 
 Sampling is seeded per prompt (grpoflow/rollout/seeded.py), so both runs draw the same prompts
 and the same completions; what is left to differ is how the work is split. The optimizer steps
@@ -9,6 +10,7 @@ must agree: weights within float32 noise, the same logged rewards, the same loss
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,16 +104,98 @@ def test_two_processes_step_as_one_full_finetuning_dapo_and_resume_on_one(tiny_m
     assert_same_weights(trained(single.output_dir, 2), trained(resumed.output_dir, 2))
 
 
-def test_two_processes_step_as_one_lora_grpo_loss(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def lora_single(tiny_model, tmp_path_factory):
+    """The 1-process LoRA run the DDP and the FSDP2 runs are compared with (grpo.distributed does
+    not change a 1-process run), the 2-process config and the files."""
+    tmp_path = tmp_path_factory.mktemp("lora")
     one, two = two_configs(tmp_path, "lora", max_steps=1, loss_type="grpo")
-    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
-    single = run_train(one, train, heldout, model, progress=False)
+    files = prepared(tmp_path, tiny_model, one, two)
+    return run_train(one, *files, progress=False), two, tmp_path
+
+
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_processes_step_as_one_lora_grpo_loss(lora_single, distributed, capsys):
+    single, two, tmp_path = lora_single
+    two = two.model_copy(deep=True)
+    two.grpo.distributed, two.grpo.output_dir = distributed, tmp_path / distributed
     double = launch_train(two, 2)
+    assert ("FSDP2, policy" in capsys.readouterr().err) == (distributed == "fsdp")
     a, b = trained(single.output_dir, 1), trained(double.output_dir, 1)
     assert a and all("lora_" in k for k in a)  # the adapters alone are trained
     assert_same_weights(a, b)
     assert_same_metrics(metrics(single), metrics(double))
     assert (Path(double.model_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_two_processes_step_as_one_full_finetuning_and_resume_on_one_or_two(tiny_model, tmp_path, capsys):
+    """FSDP2 shards the policy and the KL reference (beta > 0); the checkpoints it writes are the
+    1-process layout, and resume on 1 process (no FSDP) and on 2 (FSDP) to the same step 2."""
+    one, two = two_configs(tmp_path, "full", max_steps=2, loss_type="dapo", temperature=0.9, beta=0.04,
+                           distributed="fsdp")
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    single = run_train(one, train, heldout, model, progress=False)  # one process: fsdp has nothing to shard over
+    double = launch_train(two, 2)
+    logged = " ".join(capsys.readouterr().err.split())
+    for what in ("policy", "KL reference"):
+        assert f"FSDP2, {what}: 2 decoder layers and the root (embeddings, norm, lm_head) sharded over 2" in logged
+    assert Path(double.output_dir).name == Path(single.output_dir).name
+    for step in (1, 2):
+        assert_same_weights(trained(single.output_dir, step), trained(double.output_dir, step))
+    assert_same_metrics(metrics(single), metrics(double))
+    assert [m["kl"] for m in metrics(single)] == pytest.approx([m["kl"] for m in metrics(double)], abs=1e-7)
+    saved = torch.load(Path(double.output_dir) / "checkpoints" / "step-000001" / "trainer_state.pt",
+                       weights_only=False)
+    assert all(isinstance(name, str) for name in saved["optimizer"]["state"])  # gathered, keyed by name
+    from transformers import AutoModelForCausalLM
+
+    final = [dict(AutoModelForCausalLM.from_pretrained(r.model_dir).named_parameters()) for r in (single, double)]
+    assert_same_weights(*final)  # final/ loads without FSDP
+
+    for processes in (1, 2):  # from the FSDP step-1 checkpoint
+        resumed_out = tmp_path / f"resumed-{processes}"
+        shutil.copytree(Path(double.output_dir).parent, resumed_out)
+        run = resumed_out / Path(double.output_dir).name
+        shutil.rmtree(run / "checkpoints" / "step-000002")
+        shutil.rmtree(run / "final")
+        cfg = one if processes == 1 else two
+        cfg.grpo.output_dir = resumed_out
+        resumed = run_train(cfg, train, heldout, model, progress=False) if processes == 1 else launch_train(cfg, 2)
+        assert resumed.steps == 2
+        assert_same_weights(trained(single.output_dir, 2), trained(resumed.output_dir, 2))
+
+
+def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
+    """tests/fsdp_checks.py: log-probs and their gradients through the chunked and Triton kernels,
+    lockstep generation with completions of different lengths, the format warm-up, and what vLLM's
+    sync receives."""
+    out = tmp_path / "fsdp.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(Path(__file__).with_name("fsdp_checks.py")), str(out), str(tiny_model)],
+                          capture_output=True, text=True, env=env, timeout=240)  # a hang fails here
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    for rank in ranks:
+        for case, result in rank.items():
+            if not case.startswith("logps/"):
+                continue
+            assert result["sharded"], case
+            if "bfloat16" in case:  # bf16 weights in use against autocast over float32 ones
+                assert result["logps_diff"] < 2e-2 and result["grad_diff"] < 2e-2 * result["grad_max"], case
+            else:
+                assert result["logps_diff"] < 1e-6 and result["grad_diff"] < 1e-6, (case, result)
+        assert "model.embed_tokens.weight" in rank["logps/chunked, tied head"]["trained"]  # the tied head's gradient
+        assert "lm_head.weight" in rank["logps/chunked, untied head"]["trained"]
+        assert all("lora_" in name for name in rank["logps/chunked, LoRA, gradient checkpointing"]["trained"])
+        assert rank["generate"]["same_tokens"]
+        warmup = rank["warmup"]  # two warm-up steps at lr 1e-2 moved the weights by 2e-2 on the development machine
+        assert warmup["weights_diff"] < WEIGHTS_ATOL and warmup["moved"] > 1e-3 and warmup["report_diff"] < 1e-5
+        assert rank["parameters"] == {"names": True, "full_diff": 0.0, "plain_tensors": True, "adapter_names": True,
+                                      "adapter_diff": 0.0}
+    assert [rank["generate"]["lengths"] for rank in ranks] == [[3], [9]]  # rank 0 waited for rank 1's 6 more steps
+    assert [rank["optimizer"]["state"] for rank in ranks] == [["DTensor"], ["DTensor"]]
+    assert ranks[0]["optimizer"]["names"] and ranks[0]["optimizer"]["diff"] == 0.0
 
 
 def test_a_checkpoint_inside_a_generation_resumes_only_on_its_own_number_of_processes(tmp_path):
@@ -136,7 +220,19 @@ def test_groups_that_would_straddle_two_processes_are_refused_before_any_work(tm
                                           r"block of per_device_train_batch_size 3 x steps_per_generation 2 = 6 "
                                           r"completions of every generation, not a whole number of prompt groups"):
         validate_config({"grpo": grpo, "orchestration": {"train_processes": 2}})
+    with pytest.raises(ConfigError, match=r"orchestration.train_processes is 2: on 2 processes"):
+        validate_config({"grpo": {**grpo, "distributed": "fsdp"}, "orchestration": {"train_processes": 2}})
     out = subprocess.run([sys.executable, "-m", "grpoflow.cli", "explain-batches", "--per-device-train-batch-size",
                           "3", "--generation-batch-size", "12", "--num-generations", "4", "--num-processes", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "a group would straddle two processes" in " ".join(out.stderr.split())
+
+
+def test_explain_batches_splits_the_work_the_same_under_fsdp():
+    """FSDP2 shards the model, not the data: each process takes the same rows as under DDP."""
+    outs = [subprocess.run([sys.executable, "-m", "grpoflow.cli", "explain-batches", "--set",
+                            f"grpo.distributed={distributed}", "--per-device-train-batch-size", "4",
+                            "--num-generations", "4", "--num-processes", "2", "--json"],
+                           capture_output=True, text=True, timeout=300) for distributed in ("ddp", "fsdp")]
+    assert [out.returncode for out in outs] == [0, 0], outs[1].stderr
+    assert json.loads(outs[1].stdout) == json.loads(outs[0].stdout)

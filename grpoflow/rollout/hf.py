@@ -17,8 +17,11 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, progress: bool = True,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, generate: Callable | None = None):
+        """generate: what runs model.generate; the trainer's policy passes its own, which runs it in
+        lockstep with the other processes when the model is sharded (FSDP2: Policy.generate)."""
         self.model = model
+        self._generate = generate or model.generate
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
@@ -69,7 +72,7 @@ class HFEngine:
             attention_mask = attention_mask.repeat_interleave(params.n, dim=0)  # [B*n, P]
             copies = 1
         with self.autocast():
-            out = self.model.generate(
+            out = self._generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_tokens,
                 num_return_sequences=copies, repetition_penalty=params.repetition_penalty,
                 pad_token_id=self.tokenizer.pad_token_id, use_cache=True,

@@ -7,7 +7,9 @@
 
 Weights after each optimizer step: full fine-tuning copies the policy's parameters into vLLM's
 own tensors in place (`load_weights`, HF names; no state dict is gathered); LoRA hands vLLM the
-adapters as a new LoRA request (saved to /dev/shm, 0.07 s for SmolLM2's), with no merge.
+adapters as a new LoRA request (saved to /dev/shm, 0.07 s for SmolLM2's), with no merge. A policy
+sharded with FSDP2 (grpo.distributed: fsdp) holds 1/N of each tensor: each one is gathered whole
+(`full_tensor`, a collective) on every process, for that process's vLLM.
 Sampling log-probs come back after temperature and the other processors ("processed_logprobs"),
 what the trainer's importance-sampling correction compares against.
 
@@ -214,21 +216,26 @@ class VLLMEngine:
 
     def sync_weights(self, policy, step: int) -> None:
         """Make the next generation sample from the policy as it is now (`step`: for the interface)."""
+        from grpoflow.train.checkpoint import gather_trained
+        from grpoflow.train.distributed import full_parameters
+
         if self._lora_dir is not None:
             from vllm.lora.request import LoRARequest
 
             # vLLM caches adapters by id: every hand-over gets a new one (the warm-up's and step 0's too)
             self._lora_version += 1
             folder = self._lora_dir / f"v{self._lora_version:08d}"
-            policy.model.save_pretrained(folder)  # adapters only
+            # adapters only; under FSDP2 gathered whole onto every process (None: the model's own)
+            policy.model.save_pretrained(folder, state_dict=gather_trained(policy, every_process=True))
             self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
             for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
                 shutil.rmtree(old, ignore_errors=True)
             return
         self.wake_up({"weights"})  # the KV cache stays released until generate
         model = self._vllm_model()
-        # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors
-        model.load_weights(weights=((name, p.detach()) for name, p in policy.model.named_parameters()))
+        # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors; one tensor
+        # at a time, gathered from FSDP2's shards if the policy is sharded
+        model.load_weights(weights=full_parameters(policy.model))
         self.weights_current = True
 
     def share_weights(self, policy) -> int:

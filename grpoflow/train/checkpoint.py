@@ -6,6 +6,16 @@ loss scaler, every RNG, the data position and the unconsumed rest of the current
 
     step-000010/model/              the trained weights, once: adapters (LoRA) or the whole model
     step-000010/trainer_state.pt    the rest
+
+Under FSDP2 every process holds a shard: `gather_trained` and `gather_optimizer` put whole tensors
+on rank 0 (every process calls them), which writes the same layout as one process does. The
+optimizer state is then keyed by parameter name rather than position; either kind loads into a
+sharded or a whole model, so a checkpoint resumes on any number of processes, with or without FSDP.
+
+    weights, optimizer_state = gather_trained(policy), gather_optimizer(policy, optimizer)  # every process
+    save_checkpoint(folder, step, policy, weights, optimizer_state, scheduler, scaler, state, keep)  # rank 0
+    load_trained(path, policy)                                       # before sharding and the optimizer
+    state = load_checkpoint(path, policy, optimizer, scheduler, scaler)  # the rest
 """
 
 from __future__ import annotations
@@ -26,17 +36,18 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(folder: Path, step: int, policy, optimizer, scheduler, scaler, state: dict[str, Any],
-                    keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, policy, weights: dict[str, torch.Tensor] | None,
+                    optimizer_state: dict[str, Any], scheduler, scaler, state: dict[str, Any], keep: int) -> Path:
+    """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
     final = checkpoint_path(folder, step)
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.model.save_pretrained(tmp / "model")  # adapters alone under LoRA: what export needs
+    policy.model.save_pretrained(tmp / "model", state_dict=weights)  # adapters alone under LoRA: what export needs
     policy.tokenizer.save_pretrained(tmp / "model")
     torch.save({
         "step": step,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": rng_state(), **state,
     }, tmp / "trainer_state.pt")
     if final.exists():
@@ -47,27 +58,106 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, scheduler, scale
     return final
 
 
+def gather_trained(policy, *, every_process: bool = False) -> dict[str, torch.Tensor] | None:
+    """The trained weights as whole tensors (adapters alone under LoRA), from FSDP2's shards: on
+    rank 0, in host memory (every_process: on every process, on its device). Every process must
+    call it. None for a model that is not sharded: its own state dict is whole."""
+    if policy.fsdp is None:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if policy.is_peft:
+        # one by one: get_model_state_dict(ignore_frozen_params=True) drops a frozen weight under its
+        # first name only, so it would gather a tied lm_head (vocabulary x hidden) along with the adapters
+        main = every_process or torch.distributed.get_rank() == 0
+        adapters = {}
+        for name, p in policy.model.named_parameters():
+            if p.requires_grad:
+                whole = (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+                if main:
+                    adapters[name] = whole if every_process else whole.cpu()
+        return adapters
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=not every_process))
+    # a tied weight comes back as one copy per name; save_pretrained drops the tied name only when it is
+    # the same tensor, as it is in a whole model
+    first: dict[int, str] = {}
+    for name, p in policy.model.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(p), name)
+        if kept != name and name in weights and kept in weights:
+            weights[name] = weights[kept]
+    return weights
+
+
+def gather_optimizer(policy, optimizer) -> dict[str, Any]:
+    """The optimizer's state: its own state_dict for a whole model; from FSDP2's shards, whole
+    tensors on rank 0 keyed by parameter name (every process must call it)."""
+    if policy.fsdp is None:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(policy.model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.startswith(PREFIX) and (p / "trainer_state.pt").is_file())
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, scaler) -> dict[str, Any]:
-    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    older = saved.pop("trainable", None)  # checkpoints from before model/ was the only copy
-    if older is not None:
-        params = dict(policy.model.named_parameters())
-        with torch.no_grad():
-            for name, value in older.items():
-                params[name].copy_(value.to(params[name].device))
-    else:
+def load_trained(path: Path, policy) -> None:
+    """The checkpoint's trained weights into the policy, whole: before FSDP2 shards it."""
+    # mmap: the optimizer state in the same file is not read here
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False, mmap=True)
+    older = saved.get("trainable")  # checkpoints from before model/ was the only copy
+    if older is None:
         _load_trained(path, policy)
-    optimizer.load_state_dict(saved.pop("optimizer"))
+        return
+    params = dict(policy.model.named_parameters())
+    with torch.no_grad():
+        for name, value in older.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def load_checkpoint(path: Path, policy, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """Everything but the weights (load_trained), into an optimizer made over the policy as it
+    trains now (sharded or whole). Returns the rest of the saved state."""
+    saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    saved.pop("trainable", None)
+    _load_optimizer(path, policy, optimizer, saved.pop("optimizer"))
     scheduler.load_state_dict(saved.pop("scheduler"))
     scaler.load_state_dict(saved.pop("scaler"))
     set_rng_state(saved.pop("rng"))
     return saved
+
+
+def _load_optimizer(path: Path, policy, optimizer, state: dict[str, Any]) -> None:
+    """A state keyed by position (a whole model's optimizer.state_dict) or by parameter name
+    (gather_optimizer's under FSDP2), into either kind of model."""
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]  # the optimizer's order
+    order = [p for group in state["param_groups"] for p in group["params"]]
+    by_name = bool(order) and isinstance(order[0], str)
+    if (order != names) if by_name else len(order) != len(names):
+        raise RuntimeError(f"{path / 'trainer_state.pt'}: its optimizer state is for {len(order)} trained "
+                           f"parameters, this model trains {len(names)}; resume with the same model and model section")
+    if policy.fsdp is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not by_name:
+            state = _rekey(state, dict(enumerate(names)))
+        set_optimizer_state_dict(policy.model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        if by_name:
+            state = _rekey(state, {name: i for i, name in enumerate(order)})
+        optimizer.load_state_dict(state)
+
+
+def _rekey(state: dict[str, Any], key: dict) -> dict[str, Any]:
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in state["param_groups"]]}
 
 
 def trained_weights(path: Path) -> dict[str, torch.Tensor]:

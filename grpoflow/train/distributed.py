@@ -1,12 +1,14 @@
 """Data parallelism: the process group torchrun (or accelerate launch) describes, and what crosses ranks.
 
     dist = setup_distributed()             # reads RANK, WORLD_SIZE, LOCAL_RANK; 1 process without them
-    policy.ddp = wrap_ddp(policy, dist)     # the training forward goes through DDP
+    policy.ddp = wrap_ddp(policy, dist)     # grpo.distributed: ddp; the training forward goes through DDP
+    policy.fsdp = shard_fsdp(policy.model, dist, policy.dtype)  # grpo.distributed: fsdp; every use goes through it
     dist.all_gather(obj) / dist.all_true(flag) / dist.reduce_metrics(record)
 
-Every process holds a whole replica of the policy (DDP), generates its share of each generation's
-prompts with its own engine, and trains on that share; DDP averages the gradients. Rank 0 writes
-the logs and checkpoints.
+Every process generates its share of each generation's prompts with its own engine and trains on
+that share. Under DDP it holds a whole replica of the policy and DDP averages the gradients; under
+FSDP2 it holds 1/N of every weight, gradient and optimizer state, and a unit's weights are gathered
+for its forward and backward. Rank 0 writes the logs and checkpoints.
 
 NCCL settings are the host's: nothing here sets or changes an NCCL_* variable (shared hosts set
 some on purpose, e.g. NCCL_NVLS_ENABLE=0); the ones set are logged once, as they were found.
@@ -154,3 +156,68 @@ def wrap_ddp(model: torch.nn.Module, dist: Distributed) -> torch.nn.Module:
 
     return DistributedDataParallel(CompletionLogps(model), device_ids=[dist.device] if dist.device.type == "cuda"
                                    else None)
+
+
+class FSDPRoot(torch.nn.Module):
+    """FSDP2's root module around the policy: `root(fn, *args)` runs fn(model, *args) as its forward.
+
+    Every use of a sharded model goes through here (the training forward, log-probs without
+    gradient, generate, the warm-up): FSDP2 gathers a unit's weights in hooks around a module's
+    forward, and the chunked and Triton log-probs call the backbone and read lm_head.weight
+    themselves, never model.forward. So the weights outside the decoder layers (embeddings, final
+    norm, lm_head: one tensor when tied) belong to this module's unit, gathered for the whole call
+    and, when a gradient flows, reduce-scattered after the backward. It also makes this module the
+    first FSDP module to run, which FSDP2 takes as its root."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def shard_fsdp(model: torch.nn.Module, dist: Distributed, dtype: torch.dtype, what: str = "policy") -> torch.nn.Module:
+    """FSDP2 (`fully_shard`) over the policy: each decoder layer a unit, then the rest under an
+    FSDPRoot. Each process keeps 1/N of every weight (moved to its device as it is sharded, so the
+    whole model is never on one card); gradients are reduce-scattered and averaged, as DDP averages
+    them. Mixed precision from the run's dtype: weights gathered and used in it, gradients reduced
+    in float32; float32 runs keep float32 throughout. Call it before the optimizer is made: the
+    optimizer must hold the shards (DTensor parameters), not the whole tensors they replace."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mixed)
+    root = fully_shard(FSDPRoot(model), mesh=mesh, mp_policy=mixed)
+    if dist.is_main:
+        log.info("FSDP2, %s: %d decoder layers and the root (embeddings, norm, lm_head) sharded over %d "
+                 "processes%s", what, len(layers), dist.world_size, f", {str(dtype).removeprefix('torch.')} weights "
+                 "in use, float32 gradient reduction" if dtype != torch.float32 else "")
+    return root
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the classes transformers never splits across devices
+    (`_no_split_modules`, e.g. LlamaDecoderLayer), which is also what accelerate's FSDP wraps."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    names = set(getattr(causal_lm, "_no_split_modules", None) or [])
+    layers = [m for m in causal_lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"grpo.distributed: fsdp found no decoder layers to shard in {type(causal_lm).__name__} "
+                           f"(its _no_split_modules: {sorted(names) or 'none'}); use grpo.distributed: ddp")
+    return layers
+
+
+def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) for each parameter, under the model's own names. A shard (FSDP2's
+    DTensor) is gathered from every process, a collective: every process must go through all of
+    them, in this order. A tied weight comes once, as named_parameters gives it."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in model.named_parameters():
+        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()

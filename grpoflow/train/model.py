@@ -25,17 +25,39 @@ class Policy:
     dtype: torch.dtype  # compute dtype (autocast)
     is_peft: bool
     ddp: torch.nn.Module | None = None  # the training forward under DDP (grpoflow/train/distributed.py)
+    fsdp: torch.nn.Module | None = None  # FSDP2's root module when the model is sharded (shard_fsdp)
+
+    def run(self, fn, *args, **kwargs):
+        """fn(self.model, *args, **kwargs): every forward of the model goes through here. Sharded,
+        it runs as FSDP2's root forward, which gathers the weights outside the decoder layers first
+        (distributed.FSDPRoot says why); every process must make the same calls."""
+        if self.fsdp is None:
+            return fn(self.model, *args, **kwargs)
+        out = self.fsdp(fn, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            # FSDP2's root keeps its gathered weights until the backward; without one, give them back
+            # now (else model.parameters() would hand out the whole tensors instead of the shards)
+            self.fsdp.reshard()
+        return out
 
     def train_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, **kwargs):
         """The forward whose backward trains: through DDP under data parallelism (DDP all-reduces
-        the gradients of a forward through its wrapper only), else the model's own."""
+        the gradients of a forward through its wrapper only), else the model's own (FSDP2's hooks
+        reduce-scatter the gradients of a sharded one)."""
         if self.ddp is not None:
             return self.ddp(input_ids, attention_mask, completion_len, **kwargs)
-        return completion_logps(self.model, input_ids, attention_mask, completion_len, **kwargs)
+        return self.run(completion_logps, input_ids, attention_mask, completion_len, **kwargs)
+
+    def generate(self, **kwargs):
+        """The model's generate. Sharded, every decoding step gathers each layer's weights, a
+        collective every process must make as often as the others: generate then runs in lockstep
+        (synced_gpus), a process whose completions have ended stepping on until every process's have."""
+        return self.run(lambda model: model.generate(synced_gpus=self.fsdp is not None, **kwargs))
 
     def no_sync(self, skip: bool):
         """skip=True for a micro-step before the last of an optimizer step: DDP leaves out its
-        all-reduce and reduces the accumulated gradients once, at the last."""
+        all-reduce and reduces the accumulated gradients once, at the last. FSDP2 reduce-scatters
+        every micro-step's instead: skipping it would hold whole unsharded gradients in between."""
         return self.ddp.no_sync() if skip and self.ddp is not None else contextlib.nullcontext()
 
     def autocast(self):
@@ -48,8 +70,11 @@ class Policy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, device: torch.device | None = None) -> Policy:
-    """device: this process's (cuda:LOCAL_RANK under torchrun); default the GPU if any, else the CPU."""
+def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, device: torch.device | None = None, *,
+                to_device: bool = True) -> Policy:
+    """device: this process's (cuda:LOCAL_RANK under torchrun); default the GPU if any, else the CPU.
+    to_device=False leaves the weights in host memory: FSDP2 moves each process's shard to the
+    device as it shards the model (grpoflow/train/distributed.py), so the whole model is never on one card."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +101,7 @@ def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, devic
     # A frozen base can live in the compute dtype (half the memory); trained weights stay float32.
     weights_dtype = dtype if model_cfg.finetune in ("lora", "qlora") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights_dtype, **kwargs)
-    if model_cfg.finetune != "qlora":
+    if model_cfg.finetune != "qlora" and to_device:
         model.to(device)
 
     if grpo.gradient_checkpointing:
@@ -136,7 +161,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, grpo: GRPOConfig) -> torch.
 
 def make_scaler(policy: Policy) -> torch.amp.GradScaler:
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none
-    return torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
+    enabled = policy.dtype == torch.float16
+    if policy.fsdp is not None:
+        # each process sees its shard of the gradients only: FSDP's scaler agrees on "found inf" over all
+        # processes, so that they skip the same steps and keep the same scale
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(policy.device.type, enabled=enabled)
+    return torch.amp.GradScaler(policy.device.type, enabled=enabled)
 
 
 DEFAULT_CHAT_TEMPLATE = (

@@ -105,8 +105,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     if need_old_logps:
         # the policy will move before some of these rows are trained on: keep its log-probs now
         with torch.no_grad(), policy.autocast():
-            parts = [completion_logps(policy.model, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
-                                      width, temperature=grpo.temperature, kernels=grpo.kernels)[0]
+            parts = [policy.run(completion_logps, input_ids[i:i + micro_batch], attention_mask[i:i + micro_batch],
+                                width, temperature=grpo.temperature, kernels=grpo.kernels)[0]
                      for i in range(0, len(completions), micro_batch)]
         old_logps = torch.cat(parts).float()  # [N, T]
         if correct:

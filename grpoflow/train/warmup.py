@@ -16,6 +16,7 @@ import torch
 
 from grpoflow.config import FormatWarmupConfig
 from grpoflow.rollout import RolloutEngine, SamplingParams
+from grpoflow.train.model import make_scaler
 from grpoflow.verifiers.answer import in_format
 
 log = logging.getLogger("grpoflow.train")
@@ -44,22 +45,22 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
     before = format_rate(engine, heldout_prompts, max_tokens)
     log.info("format warm-up: %d rows x %d epoch(s); strict format before: %.0f%%", len(rows), cfg.epochs,
              100 * before["strict_format"])
-    tokenizer, model = policy.tokenizer, policy.model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.dtype == torch.float16)
+    tokenizer = policy.tokenizer
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+    scaler = make_scaler(policy)
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    model.train()
+    policy.model.train()
     for _ in range(cfg.epochs):
         order = torch.randperm(len(rows), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
             batch = [rows[i] for i in order[start:start + cfg.batch_size]]
             input_ids, attention_mask, labels = _sft_batch(tokenizer, batch, max_prompt_length, max_tokens, policy.device)
-            with policy.autocast():
-                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            with policy.autocast():  # every process the same rows: under FSDP2 the average is any one's gradient
+                loss = policy.run(_sft_loss, input_ids, attention_mask, labels)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -75,6 +76,10 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
              report["seconds"], report["loss_first"], report["loss_last"], 100 * before["strict_format"],
              100 * after["strict_format"], len(heldout_prompts))
     return report
+
+
+def _sft_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
 def _sft_batch(tokenizer, rows, max_prompt_length: int, max_tokens: int, device):
