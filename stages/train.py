@@ -266,7 +266,7 @@ def _fsdp(grpo, dist: Distributed) -> bool:
 
 
 def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, batch_size: int):
-    if name == "hf":  # generates with the policy itself (in lockstep with the other processes when sharded)
+    if name == "hf":  # generates with the policy itself (its weights gathered for each call when sharded)
         return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
                         autocast=policy.autocast, generate=policy.generate)
     from grpoflow.rollout.vllm import VLLMEngine

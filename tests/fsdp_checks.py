@@ -9,8 +9,12 @@ both processes to OUT.json; the test reads the numbers and holds them to toleran
 
     logps/<case>     the chunked and Triton log-probs (tied, untied and LoRA heads, float32 and
                      bfloat16 mixed precision): log-probs and every trained gradient, sharded vs whole
-    generate         transformers generate in lockstep (synced_gpus) with completions of different
-                     lengths on the two processes: the tokens a whole model draws, and no hang
+    generate/<case>  transformers generate from weights gathered once per call (full fine-tuning,
+                     LoRA), completions of different lengths on the two processes: the tokens a
+                     whole model draws, each process stopping at its own length, the collectives
+                     around generate and inside it (none), sharded again after it, and a training
+                     step after it against the whole model's
+    generate raises  an error inside generate: sharded again after it, and a training step after it
     warmup           the format warm-up (a supervised pass through the root, then greedy generation):
                      the weights and format rates of a whole model's warm-up
     full_parameters  what vLLM's weight sync receives: whole tensors on every process
@@ -32,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from grpoflow.train.distributed import setup_distributed, shard_fsdp  # noqa: E402
 from grpoflow.train.logps import completion_logps  # noqa: E402
@@ -71,13 +76,19 @@ def batch():
 
 
 def logps_case(dist, build, kernels: str, dtype: torch.dtype) -> dict:
-    """Sum of log-probs over the global batch, divided by its rows: one process over all 4 rows,
-    or each of 2 over its own 2 with FSDP2 averaging the gradients (hence the factor world_size)."""
     model = build()
     whole = copy.deepcopy(model)
     sharded = Policy(model, None, dist.device, dtype, is_peft=hasattr(model, "get_base_model"))
     sharded.fsdp = shard_fsdp(model, dist, dtype)
     one = Policy(whole, None, dist.device, dtype, is_peft=sharded.is_peft)
+    return {**train_step(dist, sharded, one, kernels), "sharded": isinstance(next(model.parameters()), DTensor)}
+
+
+def train_step(dist, sharded: Policy, one: Policy, kernels: str = "chunked") -> dict:
+    """Sum of log-probs over the global batch, divided by its rows: one process over all 4 rows,
+    or each of 2 over its own 2 with FSDP2 averaging the gradients (hence the factor world_size).
+    The log-probs and every trained gradient, sharded against whole."""
+    model, whole = sharded.model, one.model
     ids, mask = batch()
     mine = slice(dist.rank * B // 2, (dist.rank + 1) * B // 2)
     with one.autocast():
@@ -93,33 +104,144 @@ def logps_case(dist, build, kernels: str, dtype: torch.dtype) -> dict:
             grads[name] = ((grad.float() - q.grad.float()).abs().max().item(), q.grad.float().abs().max().item())
     return {"logps_diff": (got.float() - ref[mine].float()).abs().max().item(),
             "grad_diff": max(d for d, _ in grads.values()), "grad_max": max(m for _, m in grads.values()),
-            "trained": sorted(grads), "sharded": isinstance(next(model.parameters()), DTensor)}
+            "trained": sorted(grads)}
 
 
-def generate_case(dist, tiny_model: str) -> dict:
-    """Rank 0 stops after 3 tokens, rank 1 after 9: rank 0 must keep stepping (and gathering the
-    layers' weights) until rank 1 is done. Both must draw what a whole model draws alone."""
+def sharded_and_whole(dist, tiny_model: str, finetune: str) -> tuple[Policy, Policy]:
+    """The trainer's policy (load_policy, then shard_fsdp) and a whole copy of it. LoRA with
+    gradient checkpointing, as the trainer sets it up, and random adapters (B starts at zero):
+    generating without them would draw other tokens."""
     from grpoflow.config import GRPOConfig, ModelConfig
+    from grpoflow.train.model import load_policy
+
+    model_cfg = ModelConfig(name_or_path=tiny_model, finetune=finetune, dtype="float32")
+    grpo = GRPOConfig(gradient_checkpointing=finetune == "lora")
+    policy = load_policy(model_cfg, grpo, tiny_model, dist.device, to_device=False)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    one = Policy(copy.deepcopy(policy.model), policy.tokenizer, dist.device, policy.dtype, policy.is_peft)
+    policy.fsdp = shard_fsdp(policy.model, dist, policy.dtype)
+    return policy, one
+
+
+def gathered_bytes(root) -> int:
+    """Bytes of whole weights FSDP2 holds now: its all-gather outputs (FSDPParam.all_gather_outputs,
+    torch's private state, read to see the weights gathered inside generate and freed after it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(t.untyped_storage().nbytes() for unit in root.modules() if isinstance(unit, FSDPModule)
+               for group in unit._get_fsdp_state()._fsdp_param_groups for p in group.fsdp_params
+               for t in p.all_gather_outputs)
+
+
+class Collectives(TorchDispatchMode):
+    """Counts the collectives (torch.distributed's c10d ops) that run inside it, as torch's
+    CommDebugMode does; CommDebugMode's module tracking adds a hook at every call of a module and
+    fails on a module called more than once (every decoding step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) in ("c10d", "_c10d_functional"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def layer_units(policy: Policy) -> list[torch.nn.Module]:
+    """The decoder layers, as shard_fsdp made them units (FSDP2 renamed their classes)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in policy.model.modules() if isinstance(m, FSDPModule)]
+
+
+def all_sharded(policy: Policy) -> bool:
+    return all(isinstance(p, DTensor) for p in policy.model.parameters()) and gathered_bytes(policy.fsdp) == 0
+
+
+def sharded_after_forward(policy: Policy) -> bool:
+    """A forward without gradient gathers and reshards each unit as before generate."""
+    with torch.no_grad():
+        policy.run(lambda model: model(input_ids=batch()[0]))
+    return all_sharded(policy)
+
+
+def generate_case(dist, tiny_model: str, finetune: str) -> dict:
+    """Rank 0 stops after 3 tokens, rank 1 after 9, each when its own completions end. Around
+    generate, Policy.generate gathers every unit once (the collectives counted); inside it, no
+    collective. Both draw what a whole model draws alone; after it the model is sharded again,
+    stays sharded after a forward, and trains as the whole one does."""
     from grpoflow.rollout import SamplingParams
     from grpoflow.rollout.hf import HFEngine
     from grpoflow.rollout.seeded import prompt_seed
-    from grpoflow.train.model import load_policy
 
-    model_cfg = ModelConfig(name_or_path=tiny_model, finetune="full", dtype="float32")
-    grpo = GRPOConfig(gradient_checkpointing=False)
-    policy = load_policy(model_cfg, grpo, tiny_model, dist.device, to_device=False)
-    whole = load_policy(model_cfg, grpo, tiny_model, dist.device)
-    policy.fsdp = shard_fsdp(policy.model, dist, policy.dtype)
+    policy, one = sharded_and_whole(dist, tiny_model, finetune)
+    whole_bytes = sum(p.numel() * p.element_size() for p in one.model.parameters())  # a tied weight once
+    model_generate, inside, around = policy.model.generate, [], []
+
+    def counted_policy_generate(**kwargs):
+        with Collectives() as collectives:
+            out = policy.generate(**kwargs)
+        around.append(collectives.count)
+        return out
+
+    def counted_model_generate(**kwargs):  # what runs after the units were gathered
+        forwards = []
+        hook = layer_units(policy)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+        try:
+            with Collectives() as collectives:
+                out = model_generate(**kwargs)
+        finally:
+            hook.remove()
+        inside.append({"collectives": collectives.count, "forwards": len(forwards),
+                       "gathered": gathered_bytes(policy.fsdp) >= whole_bytes})
+        return out
+
+    policy.model.generate = counted_model_generate  # the real generate, counted
     mine = range(2 * dist.rank, 2 * dist.rank + 2)  # 2 prompts a process
     prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in mine]
     seeds = [prompt_seed(5, 2 * dist.rank + i) for i in range(2)]
     # the random model seldom writes EOS: the lengths come from max_tokens
     params = SamplingParams(max_tokens=3 if dist.rank == 0 else 9, temperature=1.0, n=2)
-    sharded = HFEngine(policy.model, policy.tokenizer, progress=False, generate=policy.generate)
-    alone = HFEngine(whole.model, whole.tokenizer, progress=False)
+    sharded = HFEngine(policy.model, policy.tokenizer, progress=False, generate=counted_policy_generate)
+    alone = HFEngine(one.model, one.tokenizer, progress=False)
     got = [[c.token_ids for c in group] for group in sharded.generate(prompts, params, seeds=seeds)]
     expected = [[c.token_ids for c in group] for group in alone.generate(prompts, params, seeds=seeds)]
-    return {"same_tokens": got == expected, "lengths": sorted({len(t) for group in got for t in group})}
+    return {"same_tokens": got == expected, "lengths": sorted({len(t) for group in got for t in group}),
+            "inside": inside, "around": around, "units": len(layer_units(policy)) + 1,  # and the root
+            "sharded_after": all_sharded(policy), "sharded_after_forward": sharded_after_forward(policy),
+            **train_step(dist, policy, one)}
+
+
+def generate_raises_case(dist, tiny_model: str) -> dict:
+    """An MLP inside a decoder layer raises in the middle of generate, at its 4th forward (on both
+    processes: the lockstep generate it replaced would hang otherwise): the error comes through,
+    the model is sharded again, and trains as the whole one does (FSDP2 is not left mid-forward)."""
+    from grpoflow.rollout import SamplingParams
+    from grpoflow.rollout.hf import HFEngine
+
+    policy, one = sharded_and_whole(dist, tiny_model, "full")
+    calls = []
+
+    def fail(*_):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("raised inside generate")
+
+    hook = layer_units(policy)[1].mlp.register_forward_hook(fail)
+    engine = HFEngine(policy.model, policy.tokenizer, progress=False, generate=policy.generate)
+    try:
+        engine.generate([[{"role": "user", "content": "Count."}]], SamplingParams(max_tokens=9, temperature=0.0))
+        raised = None
+    except RuntimeError as e:
+        raised = str(e)
+    hook.remove()
+    return {"raised": raised, "sharded_after": all_sharded(policy),
+            "sharded_after_forward": sharded_after_forward(policy), **train_step(dist, policy, one)}
 
 
 def warmup_case(dist, tiny_model: str) -> dict:
@@ -215,7 +337,9 @@ def main() -> None:
         "logps/naive, tied head": logps_case(dist, lambda: tiny_llama(tied=True), "naive", torch.float32),
         "logps/chunked, tied head, bfloat16": logps_case(dist, lambda: tiny_llama(tied=True), "chunked",
                                                          torch.bfloat16),
-        "generate": generate_case(dist, tiny_model),
+        "generate/full": generate_case(dist, tiny_model, "full"),
+        "generate/LoRA, gradient checkpointing": generate_case(dist, tiny_model, "lora"),
+        "generate raises": generate_raises_case(dist, tiny_model),
         "warmup": warmup_case(dist, tiny_model),
         "parameters": parameters_case(dist),
         "optimizer": optimizer_case(dist),

@@ -167,8 +167,8 @@ def test_fsdp_two_processes_step_as_one_full_finetuning_and_resume_on_one_or_two
 
 def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
     """tests/fsdp_checks.py: log-probs and their gradients through the chunked and Triton kernels,
-    lockstep generation with completions of different lengths, the format warm-up, and what vLLM's
-    sync receives."""
+    generation from gathered weights with completions of different lengths (and an error inside
+    it), the format warm-up, and what vLLM's sync receives."""
     out = tmp_path / "fsdp.json"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -188,12 +188,25 @@ def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
         assert "model.embed_tokens.weight" in rank["logps/chunked, tied head"]["trained"]  # the tied head's gradient
         assert "lm_head.weight" in rank["logps/chunked, untied head"]["trained"]
         assert all("lora_" in name for name in rank["logps/chunked, LoRA, gradient checkpointing"]["trained"])
-        assert rank["generate"]["same_tokens"]
+        for case in ("generate/full", "generate/LoRA, gradient checkpointing"):
+            result = rank[case]
+            assert result["same_tokens"], case
+            # every unit gathered once around generate (one all-gather each), nothing inside it
+            assert result["around"] == [result["units"]] and result["inside"][0]["collectives"] == 0, (case, result)
+            assert result["inside"][0]["gathered"] and result["sharded_after"] and result["sharded_after_forward"], case
+            assert result["logps_diff"] < 1e-6 and result["grad_diff"] < 1e-6, (case, result)
+        raises = rank["generate raises"]
+        assert raises["raised"] == "raised inside generate", raises
+        assert raises["sharded_after"] and raises["sharded_after_forward"], raises
+        assert raises["logps_diff"] < 1e-6 and raises["grad_diff"] < 1e-6, raises
         warmup = rank["warmup"]  # two warm-up steps at lr 1e-2 moved the weights by 2e-2 on the development machine
         assert warmup["weights_diff"] < WEIGHTS_ATOL and warmup["moved"] > 1e-3 and warmup["report_diff"] < 1e-5
         assert rank["parameters"] == {"names": True, "full_diff": 0.0, "plain_tensors": True, "adapter_names": True,
                                       "adapter_diff": 0.0}
-    assert [rank["generate"]["lengths"] for rank in ranks] == [[3], [9]]  # rank 0 waited for rank 1's 6 more steps
+    for case in ("generate/full", "generate/LoRA, gradient checkpointing"):
+        assert [rank[case]["lengths"] for rank in ranks] == [[3], [9]], case
+        # each process stops when its own completions end: rank 0 does not step on for rank 1's 6 more tokens
+        assert [rank[case]["inside"][0]["forwards"] for rank in ranks] == [3, 9], case
     assert [rank["optimizer"]["state"] for rank in ranks] == [["DTensor"], ["DTensor"]]
     assert ranks[0]["optimizer"]["names"] and ranks[0]["optimizer"]["diff"] == 0.0
 

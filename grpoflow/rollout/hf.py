@@ -18,8 +18,8 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 16, progress: bool = True,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, generate: Callable | None = None):
-        """generate: what runs model.generate; the trainer's policy passes its own, which runs it in
-        lockstep with the other processes when the model is sharded (FSDP2: Policy.generate)."""
+        """generate: what runs model.generate; the trainer's policy passes its own, which gathers a
+        sharded model's weights for the call (FSDP2: Policy.generate)."""
         self.model = model
         self._generate = generate or model.generate
         self.tokenizer = tokenizer

@@ -8,7 +8,8 @@
 Every process generates its share of each generation's prompts with its own engine and trains on
 that share. Under DDP it holds a whole replica of the policy and DDP averages the gradients; under
 FSDP2 it holds 1/N of every weight, gradient and optimizer state, and a unit's weights are gathered
-for its forward and backward. Rank 0 writes the logs and checkpoints.
+for its forward and backward, and all of them at once for a generate call (whole_weights). Rank 0
+writes the logs and checkpoints.
 
 NCCL settings are the host's: nothing here sets or changes an NCCL_* variable (shared hosts set
 some on purpose, e.g. NCCL_NVLS_ENABLE=0); the ones set are logged once, as they were found.
@@ -199,6 +200,35 @@ def shard_fsdp(model: torch.nn.Module, dist: Distributed, dtype: torch.dtype, wh
                  "processes%s", what, len(layers), dist.world_size, f", {str(dtype).removeprefix('torch.')} weights "
                  "in use, float32 gradient reduction" if dtype != torch.float32 else "")
     return root
+
+
+@contextlib.contextmanager
+def whole_weights(root: torch.nn.Module) -> Iterator[None]:
+    """Every unit of a shard_fsdp model gathered once, whole until the block ends: the root's
+    forwards inside the block gather nothing (generate: one all-gather per unit a call, instead of
+    one per layer per decoding step). Meanwhile every process holds the whole weights, in the
+    dtype they are used in, as one process does. Then every unit is sharded again, the layers
+    reshard after their forward again and the root keeps its weights until the backward (FSDP2's
+    default for the root), as shard_fsdp left them, even when the block raised."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    root.set_reshard_after_forward(False)  # every unit: a forward leaves the weights gathered
+    try:
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        except BaseException:
+            # a forward cut short leaves FSDP2 mid-iteration, its units still "in their forward": the
+            # root's reshard() below would do nothing (it keeps its weights after a forward) and the
+            # stale state would carry into the next forward. This is FSDP2's recovery for that.
+            root.reset_iter_state()
+            raise
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not root, recurse=False)
+            unit.reshard()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

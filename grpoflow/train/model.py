@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from grpoflow.config import ConfigError, GRPOConfig, ModelConfig
+from grpoflow.train.distributed import whole_weights
 from grpoflow.train.logps import completion_logps
 
 log = logging.getLogger("grpoflow.train")
@@ -49,10 +50,13 @@ class Policy:
         return self.run(completion_logps, input_ids, attention_mask, completion_len, **kwargs)
 
     def generate(self, **kwargs):
-        """The model's generate. Sharded, every decoding step gathers each layer's weights, a
-        collective every process must make as often as the others: generate then runs in lockstep
-        (synced_gpus), a process whose completions have ended stepping on until every process's have."""
-        return self.run(lambda model: model.generate(synced_gpus=self.fsdp is not None, **kwargs))
+        """The model's generate. Sharded, every unit's weights are gathered once, before it, and
+        sharded again after it (distributed.whole_weights): the decoding steps make no collective,
+        so each process stops when its own completions end. synced_gpus stays off: transformers
+        turns it on for an FSDP model, an all-reduce every step that would keep a process that is
+        done stepping until every process is."""
+        with whole_weights(self.fsdp) if self.fsdp is not None else contextlib.nullcontext():
+            return self.run(lambda model: model.generate(synced_gpus=False, **kwargs))
 
     def no_sync(self, skip: bool):
         """skip=True for a micro-step before the last of an optimizer step: DDP leaves out its
