@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as torch_dist
 
+from grpoflow.errors import ConfigError
+
 log = logging.getLogger("grpoflow.train")
 
 # How each metric combines over processes; anything else is averaged (micro-batch means, the loss,
@@ -186,7 +188,12 @@ def shard_fsdp(model: torch.nn.Module, dist: Distributed, dtype: torch.dtype, wh
     in float32; float32 runs keep float32 throughout. Call it before the optimizer is made: the
     optimizer must hold the shards (DTensor parameters), not the whole tensors they replace."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise ConfigError(f"grpo.distributed: fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch "
+                          f"{torch.__version__} does not have: install torch 2.13, or use grpo.distributed: ddp") from None
 
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
@@ -222,8 +229,10 @@ def whole_weights(root: torch.nn.Module) -> Iterator[None]:
         except BaseException:
             # a forward cut short leaves FSDP2 mid-iteration, its units still "in their forward": the
             # root's reshard() below would do nothing (it keeps its weights after a forward) and the
-            # stale state would carry into the next forward. This is FSDP2's recovery for that.
-            root.reset_iter_state()
+            # stale state would carry into the next forward. This is FSDP2's recovery for that
+            # (torch 2.13; on a torch without it the error still propagates, the root may stay whole)
+            if hasattr(root, "reset_iter_state"):
+                root.reset_iter_state()
             raise
     finally:
         for unit in units:
