@@ -10,9 +10,12 @@
 
 Each run is `grpoflow train` (1 process) or `torchrun --standalone --nproc-per-node N -m grpoflow.cli
 train` with per_device_train_batch_size = global batch / N: SmolLM2-135M-Instruct, full fine-tuning,
-bf16, the transformers engine (--engine vllm: a colocated vLLM per process), 8 prompts x 8 completions x up to 256 tokens a step, 10 steps, no
-format warm-up. Sampling is seeded per prompt, so both runs start from the same completions; bf16
-kernels on other batch shapes then let them drift apart ("within noise").
+bf16, the transformers engine (--engine vllm: a colocated vLLM per process, staged as in
+benchmarks/vllm_gpu.sh, with PYTHONPATH=$PWD:/tmp/vsite), 8 prompts x 8 completions x up to 256
+tokens a step, 10 steps, no format warm-up (--warmup: the config's, on every process). The
+transformers engine samples with a seed per prompt, so both runs start from the same completions
+(vLLM only with --set rollout.seed_per_prompt=true); bf16 kernels on other batch shapes then let
+them drift apart ("within noise").
 
 Writes to --out (names end in -TAG with --tag): ddp_scaling.json (settings, per-run throughput, per-step curves and their
 differences), ddp_scaling.md (the table for benchmarks/RESULTS.md), ddp_scaling.png (loss and
@@ -53,6 +56,8 @@ def main() -> int:
     parser.add_argument("--finetune", default="full", choices=["full", "lora"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both runs (e.g. rollout.seed_per_prompt=true)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="the config's format warm-up first (on every process), so rewards and curves carry signal")
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
                         help="the N-process run: DDP replicas, or FSDP2 shards (grpo.distributed)")
@@ -78,7 +83,7 @@ def main() -> int:
     common = [*base, "--set", f"model.name_or_path={model}", "--set", f"data.source={data}",
               "--set", f"data.output_dir={work / 'data'}", "--set", f"model.finetune={args.finetune}",
               "--set", f"rollout.engine={args.engine}", "--set", f"grpo.distributed={args.distributed}",
-              "--set", "grpo.warmup.enabled=false",
+              "--set", f"grpo.warmup.enabled={str(args.warmup).lower()}",
               "--set", f"grpo.max_steps={steps}", "--set", f"grpo.num_generations={G}",
               "--set", f"grpo.max_completion_length={tokens}", "--set", "grpo.gradient_accumulation_steps=1",
               "--set", "grpo.steps_per_generation=1", "--set", f"grpo.save_steps={steps}",
@@ -115,7 +120,7 @@ def main() -> int:
                      "distributed": args.distributed,
                      "processes": N, "steps": steps, "prompts_per_step": prompts, "num_generations": G,
                      "max_completion_length": tokens, "global_batch": prompts * G,
-                     "device": _device(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set},
+                     "device": _device(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set, "warmup": args.warmup},
         "runs": {str(n): {k: v for k, v in r.items() if k != "curve"} for n, r in runs.items()},
         "scaling": {"completion_tokens_per_second": many["completion_tokens_per_second"]
                     / one["completion_tokens_per_second"],
