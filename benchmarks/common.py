@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import os
 import platform
+import sys
 
 import torch
 
@@ -30,3 +32,14 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def device_or_exit(smoke: bool, needs_gpu: str) -> torch.device:
+    """CUDA when there is a GPU; else the CPU for a --smoke run, with the Triton kernels
+    interpreted (set before kernels/triton_*.py are imported); else exit saying why (needs_gpu)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not smoke:
+        sys.exit(f"no CUDA device: {needs_gpu}")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return torch.device("cpu")

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -39,7 +38,7 @@ import torch
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from benchmarks.common import free_memory, versions  # noqa: E402
+from benchmarks.common import device_or_exit, free_memory, versions  # noqa: E402
 
 SHAPES = [(16, 1024, 2048, 151_936), (8, 4096, 4096, 128_256)]  # B, T, H, V: Qwen3-1.7B-, Llama-3-8B-like heads
 SMOKE_SHAPES = [(2, 7, 16, 75)]
@@ -65,11 +64,7 @@ def main() -> None:
                         help="a fixed d_logits chunk for the Triton backward (default: kernels/triton_logps.py's rule)")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.smoke:
-            sys.exit("no CUDA device: the full shapes need a GPU; --smoke runs tiny shapes on the CPU")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/triton_*.py are imported
+    device = device_or_exit(args.smoke, "the full shapes need a GPU; --smoke runs tiny shapes on the CPU")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.shapes:
         shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)]

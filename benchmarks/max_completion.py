@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for grpoflow/ and kernels/
 
-from benchmarks.common import QWEN3_0_6B, free_memory, versions  # noqa: E402
+from benchmarks.common import QWEN3_0_6B, device_or_exit, free_memory, versions  # noqa: E402
 
 SMOKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=300, tie_word_embeddings=True)
@@ -60,11 +59,7 @@ def main() -> None:
                              "that the doubling, the out-of-memory handling and the bisection all run")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.smoke:
-            sys.exit("no CUDA device: the search needs a GPU; --smoke runs a tiny model on the CPU")
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/triton_*.py are imported
+    device = device_or_exit(args.smoke, "the search needs a GPU; --smoke runs a tiny model on the CPU")
     if args.smoke:
         args.start, args.resolution, args.max_length = 4, 1, 64
 
