@@ -49,6 +49,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=None, help="prompts a step, all GPUs (default 8; smoke 2)")
     parser.add_argument("--generations", type=int, default=None, help="completions a prompt (default 8; smoke 4)")
     parser.add_argument("--tokens", type=int, default=None, help="max_completion_length (default 256; smoke 8)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="completions a forward/backward on a GPU (default: all of its share at once); the "
+                             "rest is gradient accumulation, so one optimizer step a generation either way")
     parser.add_argument("--model", default=os.environ.get("MODEL", "/tmp/smollm2"))
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="rollouts: transformers generate, or a colocated vLLM in every process (staged vLLM)")
@@ -70,6 +73,8 @@ def main() -> int:
     N = args.processes
     if (prompts * G) % N or prompts % N:
         parser.error(f"--prompts {prompts} must split evenly over --processes {N} (a prompt's group stays on one GPU)")
+    if args.micro_batch and (prompts * G // N) % args.micro_batch:
+        parser.error(f"--micro-batch {args.micro_batch} must divide each GPU's {prompts * G // N} completions")
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ddp-bench-", dir="/tmp"))
     if smoke:
@@ -85,20 +90,23 @@ def main() -> int:
               "--set", f"rollout.engine={args.engine}", "--set", f"grpo.distributed={args.distributed}",
               "--set", f"grpo.warmup.enabled={str(args.warmup).lower()}",
               "--set", f"grpo.max_steps={steps}", "--set", f"grpo.num_generations={G}",
-              "--set", f"grpo.max_completion_length={tokens}", "--set", "grpo.gradient_accumulation_steps=1",
-              "--set", "grpo.steps_per_generation=1", "--set", f"grpo.save_steps={steps}",
+              "--set", f"grpo.max_completion_length={tokens}", "--set", f"grpo.save_steps={steps}",
               "--set", "grpo.log_completions_steps=1000000", *[a for kv in args.set for a in ("--set", kv)]]
     suffix = f"-{args.tag}" if args.tag else ""
     runs = {}
     for n in (1, N):
-        per_device = prompts * G // n
+        share = prompts * G // n  # completions a process generates and trains on, each step
+        per_device = args.micro_batch or share
+        accumulation = share // per_device
         cmd = [sys.executable, "-m", "grpoflow.cli", "train"]
         if n > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                    "-m", "grpoflow.cli", "train"]
         cmd += [*common, "--set", f"grpo.per_device_train_batch_size={per_device}",
-                "--set", f"grpo.output_dir={work / f'train-{n}'}"]
-        print(f"[ddp_gpu] {n} process(es): per_device_train_batch_size {per_device} -> {' '.join(cmd)}", flush=True)
+                "--set", f"grpo.gradient_accumulation_steps={accumulation}",
+                "--set", f"grpo.steps_per_generation={accumulation}", "--set", f"grpo.output_dir={work / f'train-{n}'}"]
+        print(f"[ddp_gpu] {n} process(es): per_device_train_batch_size {per_device} x {accumulation} accumulated "
+              f"-> {' '.join(cmd)}", flush=True)
         started = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - started
@@ -108,7 +116,7 @@ def main() -> int:
         report = json.loads(done.stdout[done.stdout.rfind("\n{") + 1:])  # the last JSON document: the report
         shutil.copy(report["metrics"], args.out / f"metrics{'-fsdp' if args.distributed == 'fsdp' else ''}-{n}{suffix}.jsonl")
         history = [json.loads(line) for line in Path(report["metrics"]).read_text().splitlines()]
-        runs[n] = _summary(history, prompts * G, wall, per_device)
+        runs[n] = _summary(history, prompts * G, wall, share)
     shutil.rmtree(work)  # checkpoints of full fine-tuning: GBs
 
     one, many = runs[1], runs[N]
@@ -119,7 +127,7 @@ def main() -> int:
         "settings": {"smoke": smoke, "model": str(model), "finetune": args.finetune, "engine": args.engine,
                      "distributed": args.distributed,
                      "processes": N, "steps": steps, "prompts_per_step": prompts, "num_generations": G,
-                     "max_completion_length": tokens, "global_batch": prompts * G,
+                     "max_completion_length": tokens, "global_batch": prompts * G, "micro_batch": args.micro_batch,
                      "device": _device(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set, "warmup": args.warmup},
         "runs": {str(n): {k: v for k, v in r.items() if k != "curve"} for n, r in runs.items()},
         "scaling": {"completion_tokens_per_second": many["completion_tokens_per_second"]
@@ -140,9 +148,13 @@ def _summary(history: list[dict], completions_per_step: int, wall: float, per_de
     timed = history[1:] or history  # the first step pays for CUDA start-up
     seconds = sum(r["step_seconds"] for r in timed)
     tokens = sum(r["completions/mean_length"] * completions_per_step for r in timed)
-    return {"per_device_train_batch_size": per_device, "steps": len(history), "wall_seconds": wall,
+    # where a step's time went: train, optimizer, weight sync, and the engine's phases of generation
+    phases = sorted({k for r in timed for k in r if k.startswith("time/")})
+    return {"completions_per_device": per_device, "steps": len(history), "wall_seconds": wall,
             "timed_steps": len(timed), "step_seconds_mean": seconds / len(timed),
             "generation_seconds_mean": sum(r["generation/seconds"] for r in timed) / len(timed),
+            "phases_seconds_mean": {k.removeprefix("time/").removesuffix("_seconds"):
+                                    sum(r.get(k) or 0.0 for r in timed) / len(timed) for k in phases},
             "steps_per_second": len(timed) / seconds, "completion_tokens_per_second": tokens / seconds,
             "peak_gib": max((r.get("memory/peak_gib", 0.0) for r in history), default=0.0),
             "curve": [{"step": r["step"], "loss": r["loss"], "reward": r["reward"]} for r in history]}
@@ -157,9 +169,14 @@ def _markdown(result: dict) -> str:
              "| processes | per-device batch | step s | generation s | steps/s | completion tokens/s | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for n, r in result["runs"].items():
-        lines.append(f"| {n} | {r['per_device_train_batch_size']} | {r['step_seconds_mean']:.2f} | "
+        lines.append(f"| {n} | {r['completions_per_device']} | {r['step_seconds_mean']:.2f} | "
                      f"{r['generation_seconds_mean']:.2f} | {r['steps_per_second']:.3f} | "
                      f"{r['completion_tokens_per_second']:.0f} | {r['peak_gib']:.2f} |")
+    phases = list(dict.fromkeys(k for r in result["runs"].values() for k in r["phases_seconds_mean"]))
+    lines += ["", "Where a step's time went, seconds (mean of the timed steps):", "",
+              "| processes | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    for n, r in result["runs"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{r['phases_seconds_mean'].get(k, 0.0):.3f}" for k in phases) + " |")
     sc, d = result["scaling"], result["difference"]
     lines += ["", f"Scaling {N} vs 1: {sc['completion_tokens_per_second']:.2f}x completion tokens/s, "
                   f"{sc['steps_per_second']:.2f}x steps/s.",

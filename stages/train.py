@@ -109,7 +109,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     rewards = RewardSet(grpo.reward_funcs, grpo.reward_weights)
     # one generate call per generation (all its prompts), and the warm-up's format check in one call too
     engine = _rollout_engine(engine_name, cfg, policy, model_path,
-                             batch_size=max(per_process, grpo.warmup.eval_prompts))
+                             batch_size=max(per_process, grpo.warmup.eval_prompts),
+                             completions=per_process * grpo.num_generations)
     sampler = PromptSampler(len(rows), grpo.seed)
     ref_model = _reference_model(policy, model_path, dist) if grpo.beta > 0 and not policy.is_peft else None
     # old log-probs are needed once the policy moves between sampling and training on a row
@@ -265,7 +266,9 @@ def _fsdp(grpo, dist: Distributed) -> bool:
     return dist.active
 
 
-def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, batch_size: int):
+def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, batch_size: int,
+                    completions: int):
+    """batch_size: prompts a transformers generate call; completions: what vLLM runs at once."""
     if name == "hf":  # generates with the policy itself (its weights gathered for each call when sharded)
         return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
                         autocast=policy.autocast, generate=policy.generate)
@@ -276,7 +279,8 @@ def _rollout_engine(name: str, cfg: PipelineConfig, policy, model_path: str, *, 
                         gpu_memory_utilization=rollout.gpu_memory_utilization,
                         max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
                         seed=grpo.seed, lora_rank=cfg.model.lora.r if policy.is_peft else None, sleep=rollout.sleep,
-                        enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt)
+                        enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
+                        batch=completions)
     if policy.is_peft and rollout.share_weights:
         if policy.fsdp is None:
             engine.share_weights(policy)

@@ -112,7 +112,8 @@ class _RecordingLLM:
         return [types.SimpleNamespace(outputs=[done] * s.n) for s in sampling]
 
 
-def _recording_engine(monkeypatch, tiny_model, *, world_size: int, rank: int, seed_per_prompt: bool):
+def _recording_engine(monkeypatch, tiny_model, *, world_size: int, rank: int, seed_per_prompt: bool,
+                      batch: int | None = None):
     from grpoflow.rollout.vllm import VLLMEngine
     from transformers import AutoTokenizer
 
@@ -122,7 +123,7 @@ def _recording_engine(monkeypatch, tiny_model, *, world_size: int, rank: int, se
     monkeypatch.setenv("RANK", str(rank))
     return VLLMEngine(str(tiny_model), AutoTokenizer.from_pretrained(tiny_model), dtype="bfloat16",
                       gpu_memory_utilization=0.3, max_model_len=256, seed=7, sleep=False,
-                      seed_per_prompt=seed_per_prompt)
+                      seed_per_prompt=seed_per_prompt, batch=batch)
 
 
 @pytest.mark.parametrize("seed_per_prompt", [False, True])
@@ -152,3 +153,36 @@ def test_vllm_logs_go_to_stderr_keeping_stdout_for_the_json_result(gpu, monkeypa
     fake_vllm(monkeypatch, "0.26.0")
     resolve_engine(RolloutConfig(engine="vllm"))
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
+
+
+def test_vllm_is_sized_to_run_the_whole_generation_at_once_on_cuda_graphs(monkeypatch, tiny_model):
+    from grpoflow.rollout.vllm import _batch_limits
+
+    assert _batch_limits(None, False) == _batch_limits(256, False) == {}  # vLLM's defaults hold 256
+    assert _batch_limits(512, False) == {"max_num_seqs": 512}  # graphs go to 512 by default
+    assert _batch_limits(1000, False) == {"max_num_seqs": 1000,
+                                          "compilation_config": {"max_cudagraph_capture_size": 1008}}
+    assert _batch_limits(1000, True) == {"max_num_seqs": 1000}  # eager: no graphs to capture
+    assert _batch_limits(10_000, False)["compilation_config"] == {"max_cudagraph_capture_size": 2048}
+    engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False, batch=1024)
+    assert engine.llm.kwargs["max_num_seqs"] == 1024
+    assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
+
+
+def test_sampled_logprobs_read_from_the_flat_and_the_nested_layout():
+    from grpoflow.rollout.vllm import _sampled_logprobs
+
+    tokens = [5, 9, 5]
+    flat = types.SimpleNamespace(token_ids=[5, 9, 5], logprobs=[-0.5, -1.25, -2.0])  # FlatLogprobs' lists
+    nested = [{t: types.SimpleNamespace(logprob=lp)} for t, lp in zip(tokens, flat.logprobs)]
+    assert _sampled_logprobs(flat, tokens) == _sampled_logprobs(nested, tokens) == [-0.5, -1.25, -2.0]
+
+
+def test_vllm_generate_asks_for_flat_logprobs_and_times_its_phases(monkeypatch, tiny_model):
+    from grpoflow.rollout.base import SamplingParams
+
+    engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False)
+    engine.generate([[{"role": "user", "content": "one"}]], SamplingParams(max_tokens=4, n=2, logprobs=True))
+    assert [(s.logprobs, s.flat_logprobs, s.detokenize) for s in engine.llm.sampling] == [(0, True, False)]
+    assert set(engine.timings) == {"wake_up", "prepare", "sample", "decode"}
+    assert all(v >= 0 for v in engine.timings.values())

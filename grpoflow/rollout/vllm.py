@@ -81,7 +81,9 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
-                 enforce_eager: bool = False, seed_per_prompt: bool = False):
+                 enforce_eager: bool = False, seed_per_prompt: bool = False, batch: int | None = None):
+        """batch: the completions one generate call asks for (this process's prompts x n); vLLM is
+        sized to run them all at once, on CUDA graphs."""
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
         self.tokenizer = tokenizer
@@ -91,6 +93,7 @@ class VLLMEngine:
         self.weights_current = True  # False after a level-2 sleep, until the next sync_weights
         self.shared_bytes = 0  # policy weights that are vLLM's own tensors (share_weights)
         self.lora_request = None
+        self.timings: dict[str, float] = {}  # the last generate's phases, seconds
         self._lora_dir, self._lora_version = None, 0
         if lora_rank:  # adapters travel through memory-backed files, removed when the engine goes
             self._lora_dir = Path(tempfile.mkdtemp(prefix="grpoflow-lora-",
@@ -101,6 +104,7 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
+        kwargs.update(_batch_limits(batch, enforce_eager))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun: one engine per process on its own GPU, inside the launcher's process
             # group (as TRL's colocate mode does), each drawing its own noise
@@ -136,7 +140,9 @@ class VLLMEngine:
         if not self.weights_current:
             raise EngineError("vLLM released its weights at sleep (full fine-tuning): call sync_weights "
                               "before generate")
+        started = time.perf_counter()
         self.wake_up({"weights", "kv_cache"})
+        woken = time.perf_counter()
         prompt_ids, truncated = [], []
         keep = params.truncate_prompt_tokens
         for p in prompts:
@@ -150,23 +156,28 @@ class VLLMEngine:
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, seed=seeds[i],
             logprobs=0 if params.logprobs else None,  # 0: the sampled token's log-prob only
+            # a few flat lists a completion, not a dict and a Logprob object a token: less work for
+            # vLLM's output loop and the garbage collector at every decoding step
+            flat_logprobs=True,
             detokenize=False)  # the tokens are decoded once below; vLLM's per-step decoding costs CPU time
             for i in range(len(prompt_ids))]
+        prepared = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling,
                                     lora_request=self.lora_request, use_tqdm=False)
+        sampled = time.perf_counter()
         groups = []
         for ids, cut, out in zip(prompt_ids, truncated, outputs):
             group = []
             for c in out.outputs:
                 tokens = list(c.token_ids)
-                logprobs = None
-                if params.logprobs:
-                    logprobs = [step[t].logprob for step, t in zip(c.logprobs, tokens)]
                 group.append(Completion(prompt_ids=ids, token_ids=tokens,
                                         text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                        logprobs=logprobs, finished=c.finish_reason == "stop",
-                                        prompt_truncated=cut))
+                                        logprobs=_sampled_logprobs(c.logprobs, tokens) if params.logprobs else None,
+                                        finished=c.finish_reason == "stop", prompt_truncated=cut))
             groups.append(group)
+        done = time.perf_counter()
+        self.timings = {"wake_up": woken - started, "prepare": prepared - woken, "sample": sampled - prepared,
+                        "decode": done - sampled}
         return groups
 
     # --- standby ---------------------------------------------------------------------------
@@ -288,6 +299,29 @@ class VLLMEngine:
         except AttributeError:
             raise EngineError("cannot reach vLLM's model for in-place weight loading "
                               "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)") from None
+
+
+def _sampled_logprobs(logprobs, tokens: list[int]) -> list[float]:
+    """The sampled tokens' log-probs, asked for with logprobs=0: one entry a position. vLLM's flat
+    layout (FlatLogprobs) holds them as a list already; the nested one as {token: Logprob} a step."""
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(tokens) and list(logprobs.token_ids) == tokens:
+        return list(flat)
+    return [step[t].logprob for step, t in zip(logprobs, tokens)]
+
+
+def _batch_limits(batch: int | None, enforce_eager: bool) -> dict:
+    """vLLM's limits for a generate call of `batch` completions, where its defaults would split it.
+    vLLM runs at most max_num_seqs sequences at once (256 by default on cards under 70 GB) and
+    replays CUDA graphs for decoding batches up to 512; a larger batch would decode in waves, or
+    eagerly until it shrank to 512. Graphs above 512 come in steps of 16: capped at 2048 (more
+    would make start-up long)."""
+    if not batch or batch <= 256:
+        return {}
+    limits = {"max_num_seqs": batch}
+    if batch > 512 and not enforce_eager:
+        limits["compilation_config"] = {"max_cudagraph_capture_size": min(-(-batch // 16) * 16, 2048)}
+    return limits
 
 
 def _hf_name(peft_name: str) -> str:

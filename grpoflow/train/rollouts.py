@@ -72,7 +72,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
     scores = rewards.score(prompts, texts, **columns)
     # a few numbers per completion cross processes; the completions stay where they are
-    mine = {"scores": scores, "seconds": gen_seconds, "lengths": [len(c.token_ids) for c in completions],
+    mine = {"scores": scores, "seconds": gen_seconds, "phases": dict(getattr(engine, "timings", {})),
+            "lengths": [len(c.token_ids) for c in completions],
             "finished": [c.finished for c in completions], "prompts_truncated": sum(g[0].prompt_truncated for g in groups),
             "num_items": sum(len(c.token_ids) for c in completions if c.finished or not grpo.mask_truncated_completions)}
     everyone = dist.all_gather(mine)
@@ -127,6 +128,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
         "prompts/truncated": float(sum(e["prompts_truncated"] for e in everyone)),
         "generation/seconds": gen_seconds,
         "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
+        # the engine's phases (vLLM: wake_up, prepare, sample, decode), on the slowest process
+        **{f"time/rollout_{k}_seconds": v for k, v in max(everyone, key=lambda e: e["seconds"])["phases"].items()},
         **is_metrics,
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
