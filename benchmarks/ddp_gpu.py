@@ -9,7 +9,9 @@
     PYTHONPATH=$PWD:/tmp/site python benchmarks/ddp_gpu.py --distributed fsdp --out $OUT
 
 Each run is `grpoflow train` (1 process) or `torchrun --standalone --nproc-per-node N -m grpoflow.cli
-train` with per_device_train_batch_size = global batch / N: SmolLM2-135M-Instruct, full fine-tuning,
+train` with per_device_train_batch_size = global batch / N (with --micro-batch M: M, and the rest
+accumulated, gradient_accumulation_steps = steps_per_generation = global batch / N / M; one optimizer
+step a generation either way): SmolLM2-135M-Instruct, full fine-tuning,
 bf16, the transformers engine (--engine vllm: a colocated vLLM per process, staged as in
 benchmarks/vllm_gpu.sh, with PYTHONPATH=$PWD:/tmp/vsite), 8 prompts x 8 completions x up to 256
 tokens a step, 10 steps, no format warm-up (--warmup: the config's, on every process). The
@@ -18,7 +20,8 @@ transformers engine samples with a seed per prompt, so both runs start from the 
 them drift apart ("within noise").
 
 Writes to --out (names end in -TAG with --tag): ddp_scaling.json (settings, per-run throughput, per-step curves and their
-differences), ddp_scaling.md (the table for benchmarks/RESULTS.md), ddp_scaling.png (loss and
+differences), ddp_scaling.md (the tables for benchmarks/RESULTS.md: throughput, and where a step's time
+went: train, optimizer, weight sync and the engine's phases), ddp_scaling.png (loss and
 reward against the step, both runs) and each run's metrics-<processes>.jsonl; fsdp_scaling.* and
 metrics-fsdp-<processes>.jsonl with --distributed fsdp (the 1-process run is the same either way).
 Throughput leaves out the first step (CUDA start-up): completion tokens/s = sum of the steps'
