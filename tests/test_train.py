@@ -72,6 +72,7 @@ def test_metrics_use_trl_names(tiny_model, tmp_path):
         assert key in step, key
     parts = [step["time/weight_sync_seconds"], step["time/train_seconds"], step["time/optimizer_seconds"]]
     assert all(t >= 0 for t in parts) and sum(parts) + step["generation/seconds"] <= step["step_seconds"]
+    assert step["generation/fastest_process_seconds"] == step["generation/seconds"]  # one process: the same one
     logged = [json.loads(line) for line in (Path(result.output_dir) / "completions.jsonl").read_text().splitlines()]
     assert {r["step"] for r in logged} == {2} and len(logged) == 4  # one prompt x 4 completions at step 2
     assert {"prompt", "completion", "reward", "advantage", "rewards/spaces"} <= set(logged[0])

@@ -127,6 +127,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
         "completions/mean_terminated_length": lengths[finished].mean().item() if finished.any() else 0.0,
         "prompts/truncated": float(sum(e["prompts_truncated"] for e in everyone)),
         "generation/seconds": gen_seconds,
+        # with several processes, the step waits for the slowest: the fastest says how uneven they were
+        "generation/fastest_process_seconds": min(e["seconds"] for e in everyone),
         "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
         # the engine's phases (vLLM: wake_up, prepare, sample, decode), on the slowest process
         **{f"time/rollout_{k}_seconds": v for k, v in max(everyone, key=lambda e: e["seconds"])["phases"].items()},
