@@ -6,6 +6,7 @@
 # Stage vLLM first (../shared/device/stage.sh with the SmolLM2 GGUF, the GSM8K JSONL and the
 # trl / datasets / multiprocess wheels; the printed commands, then this script's `setup`):
 #   bash benchmarks/vllm_gpu.sh setup      # wheels, /tmp/smollm2, /tmp/run/data, /tmp/qwen3r
+#   bash benchmarks/vllm_gpu.sh setup-model  # wheels, /tmp/gsm8k, /tmp/smollm2 only (ddp_gpu.py, vllm_batch_sweep.py)
 #   bash benchmarks/vllm_gpu.sh speed      # bare vLLM, grpoflow (vLLM), TRL + vLLM
 #   bash benchmarks/vllm_gpu.sh memory     # grpoflow (transformers), no standby, LoRA shared / not, TRL LoRA
 #   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
@@ -18,13 +19,21 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat}" in
+setup_model() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/stage/files/*.whl
+  mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
+  python -c "from pathlib import Path; from grpoflow.models import convert_gguf; \
+convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
+}
+
+case "${1:?setup|setup-model|speed|memory|qwen3|repeat}" in
+  setup-model)
+    set -e
+    setup_model
+    ;;
   setup)
     set -e
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/stage/files/*.whl
-    mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
-    python -c "from pathlib import Path; from grpoflow.models import convert_gguf; \
-convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
+    setup_model
     python -m grpoflow.cli prepare -c configs/gsm8k-gpu.yaml --set data.source=/tmp/gsm8k --set data.output_dir=/tmp/run/data
     python benchmarks/random_model.py --tokenizer /tmp/smollm2 --out /tmp/qwen3r
     ;;
