@@ -118,7 +118,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
 
     lengths = torch.tensor([n for e in everyone for n in e["lengths"]], dtype=torch.float32)  # [W*N]
     finished = torch.tensor([f for e in everyone for f in e["finished"]])  # [W*N]
-    gen_seconds = max(e["seconds"] for e in everyone)  # the generation is done when the slowest process is
+    slowest = max(everyone, key=lambda e: e["seconds"])  # the generation is done when the slowest process is
+    gen_seconds = slowest["seconds"]
     metrics = {
         **every_score.metrics(G), **adv_stats,
         "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
@@ -130,8 +131,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
         # with several processes, the step waits for the slowest: the fastest says how uneven they were
         "generation/fastest_process_seconds": min(e["seconds"] for e in everyone),
         "generation/tokens_per_second": lengths.sum().item() / gen_seconds if gen_seconds else 0.0,
-        # the engine's phases (vLLM: wake_up, prepare, sample, decode), on the slowest process
-        **{f"time/rollout_{k}_seconds": v for k, v in max(everyone, key=lambda e: e["seconds"])["phases"].items()},
+        # the slowest process's engine phases (vLLM: wake_up, prepare, sample, decode)
+        **{f"time/rollout_{k}_seconds": v for k, v in slowest["phases"].items()},
         **is_metrics,
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
