@@ -190,14 +190,15 @@ def generate_case(dist, tiny_model: str, finetune: str) -> dict:
         return out
 
     def counted_model_generate(**kwargs):  # what runs after the units were gathered
-        forwards = []
-        hook = layer_units(policy)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+        forwards, unit = [], layer_units(policy)[0]
+        fsdp_hooks = len(unit._forward_pre_hooks) + len(unit._forward_hooks)  # FSDP2's, taken off by now
+        hook = unit.register_forward_pre_hook(lambda *_: forwards.append(1))
         try:
             with Collectives() as collectives:
                 out = model_generate(**kwargs)
         finally:
             hook.remove()
-        inside.append({"collectives": collectives.count, "forwards": len(forwards),
+        inside.append({"collectives": collectives.count, "forwards": len(forwards), "fsdp_hooks": fsdp_hooks,
                        "gathered": gathered_bytes(policy.fsdp) >= whole_bytes})
         return out
 
@@ -209,10 +210,13 @@ def generate_case(dist, tiny_model: str, finetune: str) -> dict:
     params = SamplingParams(max_tokens=3 if dist.rank == 0 else 9, temperature=1.0, n=2)
     sharded = HFEngine(policy.model, policy.tokenizer, progress=False, generate=counted_policy_generate)
     alone = HFEngine(one.model, one.tokenizer, progress=False)
+    hooks = [list(unit._forward_pre_hooks) + list(unit._forward_hooks) for unit in layer_units(policy)]
     got = [[c.token_ids for c in group] for group in sharded.generate(prompts, params, seeds=seeds)]
+    hooks_back = hooks == [list(unit._forward_pre_hooks) + list(unit._forward_hooks) for unit in layer_units(policy)]
     expected = [[c.token_ids for c in group] for group in alone.generate(prompts, params, seeds=seeds)]
     return {"same_tokens": got == expected, "lengths": sorted({len(t) for group in got for t in group}),
             "inside": inside, "around": around, "units": len(layer_units(policy)) + 1,  # and the root
+            "hooks_before": len(hooks[0]), "hooks_back": hooks_back,
             "sharded_after": all_sharded(policy), "sharded_after_forward": sharded_after_forward(policy),
             **train_step(dist, policy, one)}
 

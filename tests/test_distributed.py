@@ -193,6 +193,10 @@ def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
             assert result["same_tokens"], case
             # every unit gathered once around generate (one all-gather each), nothing inside it
             assert result["around"] == [result["units"]] and result["inside"][0]["collectives"] == 0, (case, result)
+            # the layers decode without FSDP2's hooks (2 a layer: all Python work, every decoding step),
+            # which come back after it in their order (sharded_after_forward needs them)
+            assert result["hooks_before"] == 2 and result["inside"][0]["fsdp_hooks"] == 0, (case, result)
+            assert result["hooks_back"], (case, result)
             assert result["inside"][0]["gathered"] and result["sharded_after"] and result["sharded_after_forward"], case
             assert result["logps_diff"] < 1e-6 and result["grad_diff"] < 1e-6, (case, result)
         raises = rank["generate raises"]
