@@ -39,7 +39,6 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from grpoflow.train.distributed import setup_distributed, shard_fsdp  # noqa: E402
-from grpoflow.train.logps import completion_logps  # noqa: E402
 from grpoflow.train.model import Policy  # noqa: E402
 
 B, P, T, V = 4, 7, 5, 320  # rows (2 a process), prompt and completion lengths, a small vocabulary
