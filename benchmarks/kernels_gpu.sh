@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # issue #7's GPU measurements, one device call each (a call runs 10 minutes at most). From the
-# repository root, with .gpu/liger/ carried (Liger Kernel's wheel, 0.9 MB; made on a machine with
-# internet by: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/liger liger-kernel==0.8.5).
+# repository root, on a machine staged by benchmarks/stage_gpu.sh (Liger Kernel, the peer, in /tmp/site).
 #   bash benchmarks/kernels_gpu.sh kernels-qwen    # (16*1024, 2048, 151936): bf16 + fp16, lm_head frozen + trained
 #   bash benchmarks/kernels_gpu.sh kernels-llama   # (8*4096, 4096, 128256): the same
 #   bash benchmarks/kernels_gpu.sh maxlen-naive    # longest completion that fits, Qwen3-0.6B shape, LoRA, naive
@@ -13,18 +12,16 @@ mode=${1:?usage: kernels_gpu.sh kernels-qwen|kernels-llama|maxlen-naive|maxlen-t
 shift
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if ! python3 -c "import liger_kernel" 2>/dev/null && [ ! -d /tmp/site/liger_kernel ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/liger/*.whl
-fi
 export PYTHONPATH=$PWD:/tmp/site
+python3 -c "import liger_kernel" 2>/dev/null || echo "Liger Kernel is not installed (benchmarks/stage_gpu.sh stages it): its column stays empty"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: the CPU (smoke only)"
 case $mode in
-  kernels-qwen)  python3 benchmarks/kernels.py --out "$OUT" --name kernels-qwen --shapes 16 1024 2048 151936 "$@" ;;
-  kernels-llama) python3 benchmarks/kernels.py --out "$OUT" --name kernels-llama --shapes 8 4096 4096 128256 "$@" ;;
+  kernels-qwen)  python3 benchmarks/kernel_speed.py --out "$OUT" --name kernels-qwen --shapes 16 1024 2048 151936 "$@" ;;
+  kernels-llama) python3 benchmarks/kernel_speed.py --out "$OUT" --name kernels-llama --shapes 8 4096 4096 128256 "$@" ;;
   maxlen-naive)  python3 benchmarks/max_completion.py --out "$OUT" --kernels naive "$@" ;;
   maxlen-triton) python3 benchmarks/max_completion.py --out "$OUT" --kernels triton --start 4096 "$@" ;;
   smoke)
-    python3 benchmarks/kernels.py --smoke --out "$OUT" --name kernels-smoke --shapes 4 64 64 1000 "$@"
+    python3 benchmarks/kernel_speed.py --smoke --out "$OUT" --name kernels-smoke --shapes 4 64 64 1000 "$@"
     # the kernel tests, compiled for the GPU this time (the trainer-level ones need pydantic and prefect)
     if python3 -c "import pytest" 2>/dev/null; then
       python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernels.py -k "not trainer and not heads"

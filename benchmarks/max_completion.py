@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for grpoflow/ and kernels/
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
 
 from benchmarks.common import QWEN3_0_6B, device_or_exit, free_memory, versions  # noqa: E402
 

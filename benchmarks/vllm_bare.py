@@ -18,13 +18,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.grpo_vs_trl import VLLM_MEMORY, WORKLOAD, DevicePeak
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
+from benchmarks.grpo_vs_trl import VLLM_MEMORY, WORKLOAD, DevicePeak  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from grpoflow.config import ConfigError, PipelineConfig, to_yaml
 from grpoflow.errors import TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `kernels` import from
+ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `flows` import from
 
 
 def torchrun_command(num_processes: int, config_path: Path) -> list[str]:

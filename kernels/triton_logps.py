@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_support import interpreting, sm_count
+from grpoflow.kernels.triton_support import interpreting, sm_count
 
 # bytes of the backward's d_logits chunk [chunk_rows, V] in the compute dtype: with the float32
 # vectors kept per row (ROW_BYTES), no more than the hidden states [N, H] it differentiates, so the

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import _check_inputs
-from kernels.triton_support import interpreting
+from grpoflow.kernels.reference import _check_inputs
+from grpoflow.kernels.triton_support import interpreting
 
 _STATS = 7  # per row: loss sum, tokens, low-clipped, high-clipped, either, ratio sum, kl sum
 

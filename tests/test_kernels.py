@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.chunked import chunk_rows_for, chunked_selective_logps
+from grpoflow.kernels.chunked import chunk_rows_for, chunked_selective_logps
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from kernels.reference import entropy_from_logits, grpo_loss, selective_log_softmax
+from grpoflow.kernels.reference import entropy_from_logits, grpo_loss, selective_log_softmax
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 LEVELS = ["token", "sequence"]

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from kernels import triton_logps  # noqa: E402
-from kernels.reference import grpo_loss  # noqa: E402
-from kernels.triton_logps import triton_selective_logps  # noqa: E402
-from kernels.triton_loss import triton_grpo_loss  # noqa: E402
+from grpoflow.kernels import triton_logps  # noqa: E402
+from grpoflow.kernels.reference import grpo_loss  # noqa: E402
+from grpoflow.kernels.triton_logps import triton_selective_logps  # noqa: E402
+from grpoflow.kernels.triton_loss import triton_grpo_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -275,7 +275,7 @@ def _tiny_lora_policy(vocab: int = 160):
 def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level):
     from grpoflow.config import GRPOConfig
     from grpoflow.train.rollouts import GenerationBatch
-    from kernels import triton_loss
+    from grpoflow.kernels import triton_loss
     from stages.train import _micro_step_loss
 
     calls = []  # the fused kernels really run (no silent fallback)
@@ -330,7 +330,7 @@ def test_triton_without_a_gpu_falls_back_to_chunked_with_one_warning(monkeypatch
 def test_without_triton_installed_the_reason_says_how_to_get_it(monkeypatch):
     from types import SimpleNamespace
 
-    from kernels import triton_support
+    from grpoflow.kernels import triton_support
 
     assert triton_support.triton_unavailable(DEVICE) is None  # here: CUDA, or the interpreter (conftest)
     no_triton = SimpleNamespace(util=SimpleNamespace(find_spec=lambda name: None))

@@ -16,9 +16,9 @@ import logging
 
 import torch
 
-from kernels.chunked import chunked_selective_logps
-from kernels.reference import entropy_from_logits, grpo_loss, selective_log_softmax
-from kernels.triton_support import triton_unavailable
+from grpoflow.kernels.chunked import chunked_selective_logps
+from grpoflow.kernels.reference import entropy_from_logits, grpo_loss, selective_log_softmax
+from grpoflow.kernels.triton_support import triton_unavailable
 
 log = logging.getLogger("grpoflow.train")
 
@@ -64,7 +64,7 @@ def loss_function(kernels: str, device: torch.device):
     """The GRPO loss for `grpo.kernels`: the fused Triton one, or kernels/reference.py's (which
     chunked and naive use; both take the [B, T] log-probs, and the reference is fast at that size)."""
     if kernels == "triton" and triton_or_fallback(device) == "triton":
-        from kernels.triton_loss import triton_grpo_loss
+        from grpoflow.kernels.triton_loss import triton_grpo_loss
 
         return triton_grpo_loss
     return grpo_loss
@@ -101,7 +101,7 @@ def _from_hidden(model, head: torch.nn.Linear, input_ids, attention_mask, comple
     # only the tokens that were written (not the padding after EOS) go through the head
     written = attention_mask[:, -completion_len:].bool()  # [B, T]
     if kernels == "triton":
-        from kernels.triton_logps import triton_selective_logps as selective_logps  # imports triton
+        from grpoflow.kernels.triton_logps import triton_selective_logps as selective_logps  # imports triton
     else:
         selective_logps = chunked_selective_logps
     logps_flat, entropy_flat = selective_logps(hidden[written], head.weight, targets[written],

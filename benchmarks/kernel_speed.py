@@ -1,7 +1,7 @@
 """Log-probs + GRPO loss, forward and backward, from hidden states: four implementations side by side.
 
-    python benchmarks/kernels.py --out /tmp/kernels            # on a GPU: the issue #7 shapes
-    python benchmarks/kernels.py --smoke --out /tmp/kernels    # tiny shapes, runs on the CPU too
+    python benchmarks/kernel_speed.py --out /tmp/kernels            # on a GPU: the issue #7 shapes
+    python benchmarks/kernel_speed.py --smoke --out /tmp/kernels    # tiny shapes, runs on the CPU too
 
 For each (B*T, H, V), dtype and lm_head frozen (LoRA) or trained, in one process:
     naive    logits = hidden @ W.T as one [B*T, V] tensor, upcast to float32, kernels/reference.py's
@@ -33,10 +33,7 @@ from pathlib import Path
 
 import torch
 
-# run as `python benchmarks/kernels.py`, this file's folder comes first on sys.path and its name
-# would shadow the repository's kernels/ package: the repository root takes its place
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
 
 from benchmarks.common import device_or_exit, free_memory, versions  # noqa: E402
 
@@ -69,7 +66,7 @@ def main() -> None:
     if args.shapes:
         shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)]
     if args.triton_chunk_mib:
-        from kernels import triton_logps
+        from grpoflow.kernels import triton_logps
 
         triton_logps.CHUNK_BYTES_MIN = triton_logps.CHUNK_BYTES_MAX = args.triton_chunk_mib * 2**20
     methods = [m for m in args.methods if m != "liger" or _liger_available()]
@@ -131,7 +128,7 @@ def _loss(method: str, x: dict, liger_module=None) -> torch.Tensor:
     loss_args = dict(loss_type=LOSS["loss_type"], epsilon=LOSS["epsilon"], epsilon_high=LOSS["epsilon_high"],
                      beta=LOSS["beta"])
     if method == "naive":
-        from kernels.reference import grpo_loss, selective_log_softmax
+        from grpoflow.kernels.reference import grpo_loss, selective_log_softmax
 
         logits = (hidden @ weight.T).float().view(B, T, -1)  # [B, T, V]
         if LOSS["temperature"] != 1.0:
@@ -139,14 +136,14 @@ def _loss(method: str, x: dict, liger_module=None) -> torch.Tensor:
         logps = selective_log_softmax(logits, targets.view(B, T))  # [B, T]
         return grpo_loss(logps, *batch, **loss_args)[0]
     if method == "chunked":
-        from kernels.chunked import chunked_selective_logps
-        from kernels.reference import grpo_loss
+        from grpoflow.kernels.chunked import chunked_selective_logps
+        from grpoflow.kernels.reference import grpo_loss
 
         logps, _ = chunked_selective_logps(hidden, weight, targets, temperature=LOSS["temperature"])  # [N]
         return grpo_loss(logps.view(B, T), *batch, **loss_args)[0]
     if method == "triton":
-        from kernels.triton_logps import triton_selective_logps
-        from kernels.triton_loss import triton_grpo_loss
+        from grpoflow.kernels.triton_logps import triton_selective_logps
+        from grpoflow.kernels.triton_loss import triton_grpo_loss
 
         logps, _ = triton_selective_logps(hidden, weight, targets, temperature=LOSS["temperature"])  # [N]
         return triton_grpo_loss(logps.view(B, T), *batch, **loss_args)[0]
@@ -206,9 +203,9 @@ def _check_against_float64(method: str, x: dict, rows: int) -> dict:
     hidden = x["hidden"][:rows].detach().requires_grad_()
     weight, targets = x["weight"].detach(), x["targets"][:rows]
     if method == "chunked":
-        from kernels.chunked import chunked_selective_logps as selective_logps
+        from grpoflow.kernels.chunked import chunked_selective_logps as selective_logps
     else:
-        from kernels.triton_logps import triton_selective_logps as selective_logps
+        from grpoflow.kernels.triton_logps import triton_selective_logps as selective_logps
     logps, _ = selective_logps(hidden, weight, targets, temperature=LOSS["temperature"])
     (d_hidden,) = torch.autograd.grad(logps.sum(), hidden)
 
