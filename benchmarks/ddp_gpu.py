@@ -1,6 +1,6 @@
 """Data-parallel scaling: the same GRPO run on 1 GPU and on N GPUs, with the same global batch.
 
-    # on the 2-GPU machine, after benchmarks/stage_gpu.sh's two setup calls (pydantic in /tmp/site,
+    # on the 2-GPU machine, staged by benchmarks/stage_gpu.sh (the GPU lock's packages in /tmp/site,
     # GSM8K in /tmp/gsm8k, SmolLM2 converted to /tmp/smollm2):
     PYTHONPATH=$PWD:/tmp/site python benchmarks/ddp_gpu.py --out $OUT
     # here, on CPU: 2 gloo processes, a tiny random model, a few steps
@@ -13,7 +13,7 @@ train` with per_device_train_batch_size = global batch / N (with --micro-batch M
 accumulated, gradient_accumulation_steps = steps_per_generation = global batch / N / M; one optimizer
 step a generation either way): SmolLM2-135M-Instruct, full fine-tuning,
 bf16, the transformers engine (--engine vllm: a colocated vLLM per process, staged as in
-benchmarks/vllm_gpu.sh, with PYTHONPATH=$PWD:/tmp/vsite), 8 prompts x 8 completions x up to 256
+benchmarks/stage_gpu.sh, with PYTHONPATH=$PWD:/tmp/site), 8 prompts x 8 completions x up to 256
 tokens a step, 10 steps, no format warm-up (--warmup: the config's, on every process). The
 transformers engine samples with a seed per prompt, so both runs start from the same completions
 (vLLM only with --set rollout.seed_per_prompt=true); bf16 kernels on other batch shapes then let

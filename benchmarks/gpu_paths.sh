@@ -2,7 +2,7 @@
 # The GPU-only training paths, a few GRPO steps each on SmolLM2-135M-Instruct / GSM8K: QLoRA
 # (bitsandbytes 4-bit base) with 8-bit AdamW, LoRA in float16 (loss scaling), full fine-tuning
 # in float16. Prints, per path, the steps run, the steps skipped as non-finite, the loss and the
-# peak memory; fails if a path fails. Needs bitsandbytes (a wheel on the GPU machine).
+# peak memory; fails if a path fails. Needs bitsandbytes (staged by benchmarks/stage_gpu.sh).
 #   GSM8K=/tmp/gsm8k MODEL=/tmp/smollm2 RUN=/tmp/paths benchmarks/gpu_paths.sh
 set -euo pipefail
 GSM8K=${GSM8K:-/tmp/gsm8k} MODEL=${MODEL:-/tmp/smollm2} RUN=${RUN:-/tmp/paths}

@@ -11,7 +11,7 @@ completion's tokens. `fixed` does not split across GPUs; `per_sequence x batch` 
 Variants: flat log-probs (the engine's way), nested log-probs (vLLM's default layout: a dict and a
 Logprob object a token), and no log-probs (rollout: vllm_importance_sampling_correction false).
 
-    export PYTHONPATH=$PWD:/tmp/vsite VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
+    export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
     python benchmarks/vllm_batch_sweep.py --model /tmp/smollm2 --data /tmp/gsm8k --out $OUT
 
 Writes <out>/vllm_batch_sweep.json and .md.

