@@ -38,6 +38,10 @@ from typing import Any
 
 from grpoflow.errors import ConfigError
 
+# The GRPO batching guide (Unsloth's advanced RL documentation): unique_prompts = effective_batch_size /
+# num_generations "must be > 2". A warning, not an error: a small CPU run may want fewer.
+MIN_UNIQUE_PROMPTS = 3
+
 
 @dataclass
 class MicroStep:
@@ -119,6 +123,24 @@ class BatchPlan:
     def global_batch_size(self) -> int:
         """Completions behind one optimizer step, all processes together."""
         return self.gradient_accumulation_steps * self.num_processes * self.per_device_train_batch_size
+
+    def warnings(self) -> list[str]:
+        """What the schedule allows but the field's advice warns against, each with the knobs to change."""
+        if self.unique_prompts >= MIN_UNIQUE_PROMPTS:
+            return []
+        E, G, U = self.effective_batch_size, self.num_generations, self.unique_prompts
+        P, B = self.num_processes, self.per_device_train_batch_size
+        # the smallest steps_per_generation whose batch holds whole groups of at least MIN_UNIQUE_PROMPTS prompts
+        steps = next(s for s in range(self.steps_per_generation, MIN_UNIQUE_PROMPTS * G + 1)
+                     if s * P * B % G == 0 and s * P * B // G >= MIN_UNIQUE_PROMPTS)
+        fewer = [g for g in range(G - 1, 1, -1) if E % g == 0 and E // g >= MIN_UNIQUE_PROMPTS]
+        generations = f", or num_generations to {fewer[0]} ({E // fewer[0]} prompts)" if fewer else ""
+        return [
+            f"unique_prompts = effective_batch_size {E} / num_generations {G} = {U}: the GRPO batching guide says "
+            f"it must be > 2. With {_plural(U, 'prompt')} a generation every update follows one or two questions, "
+            f"and a group whose completions all score the same (frac_reward_zero_std) leaves a step with nothing "
+            f"to learn. To raise it, set steps_per_generation to {steps} (or generation_batch_size to "
+            f"{steps * P * B}), or raise per_device_train_batch_size or the number of processes{generations}."]
 
     def check_groups_stay_on_one_process(self) -> None:
         """grpoflow's trainer generates a prompt's whole group on one process (its own engine) and

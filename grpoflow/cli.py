@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from grpoflow.errors import TrainingDiverged
     from stages.prepare import DataError
 
+    # torchrun's rank: one process logs progress; logging is attached first, so config warnings show
+    _log_to_console(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
     try:
-        cfg = load_config(args.config, args.set or [])
+        overrides = (args.set or []) + (_explain_overrides(args) if args.command == "explain-batches" else [])
+        cfg = load_config(args.config, overrides)
         return args.handler(cfg, args)
     except (ConfigError, DataError, SourceError, ModelError, TrainingDiverged) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
@@ -87,8 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     command("config", "validate the config and print it with every default filled in", _config)
     explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
                       "steps, as the trainer (and TRL's GRPOTrainer) batches (flags override the config's grpo keys)", _explain_batches)
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
-                "generation_batch_size", "num_generations", "num_iterations"):
+    for key in BATCH_KEYS:
         explain.add_argument("--" + key.replace("_", "-"), type=int, metavar="N", help=f"overrides grpo.{key}")
     explain.add_argument("--num-processes", type=int, default=None, metavar="N",
                          help="training processes, as torchrun --nproc-per-node (default: orchestration.train_processes)")
@@ -110,7 +112,6 @@ def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def _prepare(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from stages.prepare import run_prepare
 
-    _log_to_console()
     with console.status(f"preparing {cfg.data.source} ..."):
         manifest = run_prepare(cfg.data)
     stdout.print_json(json.dumps({"output_dir": manifest.output_dir, "cached": manifest.cached,
@@ -122,7 +123,6 @@ def _prepare(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from grpoflow.models import resolve_model
 
-    _log_to_console()
     resolved = resolve_model(cfg.model)
     stdout.print_json(json.dumps({"path": resolved.path, "description": resolved.description}))
     return 0
@@ -135,8 +135,6 @@ def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from stages.prepare import run_prepare
     from stages.train import run_train
 
-    main = os.environ.get("RANK", "0") == "0"  # torchrun's rank: one process logs progress
-    _log_to_console(level=logging.INFO if main else logging.WARNING)
     dist = setup_distributed()
     with dist.main_process_first():  # data and model folders are written once, then found
         manifest = run_prepare(cfg.data)
@@ -156,7 +154,6 @@ def _evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from stages.evaluate import run_evaluate
     from stages.prepare import run_prepare
 
-    _log_to_console()
     models = {}
     for item in args.model or []:
         label, sep, path = item.partition("=")
@@ -178,24 +175,31 @@ def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+              "steps_per_generation", "generation_batch_size", "num_iterations")
+
+
+def _explain_overrides(args: argparse.Namespace) -> list[str]:
+    """explain-batches' flags as config overrides: the schedule shown is the config's with them, validated
+    (and warned about) as a config."""
+    flags = {key: getattr(args, key) for key in BATCH_KEYS if getattr(args, key) is not None}
+    overrides = [f"grpo.{key}={value}" for key, value in flags.items()]
+    # the two knobs exclude each other: a flag for one replaces the config's choice of the other
+    if "steps_per_generation" in flags and "generation_batch_size" not in flags:
+        overrides.append("grpo.generation_batch_size=null")
+    if "generation_batch_size" in flags and "steps_per_generation" not in flags:
+        overrides.append("grpo.steps_per_generation=null")
+    if args.num_processes is not None:
+        overrides.append(f"orchestration.train_processes={args.num_processes}")
+    return overrides
+
+
 def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from grpoflow.batching import BatchPlan
 
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-            "steps_per_generation", "generation_batch_size", "num_iterations")
-    values = {key: getattr(cfg.grpo, key) for key in keys}
-    flags = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    # the two knobs exclude each other: a flag for one replaces the config's choice of the other
-    if "steps_per_generation" in flags:
-        values["generation_batch_size"] = None
-    if "generation_batch_size" in flags:
-        values["steps_per_generation"] = None
-    values.update(flags)
     if args.cycles < 1:
         raise ConfigError(f"--cycles must be at least 1, got {args.cycles}")
-    processes = args.num_processes if args.num_processes is not None else cfg.orchestration.train_processes
-    plan = BatchPlan(**values, num_processes=processes)
-    plan.check_groups_stay_on_one_process()  # as the trainer does
+    plan = BatchPlan.from_config(cfg.grpo, num_processes=cfg.orchestration.train_processes)
     cycles = plan.cycles(args.cycles)
     sys.stdout.write(json.dumps(plan.to_json(cycles)) + "\n" if args.json else plan.render(cycles))
     return 0
@@ -206,7 +210,8 @@ def _log_to_console(level: int = logging.INFO) -> None:
 
     logger = logging.getLogger("grpoflow")
     logger.setLevel(level)
-    logger.addHandler(RichHandler(console=console, show_path=False))
+    if not any(getattr(h, "console", None) is console for h in logger.handlers):  # main() may run twice a process
+        logger.addHandler(RichHandler(console=console, show_path=False))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ some stage; a key a stage does not read is a bug (see ../shared/STYLE.md).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -389,10 +390,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pi
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> PipelineConfig:
     try:
-        return PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
         lines = [_describe_error(err) for err in e.errors()]
         raise ConfigError(f"invalid config ({where}):\n" + "\n".join(f"  - {line}" for line in lines)) from None
+    for warning in config_warnings(cfg):
+        _warn_once(warning, f"config ({where}): {warning}")
+    return cfg
+
+
+def config_warnings(cfg: PipelineConfig) -> list[str]:
+    """What a valid config does that the field's advice warns against, each naming its keys."""
+    from grpoflow.batching import BatchPlan
+
+    plan = BatchPlan.from_config(cfg.grpo, num_processes=cfg.orchestration.train_processes)
+    return [f"grpo: {warning}" for warning in plan.warnings()]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(warning: str, message: str) -> None:
+    # a config is validated again by every stage and flow that receives it: say each thing once a process
+    if warning not in _warned:
+        _warned.add(warning)
+        logging.getLogger("grpoflow.config").warning(message)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -241,3 +241,44 @@ def test_cli_errors_are_one_clear_line():
     assert "not a multiple of num_generations (3)" in out.stderr
     out = grpoflow("--cycles", "0")
     assert out.returncode == 2 and "--cycles must be at least 1, got 0" in out.stderr
+
+
+def test_too_few_unique_prompts_warns_with_the_knobs_to_change():
+    """The batching guide's rule, unique_prompts = effective_batch_size / num_generations > 2: a warning
+    naming the rule and settings that fix it, each of which really gives 3 or more prompts."""
+    plan = BatchPlan(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=8)
+    [warning] = plan.warnings()
+    assert warning.startswith("unique_prompts = effective_batch_size 8 / num_generations 8 = 1: the GRPO batching "
+                              "guide says it must be > 2")
+    assert "set steps_per_generation to 3 (or generation_batch_size to 24)" in warning
+    assert "num_generations to 2 (4 prompts)" in warning
+    assert BatchPlan(8, 1, 8, steps_per_generation=3).unique_prompts == 3
+    assert BatchPlan(8, 1, 8, generation_batch_size=24).warnings() == []
+    # 2 prompts still warns; the suggested steps_per_generation keeps whole groups (3 x 2 = 6 is not a
+    # multiple of 4; 6 x 2 = 12 is)
+    two = BatchPlan(per_device_train_batch_size=2, gradient_accumulation_steps=1, num_generations=4,
+                    steps_per_generation=4)
+    assert two.unique_prompts == 2
+    assert "set steps_per_generation to 6 (or generation_batch_size to 12)" in two.warnings()[0]
+    assert BatchPlan(2, 1, 4, steps_per_generation=6).unique_prompts == 3
+    # processes count: the same per-process batch on 4 processes is 4 prompts
+    assert BatchPlan(8, 1, 8, num_processes=4).warnings() == []
+
+
+def test_explain_batches_and_config_validation_print_the_warning(tmp_path):
+    out = grpoflow("--per-device-train-batch-size", "4", "--num-generations", "4", "--steps-per-generation", "2",
+                   "--cycles", "1")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stderr.split())  # rich wraps the log line
+    assert "unique_prompts = effective_batch_size 8 / num_generations 4 = 2" in text
+    assert "set steps_per_generation to 3 (or generation_batch_size to 12)" in text
+    assert text.count("unique_prompts =") == 1
+    out = grpoflow("--per-device-train-batch-size", "4", "--num-generations", "4", "--steps-per-generation", "4",
+                   "--cycles", "1")
+    assert out.returncode == 0 and "unique_prompts" not in out.stderr, out.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text("grpo:\n  num_generations: 4\n  per_device_train_batch_size: 4\n")
+    out = subprocess.run([sys.executable, "-m", "grpoflow.cli", "config", "-c", str(config)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "unique_prompts = effective_batch_size 4 / num_generations 4 = 1" in " ".join(out.stderr.split())

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from grpoflow.config import ConfigError, PipelineConfig, load_config, to_yaml, validate_config
+from grpoflow.batching import BatchPlan
+from grpoflow.config import ConfigError, PipelineConfig, config_warnings, load_config, to_yaml, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +163,22 @@ def test_cli_errors_show_brackets_as_typed():
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     load_config(path)
+
+
+def test_config_warnings_name_the_rule_and_are_logged_once(caplog):
+    from grpoflow import config as config_module
+
+    config_module._warned.clear()
+    raw = {"grpo": {"num_generations": 4, "per_device_train_batch_size": 8}}
+    with caplog.at_level("WARNING", logger="grpoflow.config"):
+        cfg = validate_config(raw, "a.yaml")
+        validate_config(raw, "a.yaml with --set x")  # stages validate the same config again
+    assert config_warnings(cfg) == [f"grpo: {w}" for w in BatchPlan.from_config(cfg.grpo).warnings()]
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "config (a.yaml): grpo: unique_prompts = effective_batch_size 8 / num_generations 4 = 2: the GRPO batching "
+        "guide says it must be > 2")
+    big = validate_config({"grpo": {"num_generations": 4, "per_device_train_batch_size": 12}})
+    assert config_warnings(big) == []
+    # processes multiply the prompts of a generation
+    assert config_warnings(validate_config({**raw, "orchestration": {"train_processes": 2}})) == []
