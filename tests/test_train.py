@@ -239,7 +239,10 @@ def test_logps_match_a_plain_log_softmax_at_any_temperature(tiny_model, kernels)
         expected = all_logps.gather(-1, ids[:, -5:, None]).squeeze(-1)
         (grad_expected,) = torch.autograd.grad(expected.sum(), weight)
         assert torch.allclose(ours, expected, atol=1e-5)
-        assert torch.allclose(grad_ours, grad_expected, atol=1e-5)  # the in-place scaling keeps the backward right
+        # the in-place scaling keeps the backward right. rtol: the chunked path sums the tied weight's
+        # gradient (up to ~5 here) in another order than the full-logits one, float32 rounding of 2e-4 on
+        # its small entries (transformers 5.25; a wrong backward is off by orders of magnitude)
+        assert torch.allclose(grad_ours, grad_expected, rtol=1e-4, atol=1e-5)
         assert torch.allclose(entropy, -(all_logps.exp() * all_logps).sum(-1).detach(), atol=1e-5)
 
 
