@@ -6,16 +6,13 @@ from typing import Any
 
 from prefect.tasks import exponential_backoff
 
-from grpoflow.config import ConfigError, OrchestrationConfig
-from grpoflow.export.gguf import GGUFExportError
-from grpoflow.models import ModelError
-from grpoflow.sources import SourceError
+from grpoflow.config import OrchestrationConfig
+from grpoflow.errors import UserError
 from stages.prepare import DataError
-from stages.train import TrainingDiverged
 
 # A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may. (The Hub
 # push retries its transient errors itself, with backoff.)
-USER_ERRORS = (ConfigError, DataError, SourceError, ModelError, TrainingDiverged, GGUFExportError)
+USER_ERRORS = (UserError, DataError)
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -130,11 +130,13 @@ class BatchPlan:
             return []
         E, G, U = self.effective_batch_size, self.num_generations, self.unique_prompts
         P, B = self.num_processes, self.per_device_train_batch_size
-        # the smallest steps_per_generation whose batch holds whole groups of at least MIN_UNIQUE_PROMPTS prompts
-        steps = next(s for s in range(self.steps_per_generation, MIN_UNIQUE_PROMPTS * G + 1)
-                     if s * P * B % G == 0 and s * P * B // G >= MIN_UNIQUE_PROMPTS)
-        fewer = [g for g in range(G - 1, 1, -1) if E % g == 0 and E // g >= MIN_UNIQUE_PROMPTS]
-        generations = f", or num_generations to {fewer[0]} ({E // fewer[0]} prompts)" if fewer else ""
+        # the smallest steps_per_generation whose batch holds whole groups (a multiple of `step`) of at
+        # least MIN_UNIQUE_PROMPTS prompts
+        step = G // math.gcd(G, P * B)
+        steps = max(self.steps_per_generation, -(-MIN_UNIQUE_PROMPTS * G // (P * B)))
+        steps = -(-steps // step) * step
+        fewer = [g for g in _divisors(E) or [] if 2 <= g < G and E // g >= MIN_UNIQUE_PROMPTS]
+        generations = f", or num_generations to {fewer[-1]} ({E // fewer[-1]} prompts)" if fewer else ""
         return [
             f"unique_prompts = effective_batch_size {E} / num_generations {G} = {U}: the GRPO batching guide says "
             f"it must be > 2. With {_plural(U, 'prompt')} a generation every update follows one or two questions, "
@@ -254,7 +256,7 @@ class BatchPlan:
         if total % G == 0:
             return
         P, B = self.num_processes, self.per_device_train_batch_size
-        divisors = [d for d in range(2, total + 1) if total % d == 0]
+        divisors = [d for d in _divisors(total) or [] if d >= 2]
         closest = sorted(sorted(divisors, key=lambda d: abs(d - G))[:4])
         fix_groups = ""
         if len(closest) == 1:
@@ -275,6 +277,15 @@ class BatchPlan:
             f"the generation batch is not a whole number of prompt groups: effective_batch_size = "
             f"steps_per_generation {self.steps_per_generation} x num_processes {P} x per_device_train_batch_size "
             f"{B} = {total} completions, not a multiple of num_generations ({G}). To fix, {fixes}.")
+
+
+def _divisors(n: int, max_trials: int = 1_000_000) -> list[int] | None:
+    """n's divisors in ascending order, by trial division up to sqrt(n); None when that would take more than
+    max_trials divisions (a suggestion is skipped rather than computed for hours)."""
+    if math.isqrt(n) > max_trials:
+        return None
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def _nearby_multiples(value: int, step: int) -> str:

@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from grpoflow.models import ModelError
-    from grpoflow.sources import SourceError
-    from grpoflow.errors import TrainingDiverged
+    from grpoflow.errors import UserError
+    from grpoflow.hub import HubPushError
     from stages.prepare import DataError
 
     # torchrun's rank: one process logs progress; logging is attached first, so config warnings show
@@ -54,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = (args.set or []) + (_explain_overrides(args) if args.command == "explain-batches" else [])
         cfg = load_config(args.config, overrides)
         return args.handler(cfg, args)
-    except (ConfigError, DataError, SourceError, ModelError, TrainingDiverged) as e:
+    except (UserError, DataError) as e:  # what the user gave is wrong: one line, and what to do
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
+    except HubPushError as e:  # transient failures that outlasted the retries: local files kept, run again
+        console.print(f"[bold red]push failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to resume")
         return 130
@@ -175,6 +177,7 @@ def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_MAX_ROWS = 1_000_000  # a schedule longer than this is not read, and would not fit in memory
 BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
               "steps_per_generation", "generation_batch_size", "num_iterations")
 
@@ -200,6 +203,12 @@ def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if args.cycles < 1:
         raise ConfigError(f"--cycles must be at least 1, got {args.cycles}")
     plan = BatchPlan.from_config(cfg.grpo, num_processes=cfg.orchestration.train_processes)
+    rows = args.cycles * plan.effective_batch_size * plan.num_iterations
+    if rows > EXPLAIN_MAX_ROWS:
+        raise ConfigError(
+            f"explain-batches lists every row of {args.cycles} generation(s): {rows:,} rows here "
+            f"(effective_batch_size {plan.effective_batch_size:,} x num_iterations {plan.num_iterations}), more than "
+            f"the {EXPLAIN_MAX_ROWS:,} it shows; lower --cycles or the batch sizes")
     cycles = plan.cycles(args.cycles)
     sys.stdout.write(json.dumps(plan.to_json(cycles)) + "\n" if args.json else plan.render(cycles))
     return 0

@@ -29,9 +29,30 @@ DEFAULT_SYSTEM_PROMPT = """Respond in the following format:
 </answer>"""
 
 
+# The largest whole number a config takes: every count, size and seed fits (numpy seeds need < 2**32), and a
+# typo'd 10**30 fails here instead of as a MemoryError, an overflow or a run that never ends.
+MAX_INT = 2**32 - 1
+
+
+def _digits(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 20 else f"a {len(text.lstrip('-'))}-digit number"
+
+
 class Section(BaseModel):
-    # extra="forbid": a misspelt key fails instead of being ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelt key fails instead of being ignored. allow_inf_nan=False: .inf / .nan
+    # are never a learning rate, a temperature or a clip range.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, v: Any) -> Any:
+        values = v if isinstance(v, list) else v.values() if isinstance(v, dict) else [v]
+        for value in values:
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise ValueError(f"{_digits(value)} is larger than any count, size or seed a run takes "
+                                 f"(at most {MAX_INT:,})")
+        return v
 
 
 def _check_rewards(specs: list[str]) -> list[str]:
@@ -72,7 +93,7 @@ class DataConfig(Section):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_train_rows: int | None = Field(None, gt=0)
     max_heldout_rows: int | None = Field(None, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, description="seeds the held-out split when the source has none")
     reasoning_gym: ReasoningGymConfig = ReasoningGymConfig()
     output_dir: Path = Path("artifacts/data")
 
@@ -128,7 +149,7 @@ class GRPOConfig(Section):
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0)
     max_steps: int = Field(10, gt=0, description="10 keeps `make pipeline` to minutes on 2 CPU cores; see configs/gsm8k-gpu.yaml")
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     # Batching, with TRL's meaning: one generation batch feeds `steps_per_generation`
     # micro-batches of `per_device_train_batch_size` completions.
     num_generations: int = Field(8, ge=2)
@@ -242,7 +263,7 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0, description="prompts per generate call")
     num_samples: int = Field(0, ge=0, description="k sampled completions per question for pass@k and maj@k; 0: greedy only")
     temperature: float = Field(1.0, gt=0, description="for the k samples; pass@1 is always greedy")
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     reward_funcs: list[str] = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
     output_dir: Path = Path("artifacts/eval")
 
@@ -417,20 +438,96 @@ def _warn_once(warning: str, message: str) -> None:
         logging.getLogger("grpoflow.config").warning(message)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kilobytes; a bigger file is the wrong file
+MAX_YAML_VALUES = 100_000  # values after every alias is expanded: a "billion laughs" file stops here
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes; a config file is a few kilobytes of YAML (at most "
+                          f"{MAX_CONFIG_BYTES:,}): is this the right file?")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        text = data.decode("utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}, offset {e.start}); "
+                          f"save the file as UTF-8") from None
+    raw = load_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, grpo, ...)")
     return raw
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load's loader, stricter: a key twice in one mapping is an error (YAML keeps the last one
+    silently), and aliases may not expand past MAX_YAML_VALUES values."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, Any] = {}
+        for key_node, _ in node.value:  # the mapping's own keys; a `<<` merge may override them
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} appears twice in one mapping (also at line "
+                        f"{seen[key_node.value].line + 1}); YAML would keep only the last", key_node.start_mark)
+                seen[key_node.value] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML text to Python values, with the loader's limits; errors name `where`, the line and column."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a constructor's own: an integer of more than 4,300 digits, a bad date
+        raise ConfigError(f"{where}: a value YAML cannot read: {_short(str(e), 200)}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_YAML_VALUES values, counting shared nodes
+    once each (memo) so that the count itself never expands them."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise ConfigError(f"{where}: an alias refers to a node that contains it (a recursive YAML "
+                                  f"structure, line {node.start_mark.line + 1}); a config is a tree")
+            return sizes[id(node)]
+        if depth > 100:
+            raise ConfigError(f"{where}: nested more than 100 levels deep (line {node.start_mark.line + 1})")
+        sizes[id(node)] = -1
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values once its aliases "
+                              f"(*name) are resolved (line {node.start_mark.line + 1}); a config needs a few "
+                              f"hundred: is this a YAML alias bomb?")
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -445,7 +542,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     # YAML parsing gives numbers, booleans, null and lists their types: --set grpo.beta=0.04
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    try:
+        node[parts[-1]] = load_yaml(value, f"--set {item!r}") if value.strip() else value
+    except ConfigError as e:
+        raise ConfigError(f"{e}; quote a value that is text, e.g. --set '{key.strip()}=\"...\"'") from None
 
 
 def _describe_error(err: dict[str, Any]) -> str:
@@ -455,15 +555,21 @@ def _describe_error(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return _unknown_key(loc)
     if kind == "literal_error":
-        return f"{key}: {err['input']!r} is not allowed; allowed values: {err['ctx']['expected']}"
+        return f"{key}: {_short(err['input'])} is not allowed; allowed values: {err['ctx']['expected']}"
     if kind == "value_error":
         # our cross-field checks: the section is the location, the message says the rest
         return f"{key}: {err['ctx']['error']}" if key != "(top level)" else str(err["ctx"]["error"])
     if kind == "model_type" or kind == "dict_type":
-        return f"{key}: expected a section (a mapping of keys), got {err['input']!r}"
+        return f"{key}: expected a section (a mapping of keys), got {_short(err['input'])}"
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
-    return f"{key}: {msg} (got {err['input']!r})"
+    return f"{key}: {msg} (got {_short(err['input'])})"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: an error message quotes what was given, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _unknown_key(loc: list[str]) -> str:

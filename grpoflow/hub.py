@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from grpoflow.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Statuses worth another try: the Hub or a proxy is overloaded or restarting. Any other 4xx is the
@@ -31,11 +33,16 @@ class HubPushError(RuntimeError):
     """A push to the Hub failed. The message says which step, why, and what to do; it never holds the token."""
 
 
+class HubRefused(HubPushError, UserError):
+    """The Hub (or the settings) refused the push for a reason no retry fixes: no or a bad token, no write
+    access, a wrong repo id or endpoint, offline mode. A user error: one line, exit code 2."""
+
+
 def resolve_token(token: str | None) -> str:
     """The token to push with: the argument, else HF_TOKEN. The only place a token is looked up."""
     token = token or os.environ.get("HF_TOKEN")
     if not token:
-        raise HubPushError(
+        raise HubRefused(
             "no Hugging Face token: set HF_TOKEN to a token with write access "
             "(https://huggingface.co/settings/tokens), or pass token=..."
         )
@@ -145,7 +152,7 @@ def _with_retries(what: str, call, *, token: str, retries: int, backoff_s: float
             status = _status_of(e)
             detail = redact(f"{type(e).__name__}: {e}", token)
             if not _is_transient(e, status):
-                raise HubPushError(f"{what}: {_advice(status, e)}\n  {detail}") from None
+                raise HubRefused(f"{what}: {_advice(status, e)}\n  {detail}") from None
             if attempt > retries:
                 raise HubPushError(
                     f"{what}: failed {attempt} times on transient errors (network or Hub overloaded); "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpoflow.config import ModelConfig
+from grpoflow.errors import UserError
 from grpoflow.hashing import file_sha256
 
 log = logging.getLogger("grpoflow.models")
@@ -43,7 +44,7 @@ PACKAGED_MODELS = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model cannot be found or converted; the message names the config key and the fix."""
 
 

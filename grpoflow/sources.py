@@ -19,12 +19,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from grpoflow.errors import UserError
+
 PACKAGED_GSM8K = "gsm8k"
 REASONING_GYM_PREFIX = "reasoning_gym:"
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".feather")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The data source cannot be read. The message names the source and what to do."""
 
 

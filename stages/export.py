@@ -143,7 +143,7 @@ def _push(out: Path, ex, passed: list[dict], adapters_dir: Path | None, token: s
                                  commit_message="grpoflow export: merged model, adapters, verified GGUFs")
         except HubPushError as e:
             (out / "push_error.txt").write_text(str(e) + "\n")  # HubPushError messages never hold the token
-            raise HubPushError(f"{e} Every exported file is kept in {out}; run the export again to retry the push.") \
+            raise type(e)(f"{e} Every exported file is kept in {out}; run the export again to retry the push.") \
                 from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -15,7 +15,7 @@ import pytest
 
 from grpoflow.config import validate_config
 from grpoflow.export.gguf import GGUFExportError, convert_to_gguf, quantize_gguf
-from grpoflow.hub import HubPushError
+from grpoflow.hub import HubPushError, HubRefused
 from stages.export import run_export
 from tests.hub_server import FakeHub
 from tests.test_export_merge import trained_adapters
@@ -106,6 +106,7 @@ def test_a_hub_error_mid_push_keeps_every_local_file(tiny_model, tmp_path, hub):
     with pytest.raises(HubPushError) as failed:
         run_export(cfg, tmp_path / "final")
     assert "Every exported file is kept" in str(failed.value) and TOKEN not in str(failed.value)
+    assert isinstance(failed.value, HubRefused)  # a 403 is the user's to fix: `grpoflow run` exits 2, one line
     out = next((tmp_path / "export").iterdir())
     before = everything_written(out)
     assert {"merged/model.safetensors", "gguf/tiny-grpo-f16.gguf", "gguf/tiny-grpo-q8_0.gguf",

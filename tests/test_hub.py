@@ -19,7 +19,8 @@ import traceback
 
 import pytest
 
-from grpoflow.hub import HubPushError, push_folder, redact
+from grpoflow.errors import UserError
+from grpoflow.hub import HubPushError, HubRefused, push_folder, redact
 from tests.hub_server import FakeHub
 
 TOKEN = "hf_FAKEtokenForTests0123456789abcdefXYZ"
@@ -123,6 +124,7 @@ def test_401_fails_at_once_with_clear_message(hub, model_dir):
     assert hub.count("create") == 1  # no retries
     assert hub.count("commit") == 0
     assert "hf_wrongTokenWrongToken42" not in str(err.value)
+    assert isinstance(err.value, HubRefused) and isinstance(err.value, UserError)  # the CLI's exit 2
     assert _snapshot(model_dir) == before
 
 
@@ -133,6 +135,7 @@ def test_dropped_connection_mid_commit_gives_up_after_retries(hub, model_dir):
         push_folder(model_dir, "alice/tiny-grpo", token=TOKEN, endpoint=hub.url, retries=2, **FAST)
     assert hub.count("commit") == 3
     assert "uploading" in str(err.value) and "alice/tiny-grpo" in str(err.value)
+    assert not isinstance(err.value, UserError)  # not the user's to fix: retried, then exit 1
     assert hub.repos["alice/tiny-grpo"].files == {}
     assert _snapshot(model_dir) == before
 

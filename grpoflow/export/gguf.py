@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpoflow.errors import UserError
+
 log = logging.getLogger("grpoflow.export")
 
 CONVERTER_ENV = "GRPOFLOW_GGUF_CONVERTER"  # a folder holding convert_hf_to_gguf.py and its gguf module
@@ -52,7 +54,7 @@ CHECK_MESSAGES = [
 CHECK_TEXTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 1, 2, 3, 5, 8,"]
 
 
-class GGUFExportError(RuntimeError):
+class GGUFExportError(UserError, RuntimeError):
     """Conversion or quantization failed; the message says which file, why, and what to do."""
 
 
