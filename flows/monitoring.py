@@ -13,12 +13,12 @@ Stages know nothing of Prefect; these read their outputs (metrics.jsonl, complet
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from grpoflow.jsonl import read_records
 from stages.prepare import REJECT_REASONS, Manifest
 
 CURVE_KEYS = ("step", "reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "grad_norm",
@@ -103,7 +103,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_records(path)  # the records written whole: a line being written is not read half
 
 
 def _last_user_message(prompt: Any) -> str:

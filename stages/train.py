@@ -48,7 +48,8 @@ from grpoflow.rollout.hf import HFEngine
 from grpoflow.rollout.load import resolve_engine
 from grpoflow.rollout.seeded import prompt_seed
 from grpoflow.train.checkpoint import (checkpoint_path, gather_optimizer, gather_trained, list_checkpoints,
-                                       load_checkpoint, load_trained, rng_state, save_checkpoint, set_rng_state)
+                                       load_checkpoint, load_trained, remove_temporaries, rng_state, save_checkpoint,
+                                       set_rng_state)
 from grpoflow.train.distributed import Distributed, setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.log import RunLogger
 from grpoflow.train.logps import completion_logps, loss_function
@@ -97,6 +98,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
     _seed_everything(grpo.seed)
     sharded = _fsdp(grpo, dist)
     policy = load_policy(cfg.model, grpo, model_path, dist.device, to_device=not sharded)
+    if dist.is_main and (stale := remove_temporaries(out / "checkpoints")):
+        log.warning("removed what an interrupted checkpoint save left in %s: %s", out / "checkpoints", ", ".join(stale))
     checkpoints = list_checkpoints(out / "checkpoints")
     resume_from = checkpoints[-1] if grpo.resume_from_checkpoint and checkpoints else None
     if resume_from:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 PREFIX = "step-"
+TEMPORARY = ".tmp-"  # a checkpoint being written or removed; never read, removed when found
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -40,8 +41,8 @@ def save_checkpoint(folder: Path, step: int, policy, weights: dict[str, torch.Te
                     optimizer_state: dict[str, Any], scheduler, scaler, state: dict[str, Any], keep: int) -> Path:
     """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
     final = checkpoint_path(folder, step)
-    tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_temporaries(folder)  # of a save that was killed: one process writes a run's checkpoints
+    tmp = folder / f"{TEMPORARY}{PREFIX}{step:06d}-{os.getpid()}"
     tmp.mkdir(parents=True)
     policy.model.save_pretrained(tmp / "model", state_dict=weights)  # adapters alone under LoRA: what export needs
     policy.tokenizer.save_pretrained(tmp / "model")
@@ -51,11 +52,29 @@ def save_checkpoint(folder: Path, step: int, policy, weights: dict[str, torch.Te
         "rng": rng_state(), **state,
     }, tmp / "trainer_state.pt")
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old)
+        _remove(old)
     return final
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete what a killed save or deletion left behind (`.tmp-*` folders); their names, for the log."""
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith(TEMPORARY))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def _remove(path: Path) -> None:
+    # renamed out of the checkpoints' name space first: a kill inside rmtree then leaves a .tmp-* folder,
+    # which the next save removes, never a step-* folder missing half its files
+    doomed = path.with_name(f"{TEMPORARY}{path.name}-removed-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def gather_trained(policy, *, every_process: bool = False) -> dict[str, torch.Tensor] | None:

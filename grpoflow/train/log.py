@@ -5,12 +5,12 @@ TensorBoard or Weights & Biases join when `grpo.report_to` asks for them and the
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from grpoflow.config import ConfigError
+from grpoflow.jsonl import append_records, read_records, rewrite_records
 
 
 class RunLogger:
@@ -25,10 +25,10 @@ class RunLogger:
         self.history, self.sinks = [], []
         if not write:
             return
-        # a resumed run redoes the steps after its checkpoint: drop their old lines
+        # a resumed run redoes the steps after its checkpoint: drop their old lines (and a torn last line)
         for path in (self.metrics_path, self.completions_path):
             _truncate_after(path, resume_step)
-        self.history = _read(self.metrics_path)
+        self.history = read_records(self.metrics_path)
         self.sinks = [_sink(name, folder, run_name, config) for name in report_to]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -36,17 +36,14 @@ class RunLogger:
         self.history.append(record)
         if not self.write:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_records(self.metrics_path, [record])
         for sink in self.sinks:
             sink(step, metrics)
 
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
         if not self.write:
             return
-        with self.completions_path.open("a") as f:
-            for s in samples:
-                f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
+        append_records(self.completions_path, [{"step": step, **s} for s in samples])  # one write: all or none
 
     def plot(self) -> Path | None:
         """reward.png: the total reward and each reward's mean against the step."""
@@ -109,11 +106,6 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _truncate_after(path: Path, step: int) -> None:
     if path.is_file():
-        kept = [r for r in _read(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        rewrite_records(path, [r for r in read_records(path) if r["step"] <= step])
