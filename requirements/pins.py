@@ -1,6 +1,6 @@
 """Read the locks (requirements/*.txt, written by `make lock`) and compare an environment with them.
 
-    python requirements/pins.py diff requirements/cpu.txt versions.txt   # a `pip freeze` against a lock
+    python requirements/pins.py diff requirements/cpu.txt requirements/data.txt versions.txt   # a freeze vs locks
     python requirements/pins.py stage requirements/gpu.txt requirements/gpu-image.txt   # what to carry
 
 `make test-latest` prints the first; benchmarks/stage_gpu.sh stages the second on the GPU machine, so
@@ -35,10 +35,13 @@ def read_pins(path: str | Path) -> dict[str, str]:
     return pins
 
 
+NEVER_LOCKED = {"grpoflow", "pip"}  # the project itself, and the installer the venv comes with
+
+
 def differences(lock: dict[str, str], other: dict[str, str]) -> list[str]:
     """One line per package whose version differs, or that only one side has."""
     lines = []
-    for name in sorted(set(lock) | set(other)):
+    for name in sorted((set(lock) | set(other)) - NEVER_LOCKED):
         if lock.get(name) != other.get(name):
             lines.append(f"{name}: lock {lock.get(name, '-')}, here {other.get(name, '-')}")
     return lines
@@ -62,7 +65,8 @@ def read_names(path: str | Path) -> set[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "diff":
-        found = differences(read_pins(argv[1]), read_pins(argv[2]))
+        locked = {name: version for lock in argv[1:-1] for name, version in read_pins(lock).items()}
+        found = differences(locked, read_pins(argv[-1]))
         print("\n".join(found) if found else "the same versions as the lock")
         return 1 if found else 0
     if len(argv) == 3 and argv[0] == "stage":
