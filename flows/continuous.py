@@ -32,6 +32,7 @@ from prefect.runtime import flow_run
 
 from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
 from flows.retry import retry_options, retry_unless_user_error
+from flows.secrets import hub_token
 from grpoflow.config import PipelineConfig, validate_config
 from grpoflow.hashing import file_sha256
 from grpoflow.models import resolve_model
@@ -154,7 +155,7 @@ def promote(final_dir: str, out: str) -> str:
 
 @task(name="export", retry_condition_fn=retry_unless_user_error)
 def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    report = run_export(cfg, Path(model_dir), evaluation=evaluation)
+    report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=hub_token(cfg))
     publish_export(report.markdown, report.output_dir)
     return {"output_dir": report.output_dir, "gguf": {f["method"]: f["status"] for f in report.report["gguf"]},
             "push": report.report["push"]}

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
 from flows.retry import retry_options, retry_unless_user_error
+from flows.secrets import hub_token
 from grpoflow.config import ALL_STAGES, ConfigError, PipelineConfig, validate_config
 from grpoflow.launch import launch_train
 from grpoflow.models import resolve_model
@@ -28,6 +29,17 @@ from stages.train import run_train
 
 # What a stage reads; those stages run first (they are content-hash cached, so cheap when done).
 NEEDS = {"train": ("prepare", "model"), "evaluate": ("prepare", "model"), "export": ("train",)}
+
+
+def stages_to_run(requested: list[str]) -> list[str]:
+    """The requested stages and everything they read, transitively, in DAG order."""
+    wanted, todo = set(), list(requested)
+    while todo:
+        stage = todo.pop()
+        if stage not in wanted:
+            wanted.add(stage)
+            todo.extend(NEEDS.get(stage, ()))
+    return [s for s in ALL_STAGES if s in wanted]
 
 
 @task(name="prepare-data", retry_condition_fn=retry_unless_user_error)
@@ -66,25 +78,11 @@ def evaluate(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> dict[
 
 @task(name="export", retry_condition_fn=retry_unless_user_error)
 def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=_hub_token(cfg))
+    report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=hub_token(cfg))
     publish_export(report.markdown, report.output_dir)
     files = report.report["gguf"]
     return {"output_dir": report.output_dir, "gguf": {f["method"]: f["status"] for f in files},
             "push": report.report["push"], "warnings": len(report.report["warnings"])}
-
-
-def _hub_token(cfg: PipelineConfig) -> str | None:
-    """The token from the Prefect Secret block export.hub_token_secret names; None: HF_TOKEN."""
-    if not (cfg.export.push_to_hub and cfg.export.hub_token_secret):
-        return None
-    from prefect.blocks.system import Secret
-
-    try:
-        return Secret.load(cfg.export.hub_token_secret).get()
-    except ValueError as e:
-        raise ConfigError(f"export.hub_token_secret: no Prefect Secret block named {cfg.export.hub_token_secret!r} "
-                          f"({e}); create one in the UI (Blocks > Secret) or with "
-                          f"Secret(value=...).save({cfg.export.hub_token_secret!r})") from None
 
 
 def _run_name() -> str:
@@ -109,12 +107,10 @@ def pipeline(config: dict[str, Any] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = validate_config(config or {}, "the flow's config parameter")
     options = retry_options(cfg.orchestration)
-    wanted = set(cfg.orchestration.stages)
-    for stage in list(wanted):
-        for need in NEEDS.get(stage, ()):
-            if need not in wanted:
-                logger.info("stage %r reads the output of %r: running that too", stage, need)
-                wanted.add(need)
+    wanted = stages_to_run(cfg.orchestration.stages)
+    added = [s for s in wanted if s not in cfg.orchestration.stages]
+    if added:
+        logger.info("stages %s read the output of %s: running those too", cfg.orchestration.stages, added)
     results: dict[str, Any] = {}
 
     if "prepare" in wanted:

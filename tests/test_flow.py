@@ -130,3 +130,56 @@ def test_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_c
     results = pipeline(config=config)
     assert results["prepare"]["rows"] == {"train": 7473, "heldout": 1319}
     assert Path(results["model"]["path"], "config.json").is_file()
+
+
+def test_a_stage_alone_runs_everything_it_reads_transitively():
+    from flows.pipeline import stages_to_run
+
+    assert stages_to_run(["prepare"]) == ["prepare"]
+    assert stages_to_run(["model"]) == ["model"]
+    assert stages_to_run(["train"]) == ["prepare", "model", "train"]
+    assert stages_to_run(["evaluate"]) == ["prepare", "model", "evaluate"]
+    assert stages_to_run(["export"]) == ["prepare", "model", "train", "export"]  # export -> train -> prepare, model
+    assert stages_to_run(["export", "evaluate"]) == ["prepare", "model", "train", "evaluate", "export"]
+
+
+def test_export_alone_through_the_flow(prefect_server, tmp_path, tiny_model):
+    """`grpoflow run --stages export` once ended in KeyError: 'prepare' (the closure went one level deep)."""
+    config = {"data": {"source": str(small_source(tmp_path)), "output_dir": str(tmp_path / "data")},
+              "model": {"name_or_path": str(tiny_model), "finetune": "lora", "dtype": "float32",
+                        "lora": {"target_modules": ["q_proj", "v_proj"]}},
+              "grpo": {"max_steps": 1, "num_generations": 4, "per_device_train_batch_size": 4,
+                       "max_completion_length": 8, "gradient_checkpointing": False, "warmup": {"enabled": False},
+                       "output_dir": str(tmp_path / "train")},
+              "export": {"quantizations": ["q8_0"], "output_dir": str(tmp_path / "export")},
+              "orchestration": {"stages": ["export"]}}
+    results = pipeline(config=config)
+    assert list(results) == ["prepare", "model", "train", "export"]
+    assert results["train"]["steps"] == 1 and results["export"]["gguf"] == {"f16": "passed", "q8_0": "passed"}
+
+
+def test_the_continuous_flow_pushes_with_the_token_of_the_secret_block(prefect_server, tmp_path, monkeypatch):
+    """flows/continuous.py's export once left export.hub_token_secret unread (and pushed with HF_TOKEN)."""
+    from prefect.blocks.system import Secret
+
+    from flows import continuous
+    from grpoflow.config import validate_config
+
+    token = "hf_CONTINUOUSsecretBlockToken0123456789"
+    Secret(value=token).save("hf-token-continuous", overwrite=True)
+    seen = {}
+
+    class Report:
+        markdown, output_dir = "", str(tmp_path)
+        report = {"gguf": [], "push": None}
+
+    def fake_export(cfg, model_dir, *, evaluation=None, token=None):
+        seen["token"] = token
+        return Report()
+
+    monkeypatch.setattr(continuous, "run_export", fake_export)
+    monkeypatch.setattr(continuous, "publish_export", lambda *a: None)
+    cfg = validate_config({"export": {"push_to_hub": True, "hub_repo_id": "alice/x",
+                                      "hub_token_secret": "hf-token-continuous"}})
+    continuous.export.fn(cfg, str(tmp_path), {})
+    assert seen["token"] == token
