@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from grpoflow.errors import UserError
+    from grpoflow.errors import UserError, report_user_error
     from grpoflow.hub import HubPushError
     from stages.prepare import DataError
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(cfg, args)
     except (UserError, DataError) as e:  # what the user gave is wrong: one line, and what to do
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        report_user_error(e)  # for a launcher (torchrun's ranks)
         return 2
     except HubPushError as e:  # transient failures that outlasted the retries: local files kept, run again
         console.print(f"[bold red]push failed:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

@@ -6,6 +6,22 @@ class UserError(Exception):
     Each stage's own kinds subclass it (ConfigError, SourceError, DataError, ModelError, ...)."""
 
 
+# A process launched for the user (torchrun's ranks) reports its user error in this file, as JSON: the
+# launcher raises it as a UserError instead of guessing from the log (torchrun exits 1 whatever failed).
+ERROR_FILE_ENV = "GRPOFLOW_ERROR_FILE"
+
+
+def report_user_error(error: UserError) -> None:
+    """Write `error` where the launcher reads it ($GRPOFLOW_ERROR_FILE, one file a rank); no-op elsewhere."""
+    import json
+    import os
+
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with open(f"{path}.{os.environ.get('RANK', '0')}", "w") as f:
+            json.dump({"kind": type(error).__name__, "message": str(error)}, f)
+
+
 class ConfigError(UserError, ValueError):
     """A user's config is wrong. The message says which key, where, and what is allowed."""
 

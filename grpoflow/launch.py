@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpoflow.config import ConfigError, PipelineConfig, to_yaml
-from grpoflow.errors import TrainingDiverged
+from grpoflow.config import PipelineConfig, to_yaml
+from grpoflow.errors import ERROR_FILE_ENV, UserError
 
 ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `flows` import from
 
@@ -37,6 +37,7 @@ def launch_train(cfg: PipelineConfig, num_processes: int):
     with tempfile.TemporaryDirectory(prefix="grpoflow-launch-") as folder:
         config_path = Path(folder) / "config.yaml"
         config_path.write_text(to_yaml(cfg))
+        env[ERROR_FILE_ENV] = str(Path(folder) / "user-error")  # each rank's user error, if it has one
         process = subprocess.Popen(torchrun_command(num_processes, config_path), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
         tail: collections.deque[str] = collections.deque(maxlen=60)
@@ -45,11 +46,11 @@ def launch_train(cfg: PipelineConfig, num_processes: int):
             tail.append(line)
         stdout = process.stdout.read()
         code = process.wait()
+        reported = sorted(Path(folder).glob("user-error.*"))  # rank order
+        user_error = json.loads(reported[0].read_text()) if reported else None
     if code != 0:
-        errors = [line.split("error:", 1)[1].strip() for line in tail if line.lstrip().startswith("error:")]
-        if errors:  # the CLI's one-line report of a user's mistake (a config key, the data, divergence)
-            kind = TrainingDiverged if "non-finite" in errors[0] else ConfigError
-            raise kind(f"train on {num_processes} processes: {errors[0]}")
+        if user_error:  # a user's mistake a rank reported (a config key, the data, divergence): not retried
+            raise UserError(f"train on {num_processes} processes: {user_error['message']}")
         raise RuntimeError(f"torchrun --nproc-per-node {num_processes} grpoflow train exited with {code}; "
                            f"its last lines:\n{''.join(tail)}")
     try:

@@ -253,3 +253,15 @@ def test_explain_batches_splits_the_work_the_same_under_fsdp():
                            capture_output=True, text=True, timeout=300) for distributed in ("ddp", "fsdp")]
     assert [out.returncode for out in outs] == [0, 0], outs[1].stderr
     assert json.loads(outs[1].stdout) == json.loads(outs[0].stdout)
+
+
+def test_a_user_error_on_a_rank_reaches_the_launcher_as_one(tmp_path):
+    """The ranks report a user's mistake in a file the launcher reads (torchrun itself exits 1 whatever
+    failed): the flow gets a UserError with the rank's one line, not retried, not a log to grep."""
+    from grpoflow.config import validate_config
+    from grpoflow.errors import UserError
+
+    cfg = validate_config({"data": {"source": str(tmp_path / "missing.jsonl"), "output_dir": str(tmp_path / "data")},
+                           "grpo": {"output_dir": str(tmp_path / "train")}})
+    with pytest.raises(UserError, match=r"^train on 2 processes: .*missing\.jsonl.*does not exist"):
+        launch_train(cfg, 2)

@@ -35,6 +35,7 @@ import weakref
 from pathlib import Path
 
 from grpoflow.config import ConfigError
+from grpoflow.errors import UserError
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
@@ -43,7 +44,7 @@ TESTED = ("0.26.",)  # version prefixes run on the GPU machine
 INSTALL = "pip install 'grpoflow[gpu]'  (vLLM 0.26.0, on a CUDA machine)"
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """vLLM could not start or serve; the message names the config key to change."""
 
 
