@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -103,11 +104,14 @@ def test_seeded_sampling_draws_from_the_processed_distribution():
 class _RecordingLLM:
     """vllm.LLM's surface that VLLMEngine uses: records what it was given, one empty completion a request."""
 
+    SAMPLE_SECONDS = 0.05  # how long a generate call takes: the engine's "sample" phase must contain it
+
     def __init__(self, **kwargs):
         self.kwargs, self.sampling = kwargs, None
 
     def generate(self, requests, sampling, **_):
         self.sampling = sampling
+        time.sleep(self.SAMPLE_SECONDS)
         done = types.SimpleNamespace(token_ids=[], logprobs=[], finish_reason="length")
         return [types.SimpleNamespace(outputs=[done] * s.n) for s in sampling]
 
@@ -182,7 +186,11 @@ def test_vllm_generate_asks_for_flat_logprobs_and_times_its_phases(monkeypatch, 
     from grpoflow.rollout.base import SamplingParams
 
     engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False)
+    start = time.perf_counter()
     engine.generate([[{"role": "user", "content": "one"}]], SamplingParams(max_tokens=4, n=2, logprobs=True))
+    elapsed = time.perf_counter() - start
     assert [(s.logprobs, s.flat_logprobs, s.detokenize) for s in engine.llm.sampling] == [(0, True, False)]
     assert set(engine.timings) == {"wake_up", "prepare", "sample", "decode"}
-    assert all(v >= 0 for v in engine.timings.values())
+    # the phases are vLLM's call (sample) and what surrounds it, inside the whole call, none counted twice
+    assert _RecordingLLM.SAMPLE_SECONDS <= engine.timings["sample"] < _RecordingLLM.SAMPLE_SECONDS + 0.5
+    assert all(v >= 0 for v in engine.timings.values()) and sum(engine.timings.values()) <= elapsed

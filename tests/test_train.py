@@ -190,11 +190,15 @@ def test_lora_saves_adapters_only_and_qlora_needs_a_gpu(tiny_model, tmp_path):
 
 def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
     train, heldout = data(tmp_path)
-    cfg = config(tmp_path, max_steps=1, warmup={"rows": 8, "batch_size": 4, "eval_prompts": 2})
+    cfg = config(tmp_path, max_steps=1, warmup={"rows": 8, "batch_size": 4, "eval_prompts": 2, "epochs": 3,
+                                                "learning_rate": 1e-2})
     result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
     warm = result.report["warmup"]
-    assert warm["rows"] == 8 and warm["steps"] == 2
-    assert 0.0 <= warm["format_strict_before"] <= 1.0 and 0.0 <= warm["format_strict_after"] <= 1.0
+    assert warm["rows"] == 8 and warm["steps"] == 6 and warm["eval_prompts"] == 2
+    assert warm["loss_last"] < warm["loss_first"]  # it trained on the worked solutions
+    # rates over 2 prompts; 8 new tokens cannot hold <reasoning>...</answer>, before or after
+    assert warm["format_strict_before"] == warm["format_strict_after"] == 0.0
+    assert {warm["format_soft_before"], warm["format_soft_after"]} <= {0.0, 0.5, 1.0}
 
 
 def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path):
