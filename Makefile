@@ -101,7 +101,12 @@ HUB_PORT ?= 8765
 pipeline: $(STAMP)
 ifeq ($(LOCAL_HUB),1)
 	@$(BIN)/python tests/hub_server.py --port $(HUB_PORT) --token local-test-hub-token --dir artifacts/local-hub & \
-	hub=$$!; sleep 1; \
+	hub=$$!; \
+	for i in $$(seq 300); do \
+	    kill -0 $$hub 2>/dev/null || { echo "the local test Hub did not start (port $(HUB_PORT) taken? HUB_PORT=...)"; exit 1; }; \
+	    $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', $(HUB_PORT)), 1)" 2>/dev/null && break; \
+	    sleep 0.1; \
+	done; \
 	HF_TOKEN=local-test-hub-token HF_HUB_DISABLE_XET=1 $(BIN)/grpoflow run -c $(CONFIG) \
 	    --set export.push_to_hub=true --set export.hub_repo_id=local/smollm2-grpoflow \
 	    --set export.hub_endpoint=http://127.0.0.1:$(HUB_PORT); \

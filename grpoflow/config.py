@@ -1,8 +1,8 @@
 """The pipeline config: one YAML file, validated before anything heavy runs.
 
-Sections follow the stages (data, model, grpo, rollout, eval, export, orchestration).
+Sections follow the stages (data, model, grpo, rollout, eval, export, orchestration, continuous).
 GRPO keys keep the names users know from TRL/Unsloth `GRPOConfig`. Every key is read by
-some stage; a key a stage does not read is a bug (see ../shared/STYLE.md).
+some stage; a key a stage does not read is a bug.
 
     cfg = load_config("configs/default.yaml", overrides=["grpo.learning_rate=1e-5"])
 """
