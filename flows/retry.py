@@ -8,11 +8,10 @@ from prefect.tasks import exponential_backoff
 
 from grpoflow.config import OrchestrationConfig
 from grpoflow.errors import UserError
-from stages.prepare import DataError
 
 # A user's mistake does not get better by retrying; anything else (I/O, a flaky Hub) may. (The Hub
 # push retries its transient errors itself, with backoff.)
-USER_ERRORS = (UserError, DataError)
+USER_ERRORS = (UserError,)
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -45,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from grpoflow.errors import UserError, report_user_error
     from grpoflow.hub import HubPushError
-    from stages.prepare import DataError
 
     # torchrun's rank: one process logs progress; logging is attached first, so config warnings show
     _log_to_console(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = (args.set or []) + (_explain_overrides(args) if args.command == "explain-batches" else [])
         cfg = load_config(args.config, overrides)
         return args.handler(cfg, args)
-    except (UserError, DataError) as e:  # what the user gave is wrong: one line, and what to do
+    except UserError as e:  # what the user gave is wrong: one line, and what to do
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         report_user_error(e)  # for a launcher (torchrun's ranks)
         return 2

@@ -4,48 +4,70 @@
          -> split train / held-out -> drop train rows seen in held-out -> write
 
 Every row that does not make it into a split is written to rejects.parquet with its reason
-and origin (file:line). The output folder is named by a hash of the input content, the
-config and this stage's version, so running again on the same inputs does nothing.
+and origin (file:line): rows in = rows out + rejects, in the manifest and in the files. A kept
+question or answer is the one in the file, less surrounding whitespace (and, for
+answer_type number, written in one form by normalize_number); a value that is not text is
+rejected, never turned into text with str(). The output folder is named by a hash of the
+input content, the config and this stage's version, so running again on the same inputs
+does nothing; a finished folder is published by one rename, under a lock, so two runs that
+race publish it once and both return it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
+import secrets
 import shutil
+import socket
 import time
 import unicodedata
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpoflow.answers import GSM8K_MARKER, normalize_number, split_gsm8k
 from grpoflow.config import DataConfig
-from grpoflow.sources import LoadedSource, RawRow, load_source
+from grpoflow.errors import UserError
+from grpoflow.sources import LoadedSource, RawRow, load_source, shown
 
 log = logging.getLogger("grpoflow.prepare")
 
 # Bump when this stage writes different rows for the same inputs: old caches stop matching.
-PREP_VERSION = 1
+PREP_VERSION = 2
 
 REJECT_REASONS = {
-    "unreadable": "the file's parser could not read the row (bad JSON, wrong CSV column count)",
+    "unreadable": "the file's parser could not read the row (bad JSON, a key given twice in one object, "
+                  "wrong CSV column count, a stray or unclosed CSV quote)",
+    "invalid_encoding": "the row holds bytes that are not UTF-8 (a Latin-1 or cp1252 file, a cut character) "
+                        "or a lone surrogate escape such as \\ud800: it is not text; save the file as UTF-8",
+    "wrong_type": "the question or answer is not text (a number, true/false, a list, an object, bytes, NaN); "
+                  "for answer_type number with answer_format plain, a finite number is an answer too",
+    "control_character": "the question or answer holds a control character (NUL, ESC, ...; tab and line "
+                         "breaks are text): a binary or damaged value, and NUL cuts a prompt short in C tools",
     "missing_question": "no question, or an empty one",
     "missing_answer": "no answer, or an empty one",
     "no_final_answer": "answer_format is gsm8k but the answer has no '#### <final answer>'",
-    "unparsable_answer": "answer_type is number but the final answer is not a number",
+    "unparsable_answer": "answer_type is number but the final answer is not one number "
+                         "('2, 3', '1,00', 'five', NaN, Infinity)",
     "answer_gives_away_reasoning": "the final answer spans lines, is longer than data.max_answer_chars, "
                                    "or is a computation ('3 + 4 = 7') where a number was expected",
     "question_contains_solution": "the question holds a '####' final-answer marker",
     "duplicate": "the same question (normalised text) already appeared in this split",
     "conflicting_duplicate": "the same question appears with different answers; no copy is kept",
     "overlaps_heldout": "a train question that is also in the held-out set",
+    "over_max_rows": "past data.max_train_rows or data.max_heldout_rows: the split was full",
 }
 
 ROW_SCHEMA = pa.schema([
@@ -66,7 +88,7 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be prepared as configured; the message says which key or file to change."""
 
 
@@ -150,13 +172,21 @@ def run_prepare(cfg: DataConfig) -> Manifest:
         return manifest
     log.info("preparing %s", source.description)
 
-    rejects = [Reject(u.split, u.origin, "unreadable", u.detail, u.raw) for u in source.unreadable]
     if cfg.train_split not in source.splits:
         raise DataError(f"data.train_split: the source has no split {cfg.train_split!r}; "
                         f"it has {', '.join(source.splits) or 'none'}")
-    rows_in = {split: len(rows) for split, rows in source.splits.items()}
-    train = _parse_split(source.splits[cfg.train_split], "train", cfg, rejects)
+    # The source's split names ("train", "test", ...) become the roles they play here.
+    role = {cfg.train_split: "train"}
     if cfg.heldout_split and cfg.heldout_split in source.splits:
+        role[cfg.heldout_split] = "heldout"
+    if unused := [split for split in source.splits if split not in role]:
+        log.info("not using the source's split(s) %s", ", ".join(unused))
+    rejects = [Reject(role[u.split], u.origin, u.reason, u.detail, u.raw) for u in source.unreadable
+               if u.split in role]
+    rows_in = {split: len(source.splits[split]) + sum(u.split == split for u in source.unreadable)
+               for split in role}
+    train = _parse_split(source.splits[cfg.train_split], "train", cfg, rejects)
+    if "heldout" in role.values():
         heldout = _parse_split(source.splits[cfg.heldout_split], "heldout", cfg, rejects)
         heldout = _dedupe(heldout, "heldout", rejects)
         heldout_from = f"the source's {cfg.heldout_split!r} split"
@@ -168,21 +198,22 @@ def run_prepare(cfg: DataConfig) -> Manifest:
         heldout_from = f"a seeded split: {cfg.heldout_fraction:.0%} of the train rows (data.seed {cfg.seed})"
         log.info("the source has no %r split: holding out %s", cfg.heldout_split, heldout_from)
     train = _drop_overlap(train, heldout, rejects)
-    limited = {"train": _limit(train, cfg.max_train_rows), "heldout": _limit(heldout, cfg.max_heldout_rows)}
-    train, heldout = train[: cfg.max_train_rows], heldout[: cfg.max_heldout_rows]
+    train = _limit(train, "train", cfg.max_train_rows, "data.max_train_rows", rejects)
+    heldout = _limit(heldout, "heldout", cfg.max_heldout_rows, "data.max_heldout_rows", rejects)
     if not train or not heldout:
         raise DataError(_nothing_left_message(cfg, rows_in, rejects, len(train), len(heldout)))
+    assert sum(rows_in.values()) == len(train) + len(heldout) + len(rejects), "a row was lost"
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_dead_runs_tmp(out.parent)
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir(parents=True)
     files = {"train": "train.parquet", "heldout": "heldout.parquet", "rejects": "rejects.parquet"}
     splits = {
         "train": _write_rows(tmp / files["train"], train, cfg.system_prompt),
         "heldout": _write_rows(tmp / files["heldout"], heldout, cfg.system_prompt),
     }
-    for split in splits:
-        splits[split]["limited"] = limited[split]
+    for split in splits:  # rows cut by a row limit; they are in rejects.parquet as over_max_rows
+        splits[split]["limited"] = sum(r.split == split and r.reason == "over_max_rows" for r in rejects)
     pq.write_table(pa.Table.from_pylist([asdict(r) for r in rejects], schema=REJECT_SCHEMA), tmp / files["rejects"])
     by_reason: dict[str, int] = {}
     by_split: dict[str, int] = {}
@@ -204,9 +235,12 @@ def run_prepare(cfg: DataConfig) -> Manifest:
     )
     manifest.write(tmp)
     _plot_lengths(tmp / "lengths.png", train, heldout)
-    if out.exists():  # a folder without manifest.json is a leftover of an interrupted run
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if (published := _publish(tmp, out)) is not None:
+        log.info("another run published the same data first: %s", out)
+        if any(published.splits[s]["sha256"] != splits[s]["sha256"] for s in splits):
+            log.warning("%s: its files differ from the ones this run wrote for the same inputs and config "
+                        "(another pyarrow version?); keeping the published ones", out)
+        return published
     log.info("wrote %d train and %d held-out rows to %s; %d rejected (%s)", len(train), len(heldout), out,
              len(rejects), ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none")
     return manifest
@@ -218,6 +252,64 @@ def _content_hash(cfg: DataConfig, source: LoadedSource) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+# -- publishing -------------------------------------------------------------------------
+
+
+@contextmanager
+def _publish_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the output folder itself (flock on its descriptor: no lock file is left)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _publish(tmp: Path, out: Path) -> Manifest | None:
+    """Move the finished `tmp` to `out` in one rename. None when this run published it; the manifest
+    already there when another run published the same content first (its name is the hash of the
+    inputs, the config and PREP_VERSION, so a finished folder of that name holds these rows)."""
+    with _publish_lock(out.parent):
+        if (out / "manifest.json").is_file():
+            shutil.rmtree(tmp)
+            manifest = Manifest.read(out)
+            manifest.cached = True
+            return manifest
+        if out.exists():  # a folder without manifest.json is a leftover of an interrupted run
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return None
+
+
+def _remove_dead_runs_tmp(folder: Path) -> None:
+    """Remove the `<hash>.tmp-<host>-<pid>-<token>` folders of runs on this host that are no longer
+    running (killed before they published). A live run's folder, or another host's, is left alone."""
+    host = socket.gethostname()
+    for tmp in folder.glob("*.tmp-*"):
+        tag = tmp.name.rpartition(".tmp-")[2]
+        parts = tag.rsplit("-", 2)
+        if len(parts) == 3:
+            tmp_host, pid = parts[0], parts[1]
+        elif len(parts) == 1:  # PREP_VERSION 1 named it <hash>.tmp-<pid>
+            tmp_host, pid = host, parts[0]
+        else:
+            continue
+        if tmp_host == host and pid.isdigit() and not _running(int(pid)):
+            log.info("removing %s, left by a run that stopped before it published", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # two runs may both be removing it
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 # -- per row ----------------------------------------------------------------------------
 
 
@@ -227,7 +319,7 @@ def _parse_split(rows: list[RawRow], split: str, cfg: DataConfig, rejects: list[
     for row in rows:
         example, reason, detail = _parse_row(row, cfg)
         if example is None:
-            rejects.append(Reject(split, row.origin, reason, detail, _raw(row.values)))
+            rejects.append(Reject(split, row.origin, reason, detail, _raw(row)))
         else:
             examples.append(example)
     return examples
@@ -246,12 +338,19 @@ def _check_columns(rows: list[RawRow], cfg: DataConfig) -> None:
 
 
 def _parse_row(row: RawRow, cfg: DataConfig) -> tuple[Example | None, str, str]:
-    question = _text(row.values.get(cfg.question_column))
-    answer_text = _text(row.values.get(cfg.answer_column))
-    if not question:
-        return None, "missing_question", f"column {cfg.question_column!r} is missing or empty"
-    if not answer_text:
-        return None, "missing_answer", f"column {cfg.answer_column!r} is missing or empty"
+    question, reason, detail = _text_value(row.values, cfg.question_column, "question")
+    if question is None:
+        return None, reason, detail
+    answer = row.values.get(cfg.answer_column)
+    if cfg.answer_type == "number" and cfg.answer_format == "plain" and _is_number(answer):
+        # a number column (Parquet, Arrow, JSON) holds the number itself
+        if not _is_finite(answer):
+            return None, "unparsable_answer", f"column {cfg.answer_column!r} holds {answer}, not a finite number"
+        answer_text = _number_text(answer)
+    else:
+        answer_text, reason, detail = _text_value(row.values, cfg.answer_column, "answer")
+        if answer_text is None:
+            return None, reason, detail
     solution = None
     final = answer_text
     if cfg.answer_format == "gsm8k":
@@ -272,27 +371,77 @@ def _parse_row(row: RawRow, cfg: DataConfig) -> tuple[Example | None, str, str]:
     if cfg.answer_type == "number":
         number = normalize_number(final)
         if number is None:
-            return None, "unparsable_answer", f"{final!r} is not a number (data.answer_type is number)"
+            return None, "unparsable_answer", f"{final!r} is not one number (data.answer_type is number)"
         final = number
     metadata = row.values.get("metadata")
     return Example(question, final, solution, row.origin, metadata if isinstance(metadata, str) else None,
-                   normalize_question(question), _raw(row.values)), "", ""
+                   normalize_question(question), _raw(row)), "", ""
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    return (value if isinstance(value, str) else str(value)).strip()
+# C0 control characters other than tab, line feed and carriage return, and DEL. U+0085, U+2028 and
+# U+2029 are line breaks, which text may hold, and are kept.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _raw(values: dict[str, Any]) -> str:
-    return json.dumps(values, default=str, ensure_ascii=False)
+def _text_value(values: dict[str, Any], column: str, kind: str) -> tuple[str | None, str, str]:
+    """The column's text, less surrounding whitespace; or (None, reason, detail). Only a string is
+    text: a number, a list or bytes is rejected as it is, never turned into its repr."""
+    value = values.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, f"missing_{kind}", f"column {column!r} is missing or empty"
+    if not isinstance(value, str):
+        return None, "wrong_type", f"column {column!r} holds {_describe(value)}, not text"
+    if m := _CONTROL.search(value):
+        return None, "control_character", (f"column {column!r} holds the control character "
+                                           f"U+{ord(m.group()):04X} at character {m.start() + 1}")
+    return value.strip(), "", ""
+
+
+def _describe(value: Any) -> str:
+    """'a dict {'a': 1}', 'an int 5', 'a bytes b'q'': the type and the start of the value, for a detail."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (a missing value, as pandas writes it?)"
+    kind = type(value).__name__
+    text = shown(repr(value))
+    if len(text) > 60:
+        text = text[:60] + "..."
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} {text}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
+
+
+def _is_finite(value: int | float | Decimal) -> bool:
+    if isinstance(value, int):  # math.isfinite(10**400) would overflow converting to float
+        return True
+    return value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)
+
+
+def _number_text(value: int | float | Decimal) -> str:
+    """The number in digits for normalize_number: 1e+20 -> '100000000000000000000'; a float is read from
+    its repr, so 0.1 stays '0.1' and not its binary expansion."""
+    if isinstance(value, int):
+        return str(value)
+    return format(Decimal(repr(value)) if isinstance(value, float) else value, "f")
+
+
+def _raw(row: RawRow) -> str:
+    """The row as written, for the rejects: its line where the format has lines, else its values as JSON."""
+    return shown(row.raw if row.raw is not None else json.dumps(row.values, default=str, ensure_ascii=False))
+
+
+# Marks that end a sentence or a clause, where a word ends: 'How many?' and 'how many' are one question.
+# Inside a word they stay: '1.5', '2,000' and 'e.g' keep their points and commas.
+_SENTENCE_MARKS = re.compile(r"[.,;:?\u3002\uff0c\uff1b\uff1a\uff1f]+(?=\s|$)")
 
 
 def normalize_question(text: str) -> str:
-    """Case, Unicode form, punctuation and spacing do not make two questions different."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join("".join(ch if ch.isalnum() else " " for ch in text).split())
+    """The dedupe and overlap key: case, spacing, Unicode composition and the marks that end a sentence
+    do not make two questions different. Everything else does: signs, operators, brackets, digits,
+    '!' (a factorial), superscripts; so '7 + 3', '7 - 3' and '-7 + 3' are three questions."""
+    text = unicodedata.normalize("NFC", text).lower()
+    return " ".join(_SENTENCE_MARKS.sub("", text).split())
 
 
 # -- across rows ------------------------------------------------------------------------
@@ -339,8 +488,13 @@ def _drop_overlap(train: list[Example], heldout: list[Example], rejects: list[Re
     return kept
 
 
-def _limit(examples: list[Example], limit: int | None) -> int:
-    return max(0, len(examples) - limit) if limit is not None else 0
+def _limit(examples: list[Example], split: str, limit: int | None, key: str,
+           rejects: list[Reject]) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    for ex in examples[limit:]:
+        rejects.append(Reject(split, ex.origin, "over_max_rows", f"{key} is {limit}; the split was full", ex.raw))
+    return examples[:limit]
 
 
 def _nothing_left_message(cfg: DataConfig, rows_in: dict[str, int], rejects: list[Reject],
@@ -354,6 +508,12 @@ def _nothing_left_message(cfg: DataConfig, rows_in: dict[str, int], rejects: lis
         hint = " If the answer column holds only the final answer, set data.answer_format: plain."
     elif reasons.get("unparsable_answer"):
         hint = " If answers are not numbers, set data.answer_type: text."
+    elif reasons.get("wrong_type"):
+        hint = (f" The columns {cfg.question_column!r} / {cfg.answer_column!r} do not hold text: check "
+                "data.question_column and data.answer_column (number answers need data.answer_type: number "
+                "and data.answer_format: plain).")
+    elif reasons.get("invalid_encoding"):
+        hint = " The file is not UTF-8: save it as UTF-8."
     return (f"data.source {cfg.source}: {n_train} train and {n_heldout} held-out rows left of "
             f"{sum(rows_in.values())} read ({top}).{hint}")
 

@@ -38,7 +38,8 @@ def test_equal(model_answer, gold):
 @pytest.mark.parametrize("model_answer, gold", [
     ("2", "1/2"),
     ("0.333", "1/3"),
-    ("3,5", "3.5"),  # thousands separator here, as in GSM8K: 35 (math-verify alone says 3.5)
+    ("3,5", "3.5"),  # a decimal comma, or 3 and 5: not one number (math-verify alone says 3.5)
+    ("2, 3", "23"),  # two numbers, not 23
     ("", "72"),
     ("seventy-two", "72"),
 ])

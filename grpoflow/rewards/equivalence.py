@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import select
 import subprocess
 import sys
@@ -116,6 +117,9 @@ def math_equivalence(prompts, completions, answer, **_) -> list[float | None]:
             continue
         text = completion_text(completion)
         extracted = extract_answer(text)
+        if extracted is not None and _AMBIGUOUS_COMMA.fullmatch(extracted.strip()) and parse_number(extracted) is None:
+            rewards.append(0.0)  # '3,5' or '2, 3': a decimal comma, or two numbers; data prep refuses it too
+            continue
         candidate = _prepare(extracted) if extracted is not None else text
         candidate = candidate[-TAIL_CHARS:]
         key = (_prepare(str(gold)), candidate)
@@ -123,6 +127,11 @@ def math_equivalence(prompts, completions, answer, **_) -> list[float | None]:
             verdicts[key] = _PROCESS.equivalent(*key)
         rewards.append(None if verdicts[key] is None else float(verdicts[key]))
     return rewards
+
+
+# Digits with commas that are not thousands groups (grpoflow.answers reads '1,080' as 1080): math-verify
+# would read '3,5' as 3.5, and '2, 3' as a set; neither is one number a gold answer can be compared with.
+_AMBIGUOUS_COMMA = re.compile(r"-?\$?\s*\d+(?:\s*,\s*\d+)+(?:\.\d+)?")
 
 
 def _prepare(answer: str) -> str:
