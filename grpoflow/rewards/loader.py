@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from grpoflow.config import ConfigError
+from grpoflow.errors import ConfigError
 from grpoflow.rewards.registry import FACTORIES, REWARDS, registered_names
 
 _CALL = re.compile(r"\s*[A-Za-z_]\w*\s*\(")

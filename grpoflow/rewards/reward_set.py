@@ -27,7 +27,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from grpoflow.rewards import background_loop
+from grpoflow.rewards.background_loop import submit
 from grpoflow.rewards.loader import NamedReward, RewardSpecError, load_reward
 
 log = logging.getLogger("grpoflow.rewards")
@@ -103,7 +103,7 @@ class RewardSet:
             if isinstance(value, (list, tuple)) and len(value) != n:
                 raise ValueError(f"'{key}' has {len(value)} values for {n} completions; give one per completion")
         batch = _Batch(prompts, completions, columns)
-        pending = {r.name: background_loop.submit(self._score_async(r, batch)) for r in self.rewards if _is_async(r.fn)}
+        pending = {r.name: submit(self._score_async(r, batch)) for r in self.rewards if _is_async(r.fn)}
         results = {r.name: self._score_sync(r, batch) for r in self.rewards if r.name not in pending}
         results.update({name: future.result() for name, future in pending.items()})
 

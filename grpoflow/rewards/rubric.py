@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from grpoflow.config import ConfigError
+from grpoflow.errors import ConfigError
 from grpoflow.rewards.registry import register_factory
 from grpoflow.rewards.text import completion_text
 

@@ -228,9 +228,6 @@ class VLLMEngine:
 
     def sync_weights(self, policy, step: int) -> None:
         """Make the next generation sample from the policy as it is now (`step`: for the interface)."""
-        from grpoflow.train.checkpoint import gather_trained
-        from grpoflow.train.distributed import full_parameters
-
         if self._lora_dir is not None:
             from vllm.lora.request import LoRARequest
 
@@ -238,7 +235,7 @@ class VLLMEngine:
             self._lora_version += 1
             folder = self._lora_dir / f"v{self._lora_version:08d}"
             # adapters only; under FSDP2 gathered whole onto every process (None: the model's own)
-            policy.model.save_pretrained(folder, state_dict=gather_trained(policy, every_process=True))
+            policy.model.save_pretrained(folder, state_dict=policy.whole_trained_weights(every_process=True))
             self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
             for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
                 shutil.rmtree(old, ignore_errors=True)
@@ -247,7 +244,7 @@ class VLLMEngine:
         model = self._vllm_model()
         # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors; one tensor
         # at a time, gathered from FSDP2's shards if the policy is sharded
-        model.load_weights(weights=full_parameters(policy.model))
+        model.load_weights(weights=policy.whole_parameters())
         self.weights_current = True
 
     def share_weights(self, policy) -> int:

@@ -73,6 +73,21 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    # What an engine with its own copy of the weights (vLLM) syncs from, whole under FSDP2: the policy
+    # hands them out, so that the rollout package never imports the train package.
+    def whole_trained_weights(self, *, every_process: bool = False) -> dict[str, torch.Tensor] | None:
+        """checkpoint.gather_trained: the trained weights (adapters alone under LoRA) as whole tensors;
+        None when the model is not sharded (its own state dict is whole)."""
+        from grpoflow.train.checkpoint import gather_trained
+
+        return gather_trained(self, every_process=every_process)
+
+    def whole_parameters(self):
+        """distributed.full_parameters: (name, whole tensor) for every weight, FSDP2's shards gathered."""
+        from grpoflow.train.distributed import full_parameters
+
+        return full_parameters(self.model)
+
 
 def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, device: torch.device | None = None, *,
                 to_device: bool = True) -> Policy:
