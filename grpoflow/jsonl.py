@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from grpoflow.atomic import write_atomic
 from grpoflow.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,4 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def rewrite_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Replace the file's content atomically: a kill leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

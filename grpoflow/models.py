@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpoflow.atomic import atomic_folder
 from grpoflow.config import ModelConfig
 from grpoflow.errors import UserError
 from grpoflow.hashing import file_sha256
@@ -94,15 +93,12 @@ def _from_gguf(gguf: Path, cache_dir: Path, description: str) -> ResolvedModel:
         log.info("base model: %s (converted earlier)", target)
         return ResolvedModel(str(target), description)
     log.info("converting %s to a Hugging Face folder (once; cached in %s)", gguf.name, target)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(gguf, tmp)
-    (tmp / "grpoflow.json").write_text(json.dumps(
-        {"source": str(gguf), "sha256_16": key, "conversion_version": CONVERSION_VERSION,
-         "description": description}, indent=2) + "\n")
-    if target.exists():  # a folder without grpoflow.json is a leftover of an interrupted conversion
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    # a folder without grpoflow.json (a conversion cut short before this was atomic) is replaced
+    with atomic_folder(target) as tmp:
+        convert_gguf(gguf, tmp)
+        (tmp / "grpoflow.json").write_text(json.dumps(
+            {"source": str(gguf), "sha256_16": key, "conversion_version": CONVERSION_VERSION,
+             "description": description}, indent=2) + "\n")
     return ResolvedModel(str(target), description, converted=True)
 
 
@@ -127,7 +123,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id or config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -16,7 +16,6 @@ views rebuilt from the round folders after every change: the folders are the tru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from grpoflow.atomic import atomic_file, atomic_folder, write_atomic
 
 STATUSES = ("open", "decided", "done")
 
@@ -95,13 +96,10 @@ class Rounds:
         r = Round(round=number, id=row_id, rows=train.num_rows, champion=champion,
                   steps=(champion.steps + 1, champion.steps + steps), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         final = self.folder / f"{number:04d}-{row_id[:16]}"
-        tmp = self.folder / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(train, tmp / "train.parquet")
-        shutil.copyfile(heldout, tmp / "heldout.parquet")
-        _write_json(tmp / "round.json", _to_json(r))
-        os.replace(tmp, final)
+        with atomic_folder(final) as tmp:
+            pq.write_table(train, tmp / "train.parquet")
+            shutil.copyfile(heldout, tmp / "heldout.parquet")
+            _write_json(tmp / "round.json", _to_json(r))
         r.folder = str(final)
         self.write_views()
         return r
@@ -122,9 +120,8 @@ class Rounds:
             tables.append(t.append_column("round", pa.array([r.round] * t.num_rows, pa.int32())))
         ledger = pa.concat_tables(tables) if tables else pa.table(
             {"id": pa.array([], pa.string()), "origin": pa.array([], pa.string()), "round": pa.array([], pa.int32())})
-        tmp = self.state_dir / f".tmp-ledger-{os.getpid()}.parquet"
-        pq.write_table(ledger, tmp)
-        os.replace(tmp, self.state_dir / "ledger.parquet")
+        with atomic_file(self.state_dir / "ledger.parquet") as tmp:
+            pq.write_table(ledger, tmp)
 
 
 def _to_json(r: Round) -> dict[str, Any]:
@@ -134,10 +131,7 @@ def _to_json(r: Round) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def load_round(folder: Path) -> Round:

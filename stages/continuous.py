@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from grpoflow.atomic import atomic_folder
 from grpoflow.config import ConfigError, PipelineConfig
 from grpoflow.rounds import Rounds
 from stages.prepare import Manifest, run_prepare
@@ -147,11 +147,8 @@ def lineage_model(final_dir: Path, out: Path) -> Path:
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, final_dir).merge_and_unload()
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(final_dir).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(final_dir).save_pretrained(tmp)
     log.info("merged the adapters of %s into %s: the next round starts from %s", final_dir, base, out)
     return out

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grpoflow.atomic import atomic_folder
 from grpoflow.config import EvalConfig, RolloutConfig
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
@@ -71,14 +71,10 @@ def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, roll
             log.info("%s: evaluated earlier (%s)", label, model_dir)
             figures[label] = json.loads(done.read_text())
         else:
-            tmp_dir = model_dir.with_name(f".tmp-{model_dir.name}-{os.getpid()}")
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-            figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, tmp_dir, answer_type)
-            figures[label]["skipped_no_answer"] = skipped
-            (tmp_dir / "figures.json").write_text(json.dumps(figures[label], indent=2) + "\n")
-            shutil.rmtree(model_dir, ignore_errors=True)
-            os.replace(tmp_dir, model_dir)
+            with atomic_folder(model_dir) as tmp_dir:
+                figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, tmp_dir, answer_type)
+                figures[label]["skipped_no_answer"] = skipped
+                (tmp_dir / "figures.json").write_text(json.dumps(figures[label], indent=2) + "\n")
             figures[label] = json.loads(done.read_text())  # as a later run will read them (lists, not tuples)
         (out / f"{label}.json").write_text(json.dumps(figures[label], indent=2) + "\n")
         for name in ("samples", "sampled"):

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from grpoflow.atomic import write_atomic
 from grpoflow.config import PipelineConfig
 from grpoflow.export.gguf import GGUFExportError, convert_to_gguf, quantize_gguf, reference_logits, verify_gguf
 from grpoflow.export.merge import merge_to_16bit
@@ -240,9 +241,7 @@ def _inventory(out: Path) -> list[dict[str, Any]]:
 
 
 def _write_report(out: Path, report: dict[str, Any]) -> None:
-    tmp = out / ".export_report.json"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "export_report.json")
+    write_atomic(out / "export_report.json", json.dumps(report, indent=2) + "\n")
     (out / "export_report.md").write_text(report_markdown(report) + "\n")
 
 

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, fields
@@ -40,6 +39,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from grpoflow.atomic import atomic_folder
 from grpoflow.batching import BatchPlan
 from grpoflow.config import ConfigError, PipelineConfig
 from grpoflow.errors import TrainingDiverged
@@ -370,10 +370,6 @@ def _watch_signal(history: list[dict], step: int) -> None:
 def _save_final(out: Path, policy, weights: dict | None, logger: RunLogger, warmup_report, steps: int, skipped: int,
                 cfg: PipelineConfig) -> Path:
     final = out / "final"
-    tmp = out / f".tmp-final-{os.getpid()}"
-    # adapters only under LoRA (save_lora); the whole model otherwise; weights: gathered from FSDP2's shards
-    policy.model.save_pretrained(tmp, state_dict=weights)
-    policy.tokenizer.save_pretrained(tmp)
     plot = logger.plot()
     history = logger.history
     last = history[-min(len(history), 10):] if history else []
@@ -384,8 +380,11 @@ def _save_final(out: Path, policy, weights: dict | None, logger: RunLogger, warm
         "step_seconds_median": float(np.median([r["step_seconds"] for r in history])) if history else None,
         "metrics": str(logger.metrics_path), "plot": str(plot) if plot else None,
     }
-    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        # adapters only under LoRA (save_lora); the whole model otherwise; weights: gathered from FSDP2's shards
+        policy.model.save_pretrained(tmp, state_dict=weights)
+        policy.tokenizer.save_pretrained(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("training done: %d steps, reward %s -> %s; model in %s", steps, _fmt(report["reward_first_10"]),
              _fmt(report["reward_last_10"]), final)
     return final

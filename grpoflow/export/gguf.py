@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpoflow.atomic import atomic_file
 from grpoflow.errors import UserError
 
 log = logging.getLogger("grpoflow.export")
@@ -98,20 +99,16 @@ def convert_to_gguf(model_dir: Path, out_file: Path, *, outtype: str = "f16", ti
     model_dir, out_file = Path(model_dir), Path(out_file)
     _check_model_folder(model_dir)
     folder = converter_dir()
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".tmp-{out_file.name}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
     env.pop("HF_TOKEN", None)  # a local folder needs no token; keep it out of a child's reach and logs
-    cmd = [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp),
-           "--outtype", outtype]
     started = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    output = done.stdout + done.stderr
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise GGUFExportError(_conversion_failure(model_dir, output))
-    os.replace(tmp, out_file)
+    with atomic_file(out_file) as tmp:
+        cmd = [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp),
+               "--outtype", outtype]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise GGUFExportError(_conversion_failure(model_dir, done.stdout + done.stderr))
     log.info("converted %s to %s (%s) in %.0fs", model_dir, out_file.name, outtype, time.perf_counter() - started)
     return out_file
 
@@ -157,19 +154,16 @@ def quantize_gguf(f16_file: Path, out_file: Path, method: str, *, threads: int |
     if method not in FTYPES:
         raise GGUFExportError(f"export.quantizations: {method!r} is not one of {', '.join(FTYPES)}")
     f16_file, out_file = Path(f16_file), Path(out_file)
-    tmp = out_file.with_name(f".tmp-{out_file.name}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[method])
     params.nthread = threads or os.cpu_count() or 1
     started = time.perf_counter()
-    with _llama_log() as messages:
+    with atomic_file(out_file) as tmp, _llama_log() as messages:
         status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(tmp).encode(), ctypes.byref(params))
-    if status != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        detail = "\n".join(m for m in messages if "error" in m.lower() or "failed" in m.lower())[-2000:]
-        raise GGUFExportError(f"quantizing {f16_file.name} to {method} failed (llama_model_quantize returned {status})"
-                              + (f":\n{detail}" if detail else ""))
-    os.replace(tmp, out_file)
+        if status != 0 or not tmp.is_file():
+            detail = "\n".join(m for m in messages if "error" in m.lower() or "failed" in m.lower())[-2000:]
+            raise GGUFExportError(f"quantizing {f16_file.name} to {method} failed (llama_model_quantize returned "
+                                  f"{status})" + (f":\n{detail}" if detail else ""))
     # e.g. "llama_model_quantize_impl: WARNING: 14 of 20 tensor(s) required fallback quantization"
     fallbacks = list(dict.fromkeys(" ".join(m.split()) for m in messages if "fallback" in m.lower()))
     if fallbacks:

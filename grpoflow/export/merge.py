@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from grpoflow.atomic import atomic_folder
 
 log = logging.getLogger("grpoflow.export")
 
@@ -47,18 +48,15 @@ def merge_to_16bit(model_dir: Path, out: Path, *, dtype: str = "bfloat16") -> Me
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
         adapters_dir = out / "adapters"
-        shutil.rmtree(adapters_dir, ignore_errors=True)
-        shutil.copytree(model_dir, adapters_dir, ignore=shutil.ignore_patterns("report.json"))
+        with atomic_folder(adapters_dir) as tmp:
+            shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("report.json"), dirs_exist_ok=True)
         log.info("merged the LoRA adapters of %s into %s", model_dir, base)
     else:
         base = str(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = model.to(DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(model_dir if (model_dir / "tokenizer_config.json").is_file() else base)
-    tmp = out / ".tmp-merged"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # safetensors, config with the dtype, generation_config.json
-    tokenizer.save_pretrained(tmp)  # tokenizer files and the chat template
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    os.replace(tmp, merged_dir)  # a half-written folder never passes for a merged model
+    with atomic_folder(merged_dir) as tmp:  # a half-written folder never passes for a merged model
+        model.save_pretrained(tmp)  # safetensors, config with the dtype, generation_config.json
+        tokenizer.save_pretrained(tmp)  # tokenizer files and the chat template
     return Merged(merged_dir, adapters_dir, base, adapter_config.is_file())

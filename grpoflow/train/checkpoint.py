@@ -29,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from grpoflow.atomic import TEMP, atomic_folder, temporary_name
+
 PREFIX = "step-"
-TEMPORARY = ".tmp-"  # a checkpoint being written or removed; never read, removed when found
+TEMPORARY = TEMP  # a checkpoint being written or removed (grpoflow.atomic's names); never read, removed when found
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -42,18 +44,14 @@ def save_checkpoint(folder: Path, step: int, policy, weights: dict[str, torch.Te
     """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
     final = checkpoint_path(folder, step)
     remove_temporaries(folder)  # of a save that was killed: one process writes a run's checkpoints
-    tmp = folder / f"{TEMPORARY}{PREFIX}{step:06d}-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    policy.model.save_pretrained(tmp / "model", state_dict=weights)  # adapters alone under LoRA: what export needs
-    policy.tokenizer.save_pretrained(tmp / "model")
-    torch.save({
-        "step": step,
-        "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng_state(), **state,
-    }, tmp / "trainer_state.pt")
-    if final.exists():
-        _remove(final)
-    os.replace(tmp, final)
+    with atomic_folder(final) as tmp:
+        policy.model.save_pretrained(tmp / "model", state_dict=weights)  # adapters alone under LoRA: what export needs
+        policy.tokenizer.save_pretrained(tmp / "model")
+        torch.save({
+            "step": step,
+            "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(), **state,
+        }, tmp / "trainer_state.pt")
     for old in list_checkpoints(folder)[:-keep]:
         _remove(old)
     return final
@@ -72,7 +70,7 @@ def remove_temporaries(folder: Path) -> list[str]:
 def _remove(path: Path) -> None:
     # renamed out of the checkpoints' name space first: a kill inside rmtree then leaves a .tmp-* folder,
     # which the next save removes, never a step-* folder missing half its files
-    doomed = path.with_name(f"{TEMPORARY}{path.name}-removed-{os.getpid()}")
+    doomed = temporary_name(path)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
 
