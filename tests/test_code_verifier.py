@@ -329,7 +329,8 @@ def test_socket_import_is_refused_where_the_task_does_not_allow_it():
     ("import os\nwhile True:\n    os.fork()", {"forbidden_io"}),
     ("import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])", {"forbidden_io"}),
     ("import os\nos.system('true')", {"forbidden_io"}),
-    ("import threading\nthreading.Thread(target=print).start()", {"crashed"}),  # RLIMIT_NPROC=0
+    # refused by the guard, which takes thread creation away; RLIMIT_NPROC=0 backs it up
+    ("import threading\nthreading.Thread(target=print).start()", {"forbidden_io"}),
 ])
 def test_processes_and_threads_are_refused(before, kinds):
     verdict = verify_code(sorter(before=before), OPEN)
@@ -367,6 +368,12 @@ def test_code_reward_without_a_task_column_says_what_to_do():
         code_reward(prompts=[""], completions=["x"], answer=["1"])
     with pytest.raises(KeyError, match="registered"):
         code_reward(prompts=[""], completions=["```python\ndef f(): pass\n```"], task=["no_such_task"])
+
+
+def test_forbidden_names_must_be_plain_names():
+    # The sandbox takes forbidden names out of the interpreter; C calls special methods directly.
+    with pytest.raises(ValueError, match="special methods"):
+        dataclasses.replace(SORT, forbidden_attributes=frozenset({"__lt__"}))
 
 
 def test_generators_must_survive_json():

@@ -5,28 +5,35 @@ as an unprivileged uid where it can. It is self-contained on purpose (stdlib onl
 grpoflow is importable in here, and nothing in here knows the expected answers.
 
 The order of main() is the design:
-  1. read the job from stdin: source, inputs, the task's policy, the result fd and its nonce;
+  1. read the job from stdin: source, inputs, the task's policy, the result fd and its nonce,
+     which goes straight to _sandbox_guard.py's private namespace;
   2. check the source statically (syntax, forbidden imports and names);
-  3. import what the source imports, while imports are still free, then lower the rlimits;
-  4. arm the audit hook. From here every file, network, process and introspection event is
-     checked, and a refusal ends the process on the spot, so candidate code cannot catch it;
+  3. load what the candidate may use, while loading is still free, then lower the rlimits;
+  4. arm the guard: the task's forbidden names leave the interpreter, and from here every
+     file, network, process, module-load and introspection event is checked, a refusal
+     ending the process on the spot, so candidate code cannot catch it;
   5. for each check: exec the source into fresh globals, call the entry point, send the value.
 
-The parent judges correctness; the child only ever reports values. Every line on the result fd
-starts with a nonce held in main()'s locals and the hook's closure, both out of the candidate's
-reach (frames and gc are refused), so a candidate that writes to the fd cannot forge a line.
+The parent judges correctness; the child only ever reports values. What this file hands the
+candidate (restricted builtins, module views, the static check) is a first filter with clear
+messages: attributes fetched by a computed name get around it, and to everything in this
+interpreter. What holds then is _sandbox_guard.py; its docstring says how.
 """
 
 import ast
 import builtins
-import json
 import os
 import resource
 import sys
 import types
-from dis import get_instructions, hasname
 
-EXIT_REFUSED = 3
+# json without its C accelerator: _json's encoder sorts keys in C (PyList_Sort), where no
+# stand-in for list.sort can see it, and it would stay reachable from candidate code.
+sys.modules["_json"] = None
+import json  # noqa: E402  (after the line above, on purpose)
+
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_guard.py")
+SUPPORTED_PYTHONS = ((3, 11), (3, 13))  # the CPython internals _sandbox_guard.py relies on
 
 # Builtins plain algorithm code needs. Left out: eval/exec/compile/globals/locals/vars (ways
 # around the static check), input/breakpoint/help (interactive), and getattr & co., which come
@@ -47,17 +54,6 @@ SAFE_DUNDERS = frozenset({
     "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__repr__", "__str__",
     "__add__", "__sub__", "__mul__", "__bool__", "__debug__",
 })
-# Code compiled at run time. namedtuple and dataclasses build methods from string templates;
-# typing evaluates annotation strings, in whatever module's globals a class claims to come
-# from. The templates look up only these globals (measured on 3.11), so any other private name
-# (_sys, _os...), a module's name, or a reflective builtin in run-time code is a detour.
-REFLECTIVE_NAMES = frozenset({
-    "eval", "exec", "compile", "globals", "locals", "vars", "getattr", "setattr", "delattr",
-    "breakpoint", "input", "open", "memoryview", "__import__", "__builtins__",
-})
-RUNTIME_GLOBALS_OK = frozenset({"_tuple_new"})
-RUNTIME_DUNDERS_OK = SAFE_DUNDERS | {"__create_fn__", "__setattr__", "__delattr__", "__post_init__"}
-ATTRIBUTE_OPCODES = frozenset({"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR", "IMPORT_FROM"})
 # Public names of allowed modules that reach around the static check: string attribute access
 # (attrgetter, Formatter.get_field) and typing's evaluators of annotation strings.
 HIDDEN_MODULE_ATTRIBUTES = frozenset({
@@ -73,44 +69,6 @@ MODULE_ATTRIBUTE_ALLOWLISTS = {
         "set_int_max_str_digits", "get_int_max_str_digits",
     }),
 }
-# Capability modules refused even through a stdlib detour, unless the task allows them by name.
-DANGEROUS_MODULES = frozenset({
-    "ctypes", "_ctypes", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
-    "socket", "_socket", "ssl", "_ssl", "asyncio", "pty", "fcntl", "mmap", "threading",
-    "_xxsubinterpreters", "concurrent", "signal", "resource", "gc", "inspect", "marshal",
-})
-# Audit events refused outright, by the kind of verdict they lead to.
-REFUSED_EVENTS = {
-    "forbidden_io": frozenset({
-        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-        "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill", "pty.spawn", "os.startfile",
-        "os.chdir", "os.fchdir", "os.chroot", "os.symlink", "os.link", "os.mkfifo", "os.mknod",
-        "resource.setrlimit", "resource.prlimit", "webbrowser.open",
-    }),
-    "forbidden_code": frozenset({
-        "sys._current_frames", "sys._current_exceptions", "sys.settrace",
-        "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
-        "gc.get_referents", "function.__new__", "code.__new__", "cpython.run_command",
-        "cpython.run_file", "cpython.run_module", "cpython.run_startup",
-        "cpython.run_interactivehook", "cpython._PySys_ClearAuditHooks",
-    }),
-}
-REFUSED_PREFIXES = (
-    "socket.", "ctypes.", "mmap.", "sqlite3.", "dbm.", "fcntl.", "syslog.", "urllib.", "http.client.",
-    "ftplib.", "smtplib.", "poplib.", "imaplib.", "nntplib.", "telnetlib.", "_winapi.", "winreg.",
-)
-# os.* events that change the file system: their path arguments must lie in the sandbox dir.
-WRITE_PATH_EVENTS = {
-    "os.chmod": (0,), "os.chown": (0,), "os.mkdir": (0,), "os.remove": (0,), "os.rmdir": (0,),
-    "os.rename": (0, 1), "os.utime": (0,), "os.truncate": (0,), "os.setxattr": (0,),
-    "os.removexattr": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,),
-}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-READABLE_DEVICES = frozenset({"/dev/null", "/dev/urandom", "/dev/random", "/dev/zero"})
-
-
-class FrameRefused(ValueError):
-    pass
 
 
 def forbid(kind, detail):
@@ -215,14 +173,14 @@ def module_view(module, policy, memo):
     return view
 
 
-def restricted_builtins(policy, real_import):
+def restricted_builtins(policy, real_import, allowed_text):
     views = {}  # one set of module views per check
 
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level:
             forbid("forbidden_import", f"relative import of {name!r}")
         if type(name) is not str or name.partition(".")[0] not in allowed_imports(policy):
-            forbid("forbidden_import", f"import of {name!r}; this task allows {sorted(policy['allowed_imports'])}")
+            forbid("forbidden_import", f"import of {name!r}; this task allows {allowed_text}")
         top = real_import(name, None, None, fromlist, 0)
         return module_view(sys.modules[name] if fromlist else top, policy, views)
 
@@ -254,111 +212,6 @@ def restricted_builtins(policy, real_import):
     return table
 
 
-# -- the audit hook ----------------------------------------------------------------------------
-
-def make_audit_hook(refuse, candidate_code, policy, sandbox_dir, read_roots):
-    realpath, isdir, fsdecode = os.path.realpath, os.path.isdir, os.fsdecode
-    refused_modules = DANGEROUS_MODULES - policy["allowed_imports"]
-    task_forbidden = policy["forbidden_builtins"] | policy["forbidden_attributes"]
-
-    def inside(path, roots):
-        return any(path == root or path.startswith(root + os.sep) for root in roots)
-
-    def resolve(path, event):
-        # Exact types only: a str subclass or a PathLike could answer differently here than
-        # when the real call converts it a moment later.
-        if type(path) is str:
-            return realpath(path)
-        if type(path) is bytes:
-            return realpath(fsdecode(path))
-        refuse("forbidden_io", f"{event} on {type(path).__name__} {path!r:.80}; only str paths are allowed")
-
-    def check_write(path, event):
-        real = resolve(path, event)
-        if not inside(real, (sandbox_dir,)):
-            refuse("forbidden_io", f"{event}: writing {path!r:.120} outside the sandbox dir")
-
-    def check_read(path, event, directory):
-        real = resolve(path, event)
-        if inside(real, (sandbox_dir,)):
-            return
-        if real in READABLE_DEVICES or (inside(real, read_roots) and (directory or not isdir(real))):
-            return  # a directory fd outside the sandbox would let dir_fd= calls dodge the path check
-        refuse("forbidden_io", f"{event}: reading {path!r:.120} outside the sandbox dir and the stdlib")
-
-    def check_runtime_code(code):
-        stack = [code]
-        while stack:
-            c = stack.pop()
-            for instruction in get_instructions(c):
-                name = instruction.argval
-                if instruction.opcode not in hasname or type(name) is not str:
-                    continue
-                if name in task_forbidden:
-                    refuse("forbidden_import", f"code compiled at run time uses {name!r}, which this task forbids")
-                if is_dunder(name):
-                    bad = name not in RUNTIME_DUNDERS_OK
-                elif instruction.opname in ATTRIBUTE_OPCODES:
-                    bad = False  # field names of namedtuples and dataclasses, as self.<name>
-                else:
-                    bad = (name in REFLECTIVE_NAMES or name in sys.modules
-                           or (name.startswith("_") and name not in RUNTIME_GLOBALS_OK))
-                if bad:
-                    refuse("forbidden_code", f"code compiled at run time uses {name!r}")
-            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-
-    def hook(event, args):
-        try:
-            if event == "open":
-                path, mode, flags = args
-                if type(flags) is not int:
-                    refuse("forbidden_io", "open() with non-int flags")
-                if flags & WRITE_FLAGS:
-                    check_write(path, "open")
-                else:
-                    check_read(path, "open", directory=False)
-            elif event == "exec":
-                code = args[0]
-                filename = code.co_filename
-                if code is candidate_code or filename.startswith("<frozen "):
-                    return
-                if inside(filename, read_roots) and not filename.startswith("<"):
-                    return  # a module imported lazily from the stdlib (or an allowed package)
-                check_runtime_code(code)
-            elif event == "import":
-                if args[0].partition(".")[0] in refused_modules:
-                    refuse("forbidden_import", f"import of {args[0]!r} (a capability module)")
-            elif event in ("os.listdir", "os.scandir"):
-                check_read("." if args[0] is None else args[0], event, directory=True)
-            elif event in WRITE_PATH_EVENTS:
-                for i in WRITE_PATH_EVENTS[event]:
-                    check_write(args[i], event)
-            elif event == "sys._getframe":
-                # Raised, not fatal: namedtuple, typing and enum ask for their caller's frame to
-                # name a module and fall back cleanly on ValueError. Candidates get no frame either.
-                raise FrameRefused("stack frames are not available in the sandbox")
-            elif event == "object.__getattr__":
-                if type(args[1]) is not str or args[1].endswith("frame"):
-                    refuse("forbidden_code", f"reading .{args[1]} (stack frames are off limits)")
-            elif event == "object.__setattr__":
-                if args[1] == "__code__":
-                    refuse("forbidden_code", "replacing a function's __code__")
-            elif event == "grpoflow.forbidden":
-                refuse(str(args[0]), str(args[1]))
-            elif event.startswith(REFUSED_PREFIXES):
-                refuse("forbidden_io", f"{event} (network and native code are off limits)")
-            else:
-                for kind, events in REFUSED_EVENTS.items():
-                    if event in events:
-                        refuse(kind, f"{event} is not allowed in the sandbox")
-        except FrameRefused:
-            raise
-        except Exception as e:  # a check that breaks must refuse, never wave the event through
-            refuse("forbidden_io", f"sandbox could not check audit event {event!r}: {type(e).__name__}")
-
-    return hook
-
-
 # -- running the checks ------------------------------------------------------------------------
 
 def describe(exc):
@@ -368,10 +221,10 @@ def describe(exc):
         return type(exc).__name__
 
 
-def run_check(index, code, args, entry_point, policy, real_import):
+def run_check(index, code, args, entry_point, policy, real_import, allowed_text):
     """One check in fresh globals, so nothing a previous check stored can be read back."""
     try:
-        namespace = {"__builtins__": restricted_builtins(policy, real_import), "__name__": "candidate"}
+        namespace = {"__builtins__": restricted_builtins(policy, real_import, allowed_text), "__name__": "candidate"}
         exec(code, namespace)
         fn = namespace.get(entry_point)
         if not callable(fn):
@@ -399,24 +252,42 @@ def set_limits(limits):
         resource.setrlimit(limit, (value, value))
 
 
+def load_guard():
+    """_sandbox_guard.py's functions, with globals of their own: a dict nothing else refers to,
+    and a snapshot of the builtins, so that what candidate code rebinds never reaches them."""
+    if not (sys.implementation.name == "cpython" and SUPPORTED_PYTHONS[0] <= sys.version_info[:2] <= SUPPORTED_PYTHONS[1]):
+        raise RuntimeError(f"the code sandbox supports CPython {SUPPORTED_PYTHONS[0]} to {SUPPORTED_PYTHONS[1]}, "
+                           f"not {sys.implementation.name} {sys.version_info[:2]}: its guard relies on CPython internals")
+    namespace = {"__builtins__": dict(vars(builtins)), "__name__": "grpoflow_sandbox_guard"}
+    with open(GUARD, encoding="utf-8") as f:
+        exec(compile(f.read(), GUARD, "exec"), namespace)
+    return namespace
+
+
+def preload(tree, policy):
+    """Import, before the guard is armed, what the candidate may use, with their dependencies:
+    what it imports, and every stdlib module the task allows, since from then on a module loads
+    only if the task allows it by name (a stdlib function that imports a helper lazily would be
+    refused). Where the task forbids names, every module it allows, so that take_away() finds
+    the forbidden ones in all of them and nothing loads afterwards."""
+    names = imported_modules(tree) | (policy["allowed_imports"] & sys.stdlib_module_names)
+    if policy["forbidden_builtins"] or policy["forbidden_attributes"]:
+        names |= policy["allowed_imports"]
+    for name in sorted(names):
+        try:
+            __import__(name)
+        except ImportError:
+            pass  # the candidate's own import fails the same way, as a crash
+
+
 def main():
     job = json.loads(sys.stdin.buffer.read())
     os.close(0)
-    nonce, fd = job.pop("nonce"), job["channel_fd"]
-    write, exit_now, dumps = os.write, os._exit, json.dumps
-
-    def send(record):
-        data = (nonce + "\t" + dumps(record) + "\n").encode()
-        while data:
-            data = data[write(fd, data):]
-
-    def refuse(kind, detail):
-        try:
-            send({"violation": kind, "detail": detail[:300]})
-        finally:
-            exit_now(EXIT_REFUSED)
+    guard = load_guard()
+    send, refuse = guard["open_channel"](job.pop("nonce"), job["channel_fd"])
 
     policy = {key: frozenset(job[key]) for key in ("allowed_imports", "forbidden_builtins", "forbidden_attributes")}
+    allowed_text = ", ".join(sorted(policy["allowed_imports"]))
     sandbox_dir = os.path.realpath(job["sandbox_dir"])
     os.chdir(sandbox_dir)
     sys.path.extend(job["extra_sys_path"])
@@ -433,18 +304,12 @@ def main():
     if problem:
         return send({"setup": problem[0], "detail": problem[1]})
 
-    # Import what the source imports now, before the hook: their own dependencies (dataclasses
-    # pulls in inspect, say) load freely, and later imports are mostly cache hits.
-    for name in sorted(imported_modules(tree)):
-        try:
-            __import__(name)
-        except ImportError:
-            pass  # the candidate's own import fails the same way, as a crash
+    preload(tree, policy)
     real_import = builtins.__import__
     set_limits(job["limits"])
-    sys.addaudithook(make_audit_hook(refuse, code, policy, sandbox_dir, read_roots))
+    guard["arm"](refuse, policy, code, sandbox_dir, read_roots, SAFE_DUNDERS)
     for index, args in enumerate(job["args"]):
-        send(run_check(index, code, args, job["entry_point"], policy, real_import))
+        send(run_check(index, code, args, job["entry_point"], policy, real_import, allowed_text))
     send({"done": len(job["args"])})
 
 

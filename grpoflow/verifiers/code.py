@@ -13,7 +13,9 @@ How the usual reward hacks are met:
   process received, over its own fd, a nonce-tagged value for every check that equals the
   expected one. Anything else is a failure;
 - banned shortcuts (numpy, `sorted`, `list.sort`): refused statically and at import/attribute
-  time in the child (see _sandbox_child.py);
+  time in the child (see _sandbox_child.py), and taken out of the child's interpreter while
+  the candidate runs, so no route to them works: not an attribute fetched by a computed name,
+  not a C function or a library calling them (see _sandbox_guard.py);
 - a patched timer: cpu_seconds and wall_seconds are measured by this process (os.wait4).
 """
 
@@ -37,7 +39,7 @@ ErrorKind = Literal[
     "memory",  # MemoryError under the address-space limit
     "forbidden_import",  # a module, builtin or method the task does not allow
     "forbidden_code",  # reflection that escapes the restricted namespace: dunders, frames, gc
-    "forbidden_io",  # files outside the sandbox dir, network, processes, signals
+    "forbidden_io",  # files outside the sandbox dir, network, processes, threads, signals
     "crashed",  # an exception, a missing entry point, or the process dying early
     "wrong_answer",
     "bad_output",  # a result that is not JSON, or lines on the result channel it did not write

@@ -34,6 +34,10 @@ class CodeTask:
     generate: Callable[[random.Random], tuple]  # rng -> the arguments of one check
     reference: Callable[..., Any]  # trusted solution, run in the verifier's process only
     allowed_imports: frozenset[str] = DEFAULT_ALLOWED_IMPORTS  # top-level module names
+    # Forbidden names leave the whole interpreter while the candidate runs (see
+    # _sandbox_guard.py): the libraries it calls lose them too, so forbid what the task is
+    # about (sort), not what every library uses (join). Attributes are method or function
+    # names, looked up on every loaded class and module.
     forbidden_builtins: frozenset[str] = frozenset()  # e.g. {"sorted"} for a sorting task
     forbidden_attributes: frozenset[str] = frozenset()  # e.g. {"sort"}: no xs.sort(), list.sort
     n_checks: int = 8
@@ -47,6 +51,12 @@ class CodeTask:
         for field_name in ("allowed_imports", "forbidden_builtins", "forbidden_attributes"):
             if isinstance(getattr(self, field_name), str):
                 raise ValueError(f"CodeTask {self.name!r}: {field_name} must be a set of names, got a str")
+        for field_name in ("forbidden_builtins", "forbidden_attributes"):
+            bad = sorted(n for n in getattr(self, field_name) if not n.isidentifier() or n.startswith("__"))
+            if bad:
+                raise ValueError(f"CodeTask {self.name!r}: {field_name} {bad} are not plain names. Forbid methods "
+                                 "and functions by name (\"sort\"); special methods (__lt__) cannot be taken away, "
+                                 "since the interpreter calls them from C")
 
 
 CODE_TASKS: dict[str, CodeTask] = {}
@@ -82,10 +92,13 @@ register_code_task(CodeTask(
            "`xs` in ascending order. Do not use `sorted`, `list.sort` or any sorting library.",
     generate=_int_list,
     reference=lambda xs: sorted(xs),
-    # No heapq/bisect: heapq.nsmallest or bisect.insort would do the sorting for it.
+    # No heapq/bisect: heapq.nsmallest or bisect.insort would do the sorting for it. random
+    # loads bisect, where candidate code can reach it, so its functions are forbidden by name
+    # (random.choices with weights uses one, and refuses here). dir() returns the names it
+    # lists sorted: a sort in disguise.
     allowed_imports=frozenset({"math", "itertools", "functools", "collections", "typing", "random", "sys", "dataclasses"}),
-    forbidden_builtins=frozenset({"sorted"}),
-    forbidden_attributes=frozenset({"sort"}),
+    forbidden_builtins=frozenset({"sorted", "dir"}),
+    forbidden_attributes=frozenset({"sort", "insort", "insort_left", "insort_right", "bisect", "bisect_left", "bisect_right"}),
 ))
 
 

@@ -11,8 +11,10 @@ against a batch of inputs. What holds it in, outermost first:
   (a pyenv under /root, say), the child keeps CAP_DAC_READ_SEARCH only, to read its stdlib;
 - rlimits set by the child before any candidate code runs: CPU, address space, file size,
   open files, processes;
-- the child's audit hook (see _sandbox_child.py), which refuses file writes outside the
-  working dir, reads outside it and the stdlib, sockets, processes, frames and gc;
+- in the child, before any candidate code runs (see _sandbox_guard.py): the task's forbidden
+  builtins and methods taken out of the interpreter, and an audit hook that refuses file
+  writes outside the working dir, reads outside it and the stdlib, sockets, processes,
+  threads, signal handlers, frames, gc and loading modules the task does not allow;
 - a wall clock here: the whole process group is killed at the deadline.
 
 Time is measured here, never reported by the child: wall time around the process, CPU time
@@ -45,6 +47,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
+GUARD_SCRIPT = Path(__file__).with_name("_sandbox_guard.py")  # the child reads it
 FILE_LIMIT_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file the candidate writes grows past this
 TMPFS_MB = 64  # the working dir's size cap when it is a tmpfs (namespaced runs)
 UID_RANGE = (2_000_000, 3_000_000)  # uids no account uses; one per run, so runs cannot signal each other
@@ -130,7 +133,8 @@ def isolation() -> tuple[str, ...]:
     """The mechanisms in force for sandboxed runs on this machine, for logs and reports."""
     base = ("separate interpreter (python -I -S -B), minimal env",
             "rlimits: cpu, address space, file size, open files, processes",
-            "audit hook: files, network, processes, frames/gc, runtime-compiled code")
+            "task-forbidden builtins and methods taken out of the child's interpreter",
+            "audit hook: files, network, processes, threads, signals, frames/gc, module loads, runtime-compiled code")
     if not _launcher():
         return base + ("no namespaces: not root, or unshare/setpriv/mount missing",)
     caps = "CAP_DAC_READ_SEARCH only" if _needs_read_capability() else "no capabilities"
@@ -238,7 +242,7 @@ def _extra_sys_path(allowed_imports) -> list[str]:
 def _needs_read_capability() -> bool:
     """True when the unprivileged child could not read its own interpreter, stdlib or harness."""
     leaves = [Path(sys.executable).resolve(), Path(sysconfig.get_paths()["stdlib"]).resolve(),
-              CHILD_SCRIPT.resolve(), *(Path(p).resolve() for p in site.getsitepackages())]
+              CHILD_SCRIPT.resolve(), GUARD_SCRIPT.resolve(), *(Path(p).resolve() for p in site.getsitepackages())]
     for leaf in leaves:
         for directory in leaf.parents:
             if not os.stat(directory).st_mode & stat.S_IXOTH:
