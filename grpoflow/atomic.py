@@ -84,7 +84,7 @@ def remove_stale(folder: Path) -> list[str]:
     host, removed = socket.gethostname(), []
     for path in sorted(folder.glob(f"{TEMP}*")):
         pid = _pid_of(path.name, host)
-        if pid is None or _alive(pid):
+        if pid is None or process_alive(pid):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)  # two runs may both be removing it
@@ -101,7 +101,8 @@ def _pid_of(name: str, host: str) -> int | None:
     return int(pid) if pid.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpoflow.answers import GSM8K_MARKER, normalize_number, split_gsm8k
+from grpoflow.atomic import process_alive
 from grpoflow.config import DataConfig
 from grpoflow.errors import UserError
 from grpoflow.sources import LoadedSource, RawRow, load_source, shown
@@ -295,19 +296,9 @@ def _remove_dead_runs_tmp(folder: Path) -> None:
             tmp_host, pid = host, parts[0]
         else:
             continue
-        if tmp_host == host and pid.isdigit() and not _running(int(pid)):
+        if tmp_host == host and pid.isdigit() and not process_alive(int(pid)):
             log.info("removing %s, left by a run that stopped before it published", tmp)
             shutil.rmtree(tmp, ignore_errors=True)  # two runs may both be removing it
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 # -- per row ----------------------------------------------------------------------------
