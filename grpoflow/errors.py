@@ -1,5 +1,8 @@
 """Errors that mean what the user gave is wrong (not a bug): shown as one line, exit code 2, never retried."""
 
+import json
+import os
+
 
 class UserError(Exception):
     """Settings, files or credentials that no retry fixes. The message says what, where, and what to do.
@@ -13,9 +16,6 @@ ERROR_FILE_ENV = "GRPOFLOW_ERROR_FILE"
 
 def report_user_error(error: UserError) -> None:
     """Write `error` where the launcher reads it ($GRPOFLOW_ERROR_FILE, one file a rank); no-op elsewhere."""
-    import json
-    import os
-
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         with open(f"{path}.{os.environ.get('RANK', '0')}", "w") as f:

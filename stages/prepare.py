@@ -23,9 +23,7 @@ import math
 import os
 import random
 import re
-import secrets
 import shutil
-import socket
 import time
 import unicodedata
 from contextlib import contextmanager
@@ -38,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpoflow.answers import GSM8K_MARKER, normalize_number, split_gsm8k
-from grpoflow.atomic import process_alive
+from grpoflow.atomic import process_alive, remove_stale, replace_folder, temporary_name
 from grpoflow.config import DataConfig
 from grpoflow.errors import UserError
 from grpoflow.sources import LoadedSource, RawRow, load_source, shown
@@ -206,7 +204,7 @@ def run_prepare(cfg: DataConfig) -> Manifest:
     assert sum(rows_in.values()) == len(train) + len(heldout) + len(rejects), "a row was lost"
 
     _remove_dead_runs_tmp(out.parent)
-    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temporary_name(out)  # beside out; published by _publish, under a lock
     tmp.mkdir(parents=True)
     files = {"train": "train.parquet", "heldout": "heldout.parquet", "rejects": "rejects.parquet"}
     splits = {
@@ -277,26 +275,18 @@ def _publish(tmp: Path, out: Path) -> Manifest | None:
             manifest = Manifest.read(out)
             manifest.cached = True
             return manifest
-        if out.exists():  # a folder without manifest.json is a leftover of an interrupted run
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)  # over a folder without manifest.json: a run cut short before this was atomic
     return None
 
 
 def _remove_dead_runs_tmp(folder: Path) -> None:
-    """Remove the `<hash>.tmp-<host>-<pid>-<token>` folders of runs on this host that are no longer
-    running (killed before they published). A live run's folder, or another host's, is left alone."""
-    host = socket.gethostname()
+    """Remove the temporary folders of runs on this host that stopped before they published (a live
+    run's, or another host's, are left alone), and those PREP_VERSION 1 named <hash>.tmp-<pid>."""
+    for name in remove_stale(folder):
+        log.info("removed %s, left by a run that stopped before it published", folder / name)
     for tmp in folder.glob("*.tmp-*"):
-        tag = tmp.name.rpartition(".tmp-")[2]
-        parts = tag.rsplit("-", 2)
-        if len(parts) == 3:
-            tmp_host, pid = parts[0], parts[1]
-        elif len(parts) == 1:  # PREP_VERSION 1 named it <hash>.tmp-<pid>
-            tmp_host, pid = host, parts[0]
-        else:
-            continue
-        if tmp_host == host and pid.isdigit() and not process_alive(int(pid)):
+        pid = tmp.name.rpartition(".tmp-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
             log.info("removing %s, left by a run that stopped before it published", tmp)
             shutil.rmtree(tmp, ignore_errors=True)  # two runs may both be removing it
 

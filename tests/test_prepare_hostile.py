@@ -816,7 +816,7 @@ def test_two_runs_racing_publish_one_folder_and_both_succeed(tmp_path):
         assert pq.read_table(Path(a["dir"]) / "train.parquet").num_rows > 0
     out = tmp_path / "out"
     assert len([p for p in out.iterdir() if (p / "manifest.json").is_file()]) == rounds
-    assert not list(out.glob("*.tmp-*"))
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob(".tmp-*"))
 
 
 def test_a_dead_runs_tmp_folder_is_removed_by_the_next_run(tmp_path):
@@ -826,9 +826,9 @@ def test_a_dead_runs_tmp_folder_is_removed_by_the_next_run(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    stale = [out / f"0123456789abcdef.tmp-{host}-{dead.pid}-1a2b3c4d", out / f"fedcba9876543210.tmp-{dead.pid}"]
-    alive = [out / f"0123456789abcdef.tmp-{host}-{os.getpid()}-5e6f7a8b",  # this process: a run in progress
-             out / f"0123456789abcdef.tmp-another-host-{dead.pid}-9c0d1e2f"]  # not ours to judge
+    stale = [out / f".tmp-{host}-{dead.pid}-1a2b3c-0123456789abcdef", out / f"fedcba9876543210.tmp-{dead.pid}"]
+    alive = [out / f".tmp-{host}-{os.getpid()}-5e6f7a-0123456789abcdef",  # this process: a run in progress
+             out / f".tmp-another-host-{dead.pid}-9c0d1e-0123456789abcdef"]  # not ours to judge
     for folder in stale + alive:
         folder.mkdir()
         (folder / "train.parquet").write_bytes(b"half written")
