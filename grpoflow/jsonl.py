@@ -1,10 +1,11 @@
 """Append-only JSON Lines logs that survive a kill: whole records for every reader, a torn tail dropped.
 
-A record is one line, written with one write() on a file opened O_APPEND, so a reader sees it whole
-or not at all (a group of records written together is one write too). A process killed inside a
-write, or a full disk, can still leave a last line without its newline: readers drop that torn tail
-with a warning; a run that resumes rewrites the file without it. A damaged line anywhere else is
-not a torn write but an edit, and is an error naming the file and the line.
+A record is one line, appended with one write() on a file opened O_APPEND (a group of records with
+one write too). A write can still be met half done, by a reader while it runs or by a kill or a full
+disk that cuts it short, between records or inside one: readers take only lines that end in their
+newline, and drop an unterminated last line (with a warning); a run that resumes rewrites the file
+without it. So every reader sees whole records, in order. A damaged line anywhere else is not a cut
+write but an edit, and is an error naming the file and the line.
 
 Lines are split on "\\n" only: a record may hold U+2028, U+0085 and other characters that
 str.splitlines() would take for line ends.

@@ -43,7 +43,7 @@ class RunLogger:
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
         if not self.write:
             return
-        append_records(self.completions_path, [{"step": step, **s} for s in samples])  # one write: all or none
+        append_records(self.completions_path, [{"step": step, **s} for s in samples])  # one write; each record whole
 
     def plot(self) -> Path | None:
         """reward.png: the total reward and each reward's mean against the step."""
