@@ -586,21 +586,76 @@ def test_honest_code_using_the_same_modules_still_passes(source, task):
     assert verdict.passed, verdict
 
 
-@pytest.mark.xfail(strict=True, reason="open: the compiler sorts a code object's cell variables in C, "
-                                       "out of reach of any stand-in; see the issue #18 report")
-def test_a_sort_inside_the_compiler_is_refused():
-    source = cheat("""
-lo, counts = min(xs, default=0), {}
-for x in xs:
-    counts[x - lo] = counts.get(x - lo, 0) + 1
-names = ["v%020d" % k for k in [*counts, 10**19]]
-source = "def outer():\\n    " + " = ".join(names + ["0"]) + "\\n    def inner():\\n        return " + ", ".join(names) + "\\n"
-scope = {}
-BUILTINS.exec(source, scope)
-order = [int(n[1:]) for n in fetch(scope["outer"], "__code__").co_cellvars]
-return [k + lo for k in order if k in counts for _ in range(counts[k])]""", REAL)
-    verdict = verify_code(source, SORT)
-    assert not verdict.passed, verdict
+# -- 7. the compiler's sort --------------------------------------------------------------------
+# The compiler orders a function's cell and free variables by name, in C. Code compiled at run
+# time with a variable per value, named so that names sort as the values do, has them sorted;
+# each cheat reads that order from one place it shows.
+
+COMPILER = REAL + """
+import dataclasses
+
+def cells(xs):
+    # the offsets of the distinct values from the smallest, and the source of outer(): a
+    # variable per offset, assigned that offset, and inner() using them all in the order of xs
+    lo = min(xs, default=0)
+    offsets = [x - lo for x in dict.fromkeys(xs)] + [10**19]  # one more: a single value still makes a list
+    names = ["v%020d" % k for k in offsets]
+    source = ("def outer():\\n" + "".join(f"    {n} = {k}\\n" for n, k in zip(names, offsets))
+              + "    def inner():\\n        (" + ", ".join(names) + ",)\\n        return f()\\n    return inner\\n")
+    return offsets, lo, source
+
+def run(source, f=None):
+    scope = {"f": f}
+    BUILTINS.exec(source, scope)
+    return scope["outer"]()
+
+def expand(xs, lo, order):
+    counts = {}
+    for x in xs:
+        counts[x] = counts.get(x, 0) + 1
+    return [k + lo for k in order if k + lo in counts for _ in range(counts[k + lo])]
+
+def by_name(names):
+    return [int(n[-20:]) for n in names if n[-20:].isdigit()]
+"""
+COMPILER_SORTS = {
+    "co_cellvars": "order = by_name(fetch(fetch(outer, '__code__'), 'co_cell' + 'vars'))",
+    "co_freevars": "order = by_name(fetch(fetch(inner, '__code__'), 'co_free' + 'vars'))",
+    "__closure__": "order = [fetch(cell, 'cell_contents') for cell in fetch(inner, '__clo' + 'sure__')]",
+    "_varname_from_oparg": """
+name_of = fetch(fetch(inner, '__code__'), '_varname' + '_from_oparg')
+order = by_name([name_of(i) for i in range(len(offsets))])""",
+    "the bytecode's operands": """
+ops = SYS.modules["opcode"].opmap
+raw, extended, ranks = fetch(fetch(inner, '__code__'), 'co_' + 'code'), 0, []
+for i in range(0, len(raw), 2):
+    op, arg = raw[i], raw[i + 1] | extended
+    extended = arg << 8 if op == ops["EXTENDED_ARG"] else 0
+    if op == ops["LOAD_DEREF"]:
+        ranks.append(arg)
+order = [None] * len(ranks)
+for k, rank in zip(offsets, ranks):
+    order[rank] = k""",
+    "locals() under another name": "order = by_name(run(source, BUILTINS.locals)())",
+    "vars() under another name": "order = by_name(run(source, BUILTINS.vars)())",
+    "marshal's bytes": """
+data, order, i = SYS.modules["marshal"].dumps(BUILTINS.compile(source, "<cells>", "exec")), [], 0
+while (i := data.find(b"v", i) + 1) > 0:
+    if data[i:i + 20].isdigit() and int(data[i:i + 20]) not in order:
+        order.append(int(data[i:i + 20]))""",
+    "dataclass default factories (no compile of ours)": """
+fields = [("v%020d" % k, int, dataclasses.field(default_factory=BUILTINS.locals)) for k in offsets]
+made = dataclasses.make_dataclass("Cells", fields)()
+order = by_name([n for n in fetch(made, fields[0][0]) if n.startswith("_dflt_")])""",
+}
+
+
+@pytest.mark.parametrize("read", COMPILER_SORTS.values(), ids=COMPILER_SORTS.keys())
+def test_a_sort_done_by_the_compiler_is_refused(read):
+    body = ("offsets, lo, source = cells(xs)\nouter = run(source.replace('return inner', 'return outer'))\n"
+            "inner = run(source)\n" + read.strip("\n") + "\nreturn expand(xs, lo, order)")
+    verdict = verify_code(cheat(body, COMPILER), SORT)
+    assert not verdict.passed and verdict.error in FAILED, verdict
 
 
 def test_the_guards_bytecode_reader_agrees_with_dis():

@@ -161,7 +161,7 @@ def module_view(module, policy, memo):
         return memo[name]
     view = memo[name] = types.ModuleType(name, getattr(module, "__doc__", None))
     only = MODULE_ATTRIBUTE_ALLOWLISTS.get(name)
-    for attr, value in list(vars(module).items()):
+    for attr, value in list(module.__dict__.items()):  # not vars(): a task may take it away
         if attr.startswith("_") or f"{name}.{attr}" in HIDDEN_MODULE_ATTRIBUTES or (only and attr not in only):
             continue
         if isinstance(value, types.ModuleType):
@@ -206,7 +206,7 @@ def restricted_builtins(policy, real_import, allowed_text):
         delattr(obj, checked(name))
 
     table = {n: getattr(builtins, n) for n in SAFE_BUILTINS - policy["forbidden_builtins"] if hasattr(builtins, n)}
-    table.update({n: v for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)})
+    table.update({n: v for n, v in builtins.__dict__.items() if isinstance(v, type) and issubclass(v, BaseException)})
     table.update(__build_class__=builtins.__build_class__, __import__=guarded_import, getattr=safe_getattr,
                  hasattr=safe_hasattr, setattr=safe_setattr, delattr=safe_delattr)
     return table

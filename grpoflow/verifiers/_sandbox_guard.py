@@ -13,7 +13,8 @@ real builtins, sys, os, every loaded module, the harness's globals. The policy h
    replaced in every dict that holds it (the builtins module, module globals, the dict of a
    static type such as list) by a stand-in that refuses. Any route to list.sort ends at the
    stand-in, and so does a C function calling it (map(list.sort, ...)) or a library doing the
-   work for the candidate (sorted() looks list.sort up). The originals stay alive here only.
+   work for the candidate (sorted() looks list.sort up). A forbidden data attribute (co_code,
+   __closure__) becomes a property that refuses when read. The originals stay alive here only.
    (A profile hook, refusing calls by identity, would miss those last two: it sees a call to
    a C function only when Python code makes it. This costs nothing per call either.) So that
    nothing new can bring the originals back, a task that forbids names has every module it
@@ -59,6 +60,7 @@ CACHE_ENTRIES = tuple(_inline_cache_entries.get(opname[op], 0) if type(_inline_c
 NAME_INDEX_SHIFTS = {opmap["LOAD_GLOBAL"]: 1} | (
     {opmap["LOAD_ATTR"]: 1, opmap["LOAD_SUPER_ATTR"]: 2} if version_info >= (3, 12) else {})
 ABSTRACT = type.__dict__["__abstractmethods__"]
+CODE_BYTES = type((lambda: 0).__code__).__dict__["co_code"]  # names_in reads it after a task takes co_code away
 TYPE_DICT = type.__dict__["__dict__"]  # a class's own namespace, whatever its metaclass says
 
 # Names that code compiled at run time may use. namedtuple and dataclasses build methods from
@@ -224,6 +226,8 @@ def take_away(policy):
         taken.add(id(obj))
         TAKEN.append(obj)
         replacement = stand_in(kind, detail)
+        if type(obj).__name__ in ("getset_descriptor", "member_descriptor"):
+            replacement = property(replacement)  # a data attribute (co_code, __closure__): refused when read
         for holder in get_referrers(obj):
             if id(holder) in own or type(holder).__name__ == "frame":
                 continue
@@ -287,7 +291,7 @@ def real_path(path):
 
 def names_in(code):
     """(opname, name) for each instruction of code that names something, read as dis reads them."""
-    raw, extended, skip = code.co_code, 0, 0
+    raw, extended, skip = CODE_BYTES.__get__(code), 0, 0
     for i in range(0, len(raw), 2):
         if skip:  # inline cache entries
             skip -= 1
@@ -412,6 +416,10 @@ def make_hook(refuse, policy, candidate_code, sandbox_dir, read_roots, loaded, s
             elif event == "object.__setattr__":
                 if args[1] == "__code__":
                     refuse("forbidden_code", "replacing a function's __code__")
+            elif event in ("marshal.dump", "marshal.dumps") and not loads_allowed:
+                # the bytes of a code object show its variables in the compiler's (sorted) order;
+                # nothing loads once the checks run, so nothing writes a .pyc
+                refuse("forbidden_code", f"{event} is not available in a task that forbids names")
             elif event == "grpoflow.forbidden":
                 kind, detail = args[0], args[1]
                 refuse(kind if type(kind) is str else "forbidden_code", detail if type(detail) is str else "refused")

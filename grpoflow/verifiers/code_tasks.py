@@ -26,6 +26,11 @@ DEFAULT_ALLOWED_IMPORTS = frozenset({
 })
 
 
+# Dunder attributes that are data, not special methods: the interpreter never looks them up to
+# run an operation, so they can be taken away like any other name.
+DATA_DUNDERS = frozenset({"__closure__"})
+
+
 @dataclass(frozen=True)
 class CodeTask:
     name: str
@@ -52,7 +57,8 @@ class CodeTask:
             if isinstance(getattr(self, field_name), str):
                 raise ValueError(f"CodeTask {self.name!r}: {field_name} must be a set of names, got a str")
         for field_name in ("forbidden_builtins", "forbidden_attributes"):
-            bad = sorted(n for n in getattr(self, field_name) if not n.isidentifier() or n.startswith("__"))
+            bad = sorted(n for n in getattr(self, field_name)
+                         if not n.isidentifier() or (n.startswith("__") and n not in DATA_DUNDERS))
             if bad:
                 raise ValueError(f"CodeTask {self.name!r}: {field_name} {bad} are not plain names. Forbid methods "
                                  "and functions by name (\"sort\"); special methods (__lt__) cannot be taken away, "
@@ -85,6 +91,21 @@ def _int_list(rng: random.Random) -> tuple:
     return ([rng.randint(-spread, spread) for _ in range(n)],)
 
 
+# Where the interpreter sorts in C and a candidate can see the order, for a task that forbids
+# sorting. dir() lists names sorted. The compiler orders a function's cell and free variables by
+# name, so run-time code with a variable named after each value has them sorted; the order shows
+# in __closure__, in the code object (co_cellvars, co_freevars, the bytecode's operands,
+# _varname_from_oparg) and in locals() / vars() called inside that function (a dataclass's
+# default_factory is called there too). marshal's bytes of a code object show it as well: the
+# guard refuses marshal in every task that forbids names. json's C encoder sorts keys: the
+# child loads json without it.
+INTERPRETER_SORTS = {
+    "builtins": frozenset({"dir", "locals", "vars"}),
+    "attributes": frozenset({"__closure__", "co_cellvars", "co_freevars", "co_code", "_co_code_adaptive",
+                             "_varname_from_oparg"}),
+}
+
+
 register_code_task(CodeTask(
     name="sort_list",
     entry_point="sort_list",
@@ -94,11 +115,12 @@ register_code_task(CodeTask(
     reference=lambda xs: sorted(xs),
     # No heapq/bisect: heapq.nsmallest or bisect.insort would do the sorting for it. random
     # loads bisect, where candidate code can reach it, so its functions are forbidden by name
-    # (random.choices with weights uses one, and refuses here). dir() returns the names it
-    # lists sorted: a sort in disguise.
+    # (random.choices with weights uses one, and refuses here). The interpreter also sorts in C,
+    # where no stand-in for list.sort sees it, so what shows those orders goes too (INTERPRETER_SORTS).
     allowed_imports=frozenset({"math", "itertools", "functools", "collections", "typing", "random", "sys", "dataclasses"}),
-    forbidden_builtins=frozenset({"sorted", "dir"}),
-    forbidden_attributes=frozenset({"sort", "insort", "insort_left", "insort_right", "bisect", "bisect_left", "bisect_right"}),
+    forbidden_builtins=frozenset({"sorted"}) | INTERPRETER_SORTS["builtins"],
+    forbidden_attributes=frozenset({"sort", "insort", "insort_left", "insort_right", "bisect", "bisect_left",
+                                    "bisect_right"}) | INTERPRETER_SORTS["attributes"],
 ))
 
 
