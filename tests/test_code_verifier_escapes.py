@@ -668,9 +668,9 @@ def test_the_guards_bytecode_reader_agrees_with_dis():
 
     import grpoflow.verifiers
 
-    guard_path = Path(grpoflow.verifiers.__file__).with_name("_sandbox_guard.py")
+    hook_path = Path(grpoflow.verifiers.__file__).with_name("_sandbox_hook.py")
     guard = {"__builtins__": dict(vars(builtins)), "__name__": "guard_under_test"}
-    exec(compile(guard_path.read_text(), str(guard_path), "exec"), guard)
+    exec(compile(hook_path.read_text(), str(hook_path), "exec"), guard)
     todo = [compile(Path(m.__file__).read_text(), m.__file__, "exec") for m in (collections, dataclasses, dis)]
     while todo:
         code = todo.pop()

@@ -32,7 +32,9 @@ import types
 sys.modules["_json"] = None
 import json  # noqa: E402  (after the line above, on purpose)
 
-GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_guard.py")
+# The guard, in the order it is exec'd into one private namespace: the audit hook, then what arms it.
+GUARD_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                    for name in ("_sandbox_hook.py", "_sandbox_guard.py"))
 SUPPORTED_PYTHONS = ((3, 11), (3, 13))  # the CPython internals _sandbox_guard.py relies on
 
 # Builtins plain algorithm code needs. Left out: eval/exec/compile/globals/locals/vars (ways
@@ -253,14 +255,16 @@ def set_limits(limits):
 
 
 def load_guard():
-    """_sandbox_guard.py's functions, with globals of their own: a dict nothing else refers to,
-    and a snapshot of the builtins, so that what candidate code rebinds never reaches them."""
+    """_sandbox_hook.py's and _sandbox_guard.py's functions, with globals of their own: one dict
+    nothing else refers to, and a snapshot of the builtins, so that what candidate code rebinds
+    never reaches them."""
     if not (sys.implementation.name == "cpython" and SUPPORTED_PYTHONS[0] <= sys.version_info[:2] <= SUPPORTED_PYTHONS[1]):
         raise RuntimeError(f"the code sandbox supports CPython {SUPPORTED_PYTHONS[0]} to {SUPPORTED_PYTHONS[1]}, "
                            f"not {sys.implementation.name} {sys.version_info[:2]}: its guard relies on CPython internals")
     namespace = {"__builtins__": dict(vars(builtins)), "__name__": "grpoflow_sandbox_guard"}
-    with open(GUARD, encoding="utf-8") as f:
-        exec(compile(f.read(), GUARD, "exec"), namespace)
+    for path in GUARD_FILES:
+        with open(path, encoding="utf-8") as f:
+            exec(compile(f.read(), path, "exec"), namespace)
     return namespace
 
 

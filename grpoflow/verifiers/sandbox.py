@@ -47,7 +47,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
-GUARD_SCRIPT = Path(__file__).with_name("_sandbox_guard.py")  # the child reads it
+# the child reads them (_sandbox_child.py's GUARD_FILES)
+GUARD_SCRIPTS = tuple(Path(__file__).with_name(n) for n in ("_sandbox_hook.py", "_sandbox_guard.py"))
 FILE_LIMIT_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file the candidate writes grows past this
 TMPFS_MB = 64  # the working dir's size cap when it is a tmpfs (namespaced runs)
 UID_RANGE = (2_000_000, 3_000_000)  # uids no account uses; one per run, so runs cannot signal each other
@@ -242,7 +243,8 @@ def _extra_sys_path(allowed_imports) -> list[str]:
 def _needs_read_capability() -> bool:
     """True when the unprivileged child could not read its own interpreter, stdlib or harness."""
     leaves = [Path(sys.executable).resolve(), Path(sysconfig.get_paths()["stdlib"]).resolve(),
-              CHILD_SCRIPT.resolve(), GUARD_SCRIPT.resolve(), *(Path(p).resolve() for p in site.getsitepackages())]
+              CHILD_SCRIPT.resolve(), *(p.resolve() for p in GUARD_SCRIPTS),
+              *(Path(p).resolve() for p in site.getsitepackages())]
     for leaf in leaves:
         for directory in leaf.parents:
             if not os.stat(directory).st_mode & stat.S_IXOTH:
