@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 
 from grpoflow.answers import normalize_number
 from grpoflow.config import DataConfig
+from grpoflow.prep_rows import normalize_question
 from grpoflow.sources import SourceError, load_source
-from stages.prepare import REJECT_REASONS, DataError, Manifest, normalize_question, run_prepare
+from stages.prepare import REJECT_REASONS, DataError, Manifest, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -600,6 +601,10 @@ def test_hostile_file(tmp_path, name):
             run_prepare(c)
         return
     manifest = run_prepare(c)
+    read_per_split: dict[str, int] = {}
+    for file in manifest.source["files"]:  # each row counted once in its file's count, a reject too
+        read_per_split[file["split"]] = read_per_split.get(file["split"], 0) + file["rows"]
+    assert read_per_split == manifest.source["rows_in"]
     found = outcomes(manifest, tmp_path)
     if callable(expect):
         expect(manifest, found)
