@@ -18,15 +18,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpoflow.answer_format import SYSTEM_PROMPT as DEFAULT_SYSTEM_PROMPT
 from grpoflow.errors import ConfigError  # noqa: F401  (re-exported: grpoflow.config.ConfigError)
-
-DEFAULT_SYSTEM_PROMPT = """Respond in the following format:
-<reasoning>
-...
-</reasoning>
-<answer>
-...
-</answer>"""
 
 
 # The largest whole number a config takes: every count, size and seed fits (numpy seeds need < 2**32), and a

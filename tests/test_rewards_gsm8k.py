@@ -138,3 +138,17 @@ def test_extract_answer_and_parse_number():
     assert parse_number("x = 4") is None
     assert parse_number("4 apples and 3 pears") is None
     assert parse_number("9" * 200) is None
+
+
+def test_the_answer_format_is_the_one_the_prompt_asks_for():
+    # said once (grpoflow/answer_format.py); these are the texts the prompt and the rewards had before
+    from grpoflow.answer_format import SOFT_FORMAT, STRICT_FORMAT, SYSTEM_PROMPT, format_answer
+    from grpoflow.config import DEFAULT_SYSTEM_PROMPT
+
+    assert DEFAULT_SYSTEM_PROMPT == SYSTEM_PROMPT == ("Respond in the following format:\n<reasoning>\n...\n"
+                                                      "</reasoning>\n<answer>\n...\n</answer>")
+    assert format_answer("9 * 8 = 72", "72") == STRICT
+    assert STRICT_FORMAT.pattern == r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n"
+    assert SOFT_FORMAT.pattern == r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
+    assert score(strict_format, format_answer("work", "72")) == 0.5
+    assert score(xmlcount, format_answer("work", "72")) == 0.5

@@ -1,15 +1,7 @@
 """The GSM8K reward set people use with GRPO (willcb's gist, the Unsloth notebooks).
 
-The system prompt asks for
-
-    <reasoning>
-    ...
-    </reasoning>
-    <answer>
-    ...
-    </answer>
-
-and five rewards score it. Where the gist had bugs, this follows its intent instead:
+The system prompt asks for grpoflow/answer_format.py's layout, <reasoning> then <answer>, and
+five rewards score it. Where the gist had bugs, this follows its intent instead:
 `correctness` compares numbers after normalisation ('1,000' == '1000' == '$1,000'); `int`
 accepts negative numbers; `soft_format` sees across newlines (the gist's pattern lacked
 DOTALL, so it almost never fired); `xmlcount` does not penalise the final newline twice.
@@ -17,14 +9,14 @@ DOTALL, so it almost never fired); `xmlcount` does not penalise the final newlin
 
 from __future__ import annotations
 
-import re
-
+from grpoflow.answer_format import (ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN, SOFT_FORMAT,
+                                   STRICT_FORMAT)
 from grpoflow.rewards.registry import register
-from grpoflow.rewards.text import ANSWER_CLOSE, completion_text, extract_answer, parse_number
+from grpoflow.rewards.text import completion_text, extract_answer, parse_number
 
-# The format of the system prompt, exactly: fullmatch, so nothing may come before or after.
-_STRICT = re.compile(r"<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n", re.DOTALL)
-_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+# The strict layout's first and last lines, and each tag in the newline form it has there.
+_STRICT_START, _STRICT_END = f"{REASONING_OPEN}\n", f"\n{ANSWER_CLOSE}\n"
+_TAG_LINES = (f"{REASONING_OPEN}\n", f"\n{REASONING_CLOSE}\n", f"\n{ANSWER_OPEN}\n", f"\n{ANSWER_CLOSE}")
 
 
 @register("correctness")
@@ -63,9 +55,9 @@ def strict_format(prompts, completions, **_) -> list[float]:
 
 def _is_strict(text: str) -> bool:
     # Checked first so the regex never backtracks through a long text that cannot match.
-    if not (text.startswith("<reasoning>\n") and text.endswith("\n</answer>\n")):
+    if not (text.startswith(_STRICT_START) and text.endswith(_STRICT_END)):
         return False
-    return _STRICT.fullmatch(text) is not None
+    return STRICT_FORMAT.fullmatch(text) is not None
 
 
 @register("soft_format")
@@ -77,10 +69,10 @@ def soft_format(prompts, completions, **_) -> list[float]:
 def _is_soft(text: str) -> bool:
     # Search from the first <reasoning> up to the last </answer> only: that keeps the lazy
     # `.*?` from rescanning to the end once per candidate tag, quadratic on a 1 MB completion.
-    start, end = text.find("<reasoning>"), text.rfind(ANSWER_CLOSE)
+    start, end = text.find(REASONING_OPEN), text.rfind(ANSWER_CLOSE)
     if start < 0 or end < start:
         return False
-    return _SOFT.match(text, start, end + len(ANSWER_CLOSE)) is not None
+    return SOFT_FORMAT.match(text, start, end + len(ANSWER_CLOSE)) is not None
 
 
 @register("xmlcount")
@@ -93,7 +85,7 @@ def xmlcount(prompts, completions, **_) -> list[float]:
 
 def _count_xml(text: str) -> float:
     score = 0.0
-    for tag in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>"):
+    for tag in _TAG_LINES:
         if text.count(tag) == 1:
             score += 0.125
     end = text.rfind(ANSWER_CLOSE)

@@ -14,18 +14,13 @@ from typing import Any
 
 import torch
 
+from grpoflow.answer_format import format_answer  # strict_format's layout, final newline included
 from grpoflow.config import FormatWarmupConfig
 from grpoflow.rollout import RolloutEngine, SamplingParams
 from grpoflow.train.model import make_scaler
 from grpoflow.verifiers.answer import in_format
 
 log = logging.getLogger("grpoflow.train")
-
-
-def render_target(solution: str, answer: str) -> str:
-    # exactly the layout strict_format pays for, final newline included (without it the warm-up
-    # taught the soft format only: 0% strict, 58% soft on the GPU run of 2026-11-26)
-    return f"<reasoning>\n{solution}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
 
 
 def format_rate(engine: RolloutEngine, prompts: list, max_tokens: int) -> dict[str, float]:
@@ -88,7 +83,7 @@ def _sft_batch(tokenizer, rows, max_prompt_length: int, max_tokens: int, device)
     for r in rows:
         prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids[-max_prompt_length:]
-        target_ids = tokenizer(render_target(r["solution"], r["answer"]), add_special_tokens=False).input_ids
+        target_ids = tokenizer(format_answer(r["solution"], r["answer"]), add_special_tokens=False).input_ids
         target_ids = target_ids[: max_tokens - 1] + [tokenizer.eos_token_id]
         seqs.append(prompt_ids + target_ids)
         label_rows.append([-100] * len(prompt_ids) + target_ids)
