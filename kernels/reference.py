@@ -68,7 +68,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    is_weights: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO surrogate (+ beta * k3 KL), normalised as `loss_type` says.
 
@@ -78,7 +78,7 @@ def grpo_loss(
     ref_logps  [B, T]  under the reference model; needed only when beta > 0
     advantages [B]     one per completion
     mask       [B, T]  1 for completion tokens that count, 0 for padding (and masked completions)
-    is_weights [B, T] or [B]: truncated importance-sampling weights for rollouts from another engine,
+    importance_sampling_ratio [B, T] or [B]: truncated importance-sampling weights for rollouts from another engine,
                        min(exp(old_logps - sampler_logps), cap), computed by the caller. Constants: they
                        scale the policy term only, not the KL term, as in TRL.
 
@@ -103,7 +103,7 @@ def grpo_loss(
       kl                      mean k3, when beta > 0
     """
     _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
-                  max_completion_length, is_weights)
+                  max_completion_length, importance_sampling_ratio)
     epsilon_low = epsilon
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     # exp of a log-prob difference in bf16 has ~2 significant digits: compute in float32 at least
@@ -134,12 +134,12 @@ def grpo_loss(
     per_token_loss = -torch.min(capped_ratio * advantages, clipped_ratio * advantages)  # [B, T] or [B, 1]
     per_token_loss = per_token_loss.expand_as(mask)  # [B, T]
 
-    if is_weights is not None:
-        is_weights = is_weights.to(dtype)
-        if is_weights.dim() == 1:
-            is_weights = is_weights.unsqueeze(1)  # [B, 1]
-        is_weights = torch.where(active, is_weights, 0.0)  # [B, T]; padding may hold NaN
-        per_token_loss = per_token_loss * is_weights  # [B, T]
+    if importance_sampling_ratio is not None:
+        importance_sampling_ratio = importance_sampling_ratio.to(dtype)
+        if importance_sampling_ratio.dim() == 1:
+            importance_sampling_ratio = importance_sampling_ratio.unsqueeze(1)  # [B, 1]
+        importance_sampling_ratio = torch.where(active, importance_sampling_ratio, 0.0)  # [B, T]; padding may hold NaN
+        per_token_loss = per_token_loss * importance_sampling_ratio  # [B, T]
 
     per_token_kl = None
     if beta != 0.0:
@@ -181,7 +181,7 @@ def grpo_loss(
 
 
 def _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
-                  max_completion_length, is_weights) -> None:
+                  max_completion_length, importance_sampling_ratio) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -195,8 +195,9 @@ def _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, impo
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; logps has {(B, T)}, they must match")
     if advantages.shape != (B,):
         raise ValueError(f"advantages must be [B] = [{B}], one per completion; got shape {tuple(advantages.shape)}")
-    if is_weights is not None and is_weights.shape not in ((B,), (B, T)):
-        raise ValueError(f"is_weights must be [B] or [B, T] = [{B}] or [{B}, {T}]; got {tuple(is_weights.shape)}")
+    if importance_sampling_ratio is not None and importance_sampling_ratio.shape not in ((B,), (B, T)):
+        raise ValueError(f"importance_sampling_ratio must be [B] or [B, T] = [{B}] or [{B}, {T}]; "
+                         f"got {tuple(importance_sampling_ratio.shape)}")
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} adds a KL term to the reference model, which needs ref_logps; "
                          "pass them, or set beta=0")

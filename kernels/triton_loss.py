@@ -3,10 +3,10 @@
     loss, metrics = triton_grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type="dapo")
 
 Same signature, same numbers (tested against the reference for every loss_type,
-importance_sampling_level, delta, beta and is_weights). One program per sequence:
+importance_sampling_level, delta, beta and importance_sampling_ratio). One program per sequence:
 
     sequence level: a first pass over the row sums the masked log-ratios, for the sequence's ratio
-    then per token: the clipped surrogate (times is_weights) + beta * k3, its masked sum and the
+    then per token: the clipped surrogate (times importance_sampling_ratio) + beta * k3, its masked sum and the
               metric counts for the row, and d(masked per-token loss) / d logps written to [B, T]
 
 The normalisation of each loss_type is a per-row scale (1 / (B * tokens of the row) for grpo, one
@@ -42,7 +42,7 @@ def _grpo_loss_kernel(logps_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, isw_ptr, g
 
     if SEQUENCE:
         # GSPO: one ratio per sequence, exp of the masked mean log-ratio; the policy term of every
-        # token is then the same function of it, so the row's gradient needs sum(mask * is_weights)
+        # token is then the same function of it, so the row's gradient needs sum(mask * importance_sampling_ratio)
         log_ratio_sum = 0.0
         tokens = 0.0
         weight_sum = 0.0
@@ -166,18 +166,18 @@ def triton_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_lo
                      epsilon_high: float | None = None, delta: float | None = None, beta: float = 0.0,
                      importance_sampling_level: str = "token", max_completion_length: int | None = None,
                      num_items_in_batch: int | float | torch.Tensor | None = None,
-                     is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     importance_sampling_ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """kernels/reference.py's grpo_loss (see it for the arguments and metrics), fused. float32."""
     _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
-                  max_completion_length, is_weights)
+                  max_completion_length, importance_sampling_ratio)
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     B, T = logps.shape
     f32 = dict(dtype=torch.float32, device=logps.device)
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     token_grad = torch.empty(B, T, **f32)  # d(masked per-token loss) / d logps, before normalisation
     stats = torch.empty(B, _STATS, **f32)
-    if is_weights is not None:
-        isw = is_weights.contiguous()
+    if importance_sampling_ratio is not None:
+        isw = importance_sampling_ratio.contiguous()
         isw_strides = (isw.stride(0), isw.stride(1) if isw.dim() == 2 else 0)  # [B] broadcasts over T
     else:
         isw, isw_strides = mask_f, (0, 0)
@@ -187,7 +187,7 @@ def triton_grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_lo
             logps.detach().contiguous(), old_logps.contiguous() if old_logps is not None else mask_f,
             ref_logps.contiguous() if beta != 0.0 else mask_f, advantages.contiguous(), mask_f, isw, token_grad, stats,
             T, *isw_strides, float(epsilon), float(epsilon_high), float(delta or 0.0), float(beta),
-            HAS_OLD=old_logps is not None, HAS_KL=beta != 0.0, HAS_IS=is_weights is not None,
+            HAS_OLD=old_logps is not None, HAS_KL=beta != 0.0, HAS_IS=importance_sampling_ratio is not None,
             HAS_DELTA=delta is not None, SEQUENCE=importance_sampling_level == "sequence", BLOCK_T=block_t,
             num_warps=4)
     else:

@@ -113,12 +113,12 @@ def test_a_killed_checkpoint_save_is_cleaned_up_and_training_resumes(tiny_model,
     real_save = train_stage.save_checkpoint
     calls = {"n": 0}
 
-    def killed_on_second(folder, step, *args, **kwargs):
+    def killed_on_second(folder, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            (folder / f"{TEMPORARY}step-{step:06d}-4242" / "model").mkdir(parents=True)  # what was written
+            (folder / f"{TEMPORARY}step-000002-4242" / "model").mkdir(parents=True)  # what was written
             raise KeyboardInterrupt("killed inside the save")
-        return real_save(folder, step, *args, **kwargs)
+        return real_save(folder, *args, **kwargs)
 
     monkeypatch.setattr(train_stage, "save_checkpoint", killed_on_second)
     with pytest.raises(KeyboardInterrupt):

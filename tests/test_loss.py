@@ -171,7 +171,7 @@ def test_beta_adds_the_k3_kl_per_token_and_reports_it():
 def test_is_weights_scale_the_policy_term_but_not_the_kl_term():
     logps, ref_logps, advantages, mask = _kl_case()
     loss, _ = grpo_loss(logps, None, ref_logps, advantages, mask, loss_type="bnpo", beta=0.1,
-                        is_weights=torch.tensor([0.5], dtype=F64))
+                        importance_sampling_ratio=torch.tensor([0.5], dtype=F64))
     assert loss.item() == pytest.approx(-0.5 + 0.1 * 0.5 / 3)
 
 
@@ -185,7 +185,7 @@ def test_is_weights_per_sequence():
     # token case with weights [3, 0.5]: row 0 -1.7 * 3 = -5.1, row 1 6.8 * 0.5 = 3.4 -> -1.7 over 5 tokens
     logps, old_logps, advantages, mask = _token_case()
     loss, _ = grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dapo",
-                        is_weights=torch.tensor([3.0, 0.5], dtype=F64))
+                        importance_sampling_ratio=torch.tensor([3.0, 0.5], dtype=F64))
     assert loss.item() == pytest.approx(-1.7 / 5)
 
 
@@ -194,7 +194,7 @@ def test_is_weights_per_token():
     # row 0: -1.2 * 1 - 0.5 * 2 = -2.2; row 1: 1.6 * 0.5 + 3.0 * 1 + 2.2 * 2 = 8.2 -> 6.0 over 5 tokens
     logps, old_logps, advantages, mask = _token_case()
     weights = torch.tensor([[1.0, 2.0, float("nan")], [0.5, 1.0, 2.0]], dtype=F64)
-    loss, _ = grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dapo", is_weights=weights)
+    loss, _ = grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dapo", importance_sampling_ratio=weights)
     assert loss.item() == pytest.approx(6.0 / 5)
     loss.backward()
     assert torch.isfinite(logps.grad).all()
@@ -234,7 +234,7 @@ def test_a_fully_masked_batch_gives_zero_loss_and_zero_gradients(loss_type, leve
     mask = torch.zeros(2, 2, dtype=F64)
     loss, metrics = grpo_loss(logps, old_logps, ref_logps, torch.tensor([1.0, -1.0], dtype=F64), mask,
                               loss_type=loss_type, importance_sampling_level=level, beta=0.1,
-                              max_completion_length=2, is_weights=torch.tensor([2.0, 0.5], dtype=F64))
+                              max_completion_length=2, importance_sampling_ratio=torch.tensor([2.0, 0.5], dtype=F64))
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(logps.grad, torch.zeros_like(logps))
@@ -294,13 +294,14 @@ def test_gradients_match_finite_differences(loss_type, level):
     logps = (-3 * torch.rand(4, 4, generator=generator, dtype=F64)).requires_grad_()
     old_logps = logps.detach() - log_ratios
     ref_logps = logps.detach() + 0.3 * torch.randn(4, 4, generator=generator, dtype=F64)
-    is_weights = 0.5 + torch.rand(4, 4, generator=generator, dtype=F64)
+    importance_sampling_ratio = 0.5 + torch.rand(4, 4, generator=generator, dtype=F64)
     advantages = torch.tensor(GRAD_ADVANTAGES, dtype=F64)
 
     def loss_of(lp):
         return grpo_loss(lp, old_logps, ref_logps, advantages, mask, loss_type=loss_type, epsilon=0.2,
                          epsilon_high=0.28, delta=1.8, beta=0.04, importance_sampling_level=level,
-                         max_completion_length=4, num_items_in_batch=20, is_weights=is_weights)[0]
+                         max_completion_length=4, num_items_in_batch=20,
+                         importance_sampling_ratio=importance_sampling_ratio)[0]
 
     assert torch.autograd.gradcheck(loss_of, (logps,), eps=1e-6, atol=1e-8)
 

@@ -84,7 +84,7 @@ def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path
     common = dict(max_steps=5, num_generations=4, per_device_train_batch_size=2, steps_per_generation=2)
     whole = run_train(config(tmp_path / "a", **common), train, heldout, str(tiny_model), progress=False)
 
-    real = train_stage._micro_step_loss
+    real = train_stage.micro_step_loss
     calls = {"n": 0}
 
     def crash_on_fourth(*args, **kwargs):
@@ -93,11 +93,11 @@ def test_resume_mid_generation_matches_an_uninterrupted_run(tiny_model, tmp_path
             raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_stage, "_micro_step_loss", crash_on_fourth)
+    monkeypatch.setattr(train_stage, "micro_step_loss", crash_on_fourth)
     cfg = config(tmp_path / "b", **common)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg, train, heldout, str(tiny_model), progress=False)
-    monkeypatch.setattr(train_stage, "_micro_step_loss", real)
+    monkeypatch.setattr(train_stage, "micro_step_loss", real)
     saved = torch.load(next((Path(cfg.grpo.output_dir)).glob("*/checkpoints/step-000003")) / "trainer_state.pt",
                        weights_only=False)
     assert saved["next_micro"] == 1 and saved["buffers"][0] is not None  # stopped inside a generation
@@ -166,8 +166,8 @@ def test_non_finite_steps_stop_the_run_with_a_checkpoint(tiny_model, tmp_path, m
         loss, m = real(*args, **kwargs)
         return loss * float("nan"), m
 
-    real = train_stage._micro_step_loss
-    monkeypatch.setattr(train_stage, "_micro_step_loss", nan_loss)
+    real = train_stage.micro_step_loss
+    monkeypatch.setattr(train_stage, "micro_step_loss", nan_loss)
     cfg = config(tmp_path, max_steps=10, max_nonfinite_steps=3, save_steps=100)
     with pytest.raises(TrainingDiverged, match=r"^3 optimizer steps in a row had a non-finite loss or gradient "
                                                r"\(step 3\); checkpoint kept at .*step-000003\. Lower grpo.learning_rate"):
@@ -214,10 +214,10 @@ def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path
 
 
 def test_warmup_targets_earn_every_format_reward():
+    from grpoflow.answer_format import format_answer
     from grpoflow.rewards import RewardSet
-    from grpoflow.train.warmup import render_target
 
-    target = render_target("Natalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72.", "72")
+    target = format_answer("Natalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72.", "72")
     scores = RewardSet(["correctness", "int", "strict_format", "soft_format", "xmlcount"]).score(
         ["p"], [target], answer=["72"])
     assert scores.per_reward == {"correctness": [2.0], "int": [0.5], "strict_format": [0.5], "soft_format": [0.5],
@@ -305,7 +305,7 @@ def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model
     from grpoflow.rollout.hf import HFEngine
     from grpoflow.train.model import load_policy
     from grpoflow.train.rollouts import generate_batch
-    from stages.train import _micro_step_loss
+    from grpoflow.train.loss import micro_step_loss
 
     class OtherEngine(HFEngine):
         name = "other"
@@ -317,24 +317,24 @@ def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model
     rewards = RewardSet(cfg.grpo.reward_funcs)
 
     on_policy = generate_batch(engine, policy, rows, rewards, cfg.grpo, need_old_logps=False, micro_batch=4)
-    assert on_policy.is_weights is None and on_policy.old_logps is None
+    assert on_policy.importance_sampling_ratio is None and on_policy.old_logps is None
     assert on_policy.sampling_logps.shape == on_policy.completion_mask.shape
     micro = on_policy.slice(0, 2)
     assert micro["sampling_logps"].shape == (2, on_policy.completion_len)
-    _, metrics = _micro_step_loss(policy, micro, on_policy, cfg.grpo, None)
+    _, metrics = micro_step_loss(policy, micro, on_policy, cfg.grpo, None)
     assert metrics["sampling/sampling_logp_difference/max"] < 1e-4
     assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
 
     off_policy = generate_batch(engine, policy, rows, rewards, cfg.grpo, need_old_logps=True, micro_batch=4)
     mask = off_policy.completion_mask.bool()
     assert off_policy.old_logps is not None and off_policy.sampling_logps is None
-    assert torch.allclose(off_policy.is_weights[mask], torch.ones(int(mask.sum())), atol=1e-4)
+    assert torch.allclose(off_policy.importance_sampling_ratio[mask], torch.ones(int(mask.sum())), atol=1e-4)
     assert off_policy.metrics["sampling/sampling_logp_difference/max"] < 1e-4
 
     off = cfg.grpo.model_copy(update={"vllm_importance_sampling_correction": False})
     plain = generate_batch(engine, policy, rows, rewards, off, need_old_logps=False, micro_batch=4)
-    assert plain.is_weights is None and plain.sampling_logps is None
-    _, metrics = _micro_step_loss(policy, plain.slice(0, 2), plain, off, None)
+    assert plain.importance_sampling_ratio is None and plain.sampling_logps is None
+    _, metrics = micro_step_loss(policy, plain.slice(0, 2), plain, off, None)
     assert "sampling/importance_sampling_ratio/mean" not in metrics
 
 

@@ -167,7 +167,7 @@ def test_no_rows_and_targets_outside_the_vocabulary(gen):
 # The fused GRPO loss against kernels/reference.py's grpo_loss
 
 
-def _loss_inputs(gen, B, T, *, old=True, ref=False, is_weights=None):
+def _loss_inputs(gen, B, T, *, old=True, ref=False, importance_sampling_ratio=None):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
@@ -182,9 +182,9 @@ def _loss_inputs(gen, B, T, *, old=True, ref=False, is_weights=None):
     if old_logps is not None:
         old_logps[mask == 0] = float("nan")  # padding may hold anything
     weights = None
-    if is_weights == "token":
+    if importance_sampling_ratio == "token":
         weights = torch.rand(B, T, generator=gen).float() * 2
-    elif is_weights == "sequence":
+    elif importance_sampling_ratio == "sequence":
         weights = torch.rand(B, generator=gen).float() * 2
     advantages = randn(B).float()
     return [x.to(DEVICE) if x is not None else None for x in (logps, old_logps, ref_logps, advantages, mask, weights)]
@@ -193,12 +193,13 @@ def _loss_inputs(gen, B, T, *, old=True, ref=False, is_weights=None):
 def _check_loss_matches_reference(inputs, **kwargs):
     logps, old_logps, ref_logps, advantages, mask, weights = inputs
     logps = logps.requires_grad_()
-    loss, metrics = triton_grpo_loss(logps, old_logps, ref_logps, advantages, mask, is_weights=weights, **kwargs)
+    loss, metrics = triton_grpo_loss(logps, old_logps, ref_logps, advantages, mask, importance_sampling_ratio=weights,
+                                     **kwargs)
     (grad,) = torch.autograd.grad(loss, logps)
 
     logps64 = logps.detach().double().requires_grad_()
     as64 = [x.double() if x is not None else None for x in (old_logps, ref_logps, advantages, mask, weights)]
-    ref_loss, ref_metrics = grpo_loss(logps64, *as64[:4], is_weights=as64[4], **kwargs)
+    ref_loss, ref_metrics = grpo_loss(logps64, *as64[:4], importance_sampling_ratio=as64[4], **kwargs)
     (ref_grad,) = torch.autograd.grad(ref_loss, logps64)
 
     assert loss.dtype == torch.float32 and grad.dtype == logps.dtype
@@ -213,7 +214,7 @@ def _check_loss_matches_reference(inputs, **kwargs):
 @pytest.mark.parametrize("loss_type, level", itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"],
                                                                 ["token", "sequence"]))
 def test_loss_and_gradient_match_the_reference(gen, loss_type, level):
-    inputs = _loss_inputs(gen, 5, 23, ref=True, is_weights="token")
+    inputs = _loss_inputs(gen, 5, 23, ref=True, importance_sampling_ratio="token")
     _check_loss_matches_reference(inputs, loss_type=loss_type, importance_sampling_level=level, epsilon=0.2,
                                   epsilon_high=0.28, delta=1.4, beta=0.04, max_completion_length=30,
                                   num_items_in_batch=70)
@@ -223,7 +224,7 @@ def test_loss_and_gradient_match_the_reference(gen, loss_type, level):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("options", [
     dict(old=False),  # one update per generation: r = 1, the gradient still flows
-    dict(is_weights="sequence"),  # one weight per completion
+    dict(importance_sampling_ratio="sequence"),  # one weight per completion
     dict(T=1),
     dict(B=1, T=1),  # the one row is fully masked: loss 0, gradient 0, no NaN
 ])
@@ -252,7 +253,7 @@ def test_wrong_inputs_get_the_references_messages(gen):
 
 
 # ---------------------------------------------------------------------------------------
-# The trainer's path: stages/train.py's micro-step loss with `grpo.kernels: triton` against `naive`
+# The trainer's path: grpoflow/train/loss.py's micro-step loss with `grpo.kernels: triton` against `naive`
 
 
 def _tiny_lora_policy(vocab: int = 160):
@@ -276,7 +277,7 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
     from grpoflow.config import GRPOConfig
     from grpoflow.train.rollouts import GenerationBatch
     from grpoflow.kernels import triton_loss
-    from stages.train import _micro_step_loss
+    from grpoflow.train.loss import micro_step_loss
 
     calls = []  # the fused kernels really run (no silent fallback)
     for module, name in ((triton_logps, "triton_selective_logps"), (triton_loss, "triton_grpo_loss")):
@@ -293,9 +294,10 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
     old_logps = (torch.randn(B, T, generator=gen) * 0.1 - 5.0).to(DEVICE)  # ratios on both sides of the band
     micro = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
              "advantages": torch.randn(B, generator=gen).to(DEVICE), "old_logps": old_logps,
-             "is_weights": torch.rand(B, T, generator=gen).to(DEVICE), "sampling_logps": None}
+             "importance_sampling_ratio": torch.rand(B, T, generator=gen).to(DEVICE), "sampling_logps": None}
     buffer = GenerationBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                             advantages=micro["advantages"], old_logps=old_logps, is_weights=micro["is_weights"],
+                             advantages=micro["advantages"], old_logps=old_logps,
+                             importance_sampling_ratio=micro["importance_sampling_ratio"],
                              sampling_logps=None, num_items=int(completion_mask.sum()), metrics={})
     adapters = [p for p in policy.model.parameters() if p.requires_grad]
     results = {}
@@ -303,7 +305,7 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
         # beta > 0: the reference log-probs go through the same path with the adapters switched off
         grpo = GRPOConfig(kernels=kernels, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
                           delta=1.5, temperature=0.8)
-        loss, metrics = _micro_step_loss(policy, micro, buffer, grpo, ref_model=None)
+        loss, metrics = micro_step_loss(policy, micro, buffer, grpo, ref_model=None)
         results[kernels] = loss, metrics, torch.autograd.grad(loss, adapters)
     (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results["triton"], results["naive"]
     # policy log-probs, reference log-probs (adapters off), loss

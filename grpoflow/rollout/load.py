@@ -40,29 +40,65 @@ def resolve_engine(cfg: RolloutConfig) -> str:
     return "vllm"
 
 
+def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_rank: int | None = None,
+                dtype: str = "bfloat16", max_model_len: int, seed: int = 0, batch_size: int = 16,
+                max_num_seqs: int | None = None, progress: bool = True):
+    """The engine `rollout.engine` names, for training or for evaluation.
+
+    Training (`policy`: the model being trained, `lora_rank` its adapters' rank, None for full
+    fine-tuning): transformers generate runs the policy itself (its weights gathered for each call
+    when sharded); vLLM loads `model_path`, is handed the policy's weights before each generation
+    (`sync_weights`), sleeps while the trainer works (rollout.sleep) and shares a LoRA policy's
+    frozen base weights (rollout.share_weights). Evaluation (no policy): the model in `model_path`,
+    a folder, a Hub id or a LoRA adapters folder.
+    batch_size: prompts per transformers generate call; max_num_seqs: completions vLLM runs at once.
+    """
+    if resolve_engine(rollout) == "hf":
+        if policy is not None:
+            return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
+                            autocast=policy.autocast, generate=policy.generate)
+        return _transformers_engine(model_path, batch_size=batch_size, progress=progress)
+    from grpoflow.rollout.vllm import VLLMEngine
+
+    base, tokenizer, adapters = model_path, None, None
+    if policy is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        adapter_config = Path(model_path) / "adapter_config.json"
+        if adapter_config.is_file():
+            adapter = json.loads(adapter_config.read_text())
+            base, lora_rank, adapters = adapter["base_model_name_or_path"], adapter["r"], str(model_path)
+    training = policy is not None  # evaluation neither sleeps nor seeds each prompt
+    engine = VLLMEngine(base, tokenizer or policy.tokenizer, dtype=dtype,
+                        gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=max_model_len,
+                        seed=seed, lora_rank=lora_rank, sleep=training and rollout.sleep,
+                        enforce_eager=rollout.enforce_eager, seed_per_prompt=training and rollout.seed_per_prompt,
+                        batch=max_num_seqs)
+    if adapters:
+        from vllm.lora.request import LoRARequest
+
+        engine.lora_request = LoRARequest("evaluated", 1, adapters)
+    if policy is not None and lora_rank and rollout.share_weights:
+        if policy.fsdp is None:
+            engine.share_weights(policy)
+        else:  # vLLM needs whole tensors; the policy holds 1/N of each
+            log.info("rollout.share_weights: not under grpo.distributed: fsdp (the policy's base weights are "
+                     "shards); vLLM keeps its own copy")
+    return engine
+
+
 def load_engine(cfg: RolloutConfig, model_path: str, *, batch_size: int = 16, progress: bool = True,
                 max_tokens: int = 512, seed: int = 0):
-    """An engine for evaluation: `model_path` is a model folder, a Hub id, or a LoRA adapters folder."""
+    """Evaluation's engine (make_engine without a policy), prompts up to 1024 tokens by default."""
+    return make_engine(cfg, model_path, max_model_len=cfg.max_model_len or 1024 + max_tokens, seed=seed,
+                       batch_size=batch_size, progress=progress)
+
+
+def _transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if resolve_engine(cfg) == "vllm":
-        from grpoflow.rollout.vllm import VLLMEngine
-
-        adapter_config = Path(model_path) / "adapter_config.json"
-        base, rank = model_path, None
-        if adapter_config.is_file():
-            adapter = json.loads(adapter_config.read_text())
-            base, rank = adapter["base_model_name_or_path"], adapter["r"]
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        engine = VLLMEngine(base, tokenizer, dtype="bfloat16", gpu_memory_utilization=cfg.gpu_memory_utilization,
-                            max_model_len=cfg.max_model_len or 1024 + max_tokens, seed=seed, lora_rank=rank,
-                            sleep=False, enforce_eager=cfg.enforce_eager)
-        if rank:
-            from vllm.lora.request import LoRARequest
-
-            engine.lora_request = LoRARequest("evaluated", 1, str(model_path))
-        return engine
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_path)

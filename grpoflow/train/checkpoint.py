@@ -13,16 +13,18 @@ optimizer state is then keyed by parameter name rather than position; either kin
 sharded or a whole model, so a checkpoint resumes on any number of processes, with or without FSDP.
 
     weights, optimizer_state = gather_trained(policy), gather_optimizer(policy, optimizer)  # every process
-    save_checkpoint(folder, step, policy, weights, optimizer_state, scheduler, scaler, state, keep)  # rank 0
+    save_checkpoint(folder, policy, weights, optimizer_state, scheduler, scaler, state, keep)  # rank 0
     load_trained(path, policy)                                       # before sharding and the optimizer
-    state = load_checkpoint(path, policy, optimizer, scheduler, scaler)  # the rest
+    state = load_checkpoint(path, policy, optimizer, scheduler, scaler)  # the rest: a TrainState
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +32,103 @@ import numpy as np
 import torch
 
 from grpoflow.atomic import TEMP, atomic_folder, temporary_name
+from grpoflow.errors import ConfigError
+from grpoflow.hashing import cache_key, file_sha256
+from grpoflow.train.rollouts import GenerationBatch
 
+log = logging.getLogger("grpoflow.train")
 PREFIX = "step-"
 TEMPORARY = TEMP  # a checkpoint being written or removed (grpoflow.atomic's names); never read, removed when found
+
+
+@dataclass
+class TrainState:
+    """Where a run is, besides its weights, optimizer, schedule, loss scaler and RNGs: what a
+    checkpoint holds for the loop to go on exactly where it stopped."""
+    step: int = 0  # optimizer steps done
+    next_micro: int = 0  # micro-batches of the current generation trained on so far
+    nonfinite_in_row: int = 0  # optimizer steps skipped in a row for a non-finite loss or gradient
+    skipped_steps: int = 0
+    warmup: dict[str, Any] | None = None  # the format warm-up's report
+    sampler: dict[str, Any] | None = None  # PromptSampler.state_dict(): the data position
+    # each process's unconsumed rows of the current generation (batch_to_state), and its RNGs
+    buffers: list[dict[str, Any] | None] = field(default_factory=lambda: [None])
+    rng_by_rank: list[dict[str, Any]] = field(default_factory=list)
+    num_processes: int = 1
+    at_generation_boundary: bool = True  # the generation was used up: resumable on any number of processes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict(): it would copy the tensors
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainState:
+        """From trainer_state.pt's keys, older checkpoints' too (one process's "buffer", no RNG per rank)."""
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in saved.items() if k in known})
+        if "buffers" not in saved:
+            state.buffers = [saved.get("buffer")]
+        if "at_generation_boundary" not in saved:
+            state.at_generation_boundary = all(b is None for b in state.buffers)
+        return state
+
+    def buffer_of(self, path: Path, rank: int, world_size: int) -> dict[str, Any] | None:
+        """This process's unconsumed rows. On another number of processes they would have to be
+        dealt out again: resumable at a generation boundary only."""
+        if len(self.buffers) == world_size:
+            return self.buffers[rank]
+        if self.at_generation_boundary:
+            return None  # used up: the next generation is drawn for this number of processes
+        raise ConfigError(
+            f"{path} stopped inside a generation (micro-step {self.next_micro} of it) on {len(self.buffers)} "
+            f"process(es); this run has {world_size}. Resume it on {len(self.buffers)} process(es), or from a "
+            f"checkpoint at a generation boundary (grpo.save_steps a multiple of the optimizer steps per generation, "
+            f"see `grpoflow explain-batches`), or set grpo.resume_from_checkpoint: false to start over.")
+
+
+def batch_to_state(batch: GenerationBatch | None) -> dict[str, Any] | None:
+    """A generation's rows as plain values on the host, for a checkpoint."""
+    if batch is None:
+        return None
+    return {f.name: (v.cpu() if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
+
+
+def batch_from_state(state: dict[str, Any] | None, device) -> GenerationBatch | None:
+    if state is None:
+        return None
+    state = {"importance_sampling_ratio": state.pop("is_weights", None),  # its name until December 2026
+             "sampling_logps": None, **state}  # None: checkpoints from before the vLLM engine
+    return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
+
+
+def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> str:
+    """Same data, base model and training config: the same run, whose checkpoints it resumes. The
+    batch counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
+    global batch on another number of processes is the same run; with ddp or fsdp alike
+    (grpo.distributed), whose checkpoints are the same."""
+    grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
+                                                    "report_to", "save_steps", "save_total_limit",
+                                                    "resume_from_checkpoint", "distributed"})
+    grpo["per_device_train_batch_size"] *= num_processes
+    return cache_key({"data": file_sha256(Path(train_path)), "model": str(model_path),
+                      "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}), "grpo": grpo})
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(folder: Path, step: int, policy, weights: dict[str, torch.Tensor] | None,
-                    optimizer_state: dict[str, Any], scheduler, scaler, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(folder: Path, policy, weights: dict[str, torch.Tensor] | None,
+                    optimizer_state: dict[str, Any], scheduler, scaler, state: TrainState, keep: int) -> Path:
     """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
-    final = checkpoint_path(folder, step)
+    final = checkpoint_path(folder, state.step)
     remove_temporaries(folder)  # of a save that was killed: one process writes a run's checkpoints
     with atomic_folder(final) as tmp:
         policy.model.save_pretrained(tmp / "model", state_dict=weights)  # adapters alone under LoRA: what export needs
         policy.tokenizer.save_pretrained(tmp / "model")
         torch.save({
-            "step": step,
+            **state.to_dict(),
             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), **state,
+            "rng": rng_state(),
         }, tmp / "trainer_state.pt")
     for old in list_checkpoints(folder)[:-keep]:
         _remove(old)
@@ -119,6 +197,15 @@ def gather_optimizer(policy, optimizer) -> dict[str, Any]:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def newest_checkpoint(folder: Path, *, clean: bool = True) -> Path | None:
+    """The checkpoint to resume from. clean: first remove what an interrupted save left (the one
+    process that writes checkpoints does)."""
+    if clean and (stale := remove_temporaries(folder)):
+        log.warning("removed what an interrupted checkpoint save left in %s: %s", folder, ", ".join(stale))
+    checkpoints = list_checkpoints(folder)
+    return checkpoints[-1] if checkpoints else None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -139,16 +226,16 @@ def load_trained(path: Path, policy) -> None:
             params[name].copy_(value.to(params[name].device))
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler, scaler) -> dict[str, Any]:
+def load_checkpoint(path: Path, policy, optimizer, scheduler, scaler) -> TrainState:
     """Everything but the weights (load_trained), into an optimizer made over the policy as it
-    trains now (sharded or whole). Returns the rest of the saved state."""
+    trains now (sharded or whole). Sets this process's RNGs to rank 0's; returns where the run was."""
     saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     saved.pop("trainable", None)
     _load_optimizer(path, policy, optimizer, saved.pop("optimizer"))
     scheduler.load_state_dict(saved.pop("scheduler"))
     scaler.load_state_dict(saved.pop("scaler"))
     set_rng_state(saved.pop("rng"))
-    return saved
+    return TrainState.from_saved(saved)
 
 
 def _load_optimizer(path: Path, policy, optimizer, state: dict[str, Any]) -> None:
@@ -207,6 +294,12 @@ def _load_trained(path: Path, policy) -> None:
     if missing or unexpected:
         raise RuntimeError(f"{path / 'model'} does not match the model being trained: missing {missing[:5]}, "
                            f"unexpected {list(unexpected)[:5]}; resume with the same model and model section")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

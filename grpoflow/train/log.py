@@ -5,12 +5,28 @@ TensorBoard or Weights & Biases join when `grpo.report_to` asks for them and the
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 from grpoflow.config import ConfigError
 from grpoflow.jsonl import append_records, read_records, rewrite_records
+
+log = logging.getLogger("grpoflow.train")
+
+# Steps over which frac_reward_zero_std is watched; near 1 throughout means no learning signal.
+ZERO_STD_WINDOW = 5
+ZERO_STD_ALARM = 0.9
 
 
 class RunLogger:
@@ -45,6 +61,16 @@ class RunLogger:
             return
         append_records(self.completions_path, [{"step": step, **s} for s in samples])  # one write; each record whole
 
+    def report(self, **facts: Any) -> dict[str, Any]:
+        """report.json's content: `facts` (steps, the model...), the reward at the start and the end
+        (means over the first and last 10 logged steps), the median step time, and where the logs are."""
+        history = self.history
+        plot = self.plot()
+        return {**facts, "reward_first_10": _mean_key(history[:10], "reward"),
+                "reward_last_10": _mean_key(history[-10:], "reward"),
+                "step_seconds_median": float(np.median([r["step_seconds"] for r in history])) if history else None,
+                "metrics": str(self.metrics_path), "plot": str(plot) if plot else None}
+
     def plot(self) -> Path | None:
         """reward.png: the total reward and each reward's mean against the step."""
         if not (self.history and self.write):
@@ -75,6 +101,69 @@ class RunLogger:
         return path
 
 
+class StepMeter:
+    """Where one optimizer step's time and memory went: seconds by part (`timed`), the tokens
+    trained on, and the peak GPU memory of each phase (`end`: generation, train, optimizer), so
+    that memory/peak_gib says how much and memory/<phase>_peak_gib which phase set it."""
+
+    PARTS = {"sync": "time/weight_sync_seconds", "train": "time/train_seconds", "optimizer": "time/optimizer_seconds"}
+
+    def __init__(self, device: torch.device):
+        self.started = time.perf_counter()
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.train_tokens = 0
+        self.peaks: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        if part == "optimizer" and self.cuda:
+            torch.cuda.synchronize()  # the optimizer's kernels are queued: time them here, not in the next phase
+        self.seconds[part] += time.perf_counter() - started
+
+    def end(self, phase: str) -> None:
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
+            torch.cuda.reset_peak_memory_stats()
+
+    def metrics(self) -> dict[str, float]:
+        train = self.seconds["train"]
+        out = {"step_seconds": time.perf_counter() - self.started,
+               "train/tokens_per_second": self.train_tokens / train if train else 0.0,
+               # where the step's time went (generation/seconds: sampling, rewards, advantages)
+               **{key: self.seconds[part] for part, key in self.PARTS.items()}}
+        if self.peaks:
+            out["memory/peak_gib"] = max(self.peaks.values())
+            out.update({f"memory/{phase}_peak_gib": peak for phase, peak in self.peaks.items()})
+        return out
+
+
+def step_progress(*, enabled: bool) -> Progress:
+    """The training bar, on stderr (stdout carries results): step, reward, time spent and left."""
+    return Progress(TextColumn("GRPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                    TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+def warn_if_no_signal(history: list[dict], step: int) -> None:
+    """Say early and plainly when GRPO has nothing to learn from."""
+    if step != ZERO_STD_WINDOW:
+        return
+    recent = [r["frac_reward_zero_std"] for r in history[-ZERO_STD_WINDOW:]
+              if r.get("frac_reward_zero_std") is not None]
+    if recent and min(recent) >= ZERO_STD_ALARM:
+        log.warning(
+            "no learning signal: in the first %d steps at least %.0f%% of the groups had the same reward for every "
+            "completion (frac_reward_zero_std), so their advantages are zero. Enable grpo.warmup (format warm-up), "
+            "add a reward that separates completions (xmlcount, soft_format, proximity), raise grpo.num_generations "
+            "or grpo.temperature, or use easier prompts.", ZERO_STD_WINDOW, 100 * ZERO_STD_ALARM)
+
+
 def _sink(name: str, folder: Path, run_name: str, config: dict):
     if name == "tensorboard":
         try:
@@ -96,6 +185,11 @@ def _sink(name: str, folder: Path, run_name: str, config: dict):
         raise ConfigError("grpo.report_to: wandb is not installed; `pip install wandb`") from None
     run = wandb.init(project="grpoflow", name=run_name, config=config, dir=str(folder))
     return lambda step, m: run.log(m, step=step)
+
+
+def _mean_key(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _clean(v: Any) -> Any:

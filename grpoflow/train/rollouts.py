@@ -28,7 +28,8 @@ class GenerationBatch:
     completion_mask: torch.Tensor  # [N, T], float; 0 after EOS, and for truncated ones when masked
     advantages: torch.Tensor  # [N]
     old_logps: torch.Tensor | None  # [N, T]; None: the policy has not moved since sampling
-    is_weights: torch.Tensor | None  # [N, T] truncated importance weights for another engine's samples; None: 1
+    # [N, T] truncated importance-sampling ratio for another engine's samples (TRL's name); None: 1
+    importance_sampling_ratio: torch.Tensor | None
     # [N, T] that engine's sampling log-probs, when the weights are made at the loss instead: on-policy,
     # the loss's own log-probs are the trainer's, and a second forward pass to get them is saved
     sampling_logps: torch.Tensor | None
@@ -45,7 +46,8 @@ class GenerationBatch:
         return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
                 "completion_mask": self.completion_mask[start:stop], "advantages": self.advantages[start:stop],
                 "old_logps": None if self.old_logps is None else self.old_logps[start:stop],
-                "is_weights": None if self.is_weights is None else self.is_weights[start:stop],
+                "importance_sampling_ratio": (None if self.importance_sampling_ratio is None
+                                              else self.importance_sampling_ratio[start:stop]),
                 "sampling_logps": None if self.sampling_logps is None else self.sampling_logps[start:stop]}
 
 
@@ -101,7 +103,7 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
 
-    old_logps, is_weights, is_metrics = None, None, {}
+    old_logps, importance_sampling_ratio, is_metrics = None, None, {}
     sampling_logps = _sampling_logps(completions, width, device) if correct else None  # [N, T]
     if need_old_logps:
         # the policy will move before some of these rows are trained on: keep its log-probs now
@@ -111,7 +113,7 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
                      for i in range(0, len(completions), micro_batch)]
         old_logps = torch.cat(parts).float()  # [N, T]
         if correct:
-            is_weights, is_metrics = importance_weights(old_logps, sampling_logps, completion_mask,
+            importance_sampling_ratio, is_metrics = importance_weights(old_logps, sampling_logps, completion_mask,
                                                         grpo.vllm_importance_sampling_cap)
             sampling_logps = None
     # else on-policy: the loss makes the weights from its own log-probs (sampling_logps kept)
@@ -139,7 +141,8 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
                 "reward": scores.totals[i], "advantage": advantages[i].item(),
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
-    return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps, is_weights,
+    return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,
+                           importance_sampling_ratio,
                            sampling_logps, sum(e["num_items"] for e in everyone), metrics, samples, dist.world_size)
 
 

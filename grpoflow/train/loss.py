@@ -1,0 +1,76 @@
+"""One micro-batch's GRPO loss, as the training loop calls it, and the KL term's reference model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from grpoflow.config import GRPOConfig
+from grpoflow.train.distributed import Distributed, shard_fsdp
+from grpoflow.train.logps import completion_logps, loss_function
+from grpoflow.train.model import Policy
+from grpoflow.train.rollouts import GenerationBatch, importance_weights
+
+
+def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBatch, grpo: GRPOConfig,
+                    ref_model: Policy | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to backpropagate for `micro` (a slice of `buffer`, the generation it comes from)
+    and its metrics: the loss's own, the entropy, and the importance-sampling figures."""
+    T = buffer.completion_len
+    ref_logps = None
+    if grpo.beta > 0:  # before the training forward: a sharded policy gives its gathered weights back after this
+        with torch.no_grad(), policy.autocast():
+            if ref_model is None:  # LoRA: the reference is the base, the adapters switched off
+                with policy.model.disable_adapter():
+                    ref_logps, _ = policy.run(completion_logps, micro["input_ids"], micro["attention_mask"], T,
+                                              temperature=grpo.temperature, kernels=grpo.kernels)
+            else:
+                ref_logps, _ = ref_model.run(completion_logps, micro["input_ids"], micro["attention_mask"], T,
+                                            temperature=grpo.temperature, kernels=grpo.kernels)
+        ref_logps = ref_logps.float()
+    with policy.autocast():
+        logps, entropy = policy.train_logps(micro["input_ids"], micro["attention_mask"], T,  # [b, T]
+                                            temperature=grpo.temperature, with_entropy=True, kernels=grpo.kernels)
+    mask = micro["completion_mask"]
+    importance_sampling_ratio, is_metrics = micro["importance_sampling_ratio"], {}
+    if micro["sampling_logps"] is not None:  # on-policy samples of another engine: this pass is the trainer's view
+        importance_sampling_ratio, is_metrics = importance_weights(logps, micro["sampling_logps"], mask,
+                                                    grpo.vllm_importance_sampling_cap)
+    grpo_loss = loss_function(grpo.kernels, logps.device)
+    loss, metrics = grpo_loss(
+        logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
+        loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high, delta=grpo.delta,
+        beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
+        max_completion_length=grpo.max_completion_length,
+        # DDP averages the processes' gradients: each divides by its share of the generation's tokens
+        num_items_in_batch=buffer.num_items / buffer.num_processes, importance_sampling_ratio=importance_sampling_ratio)
+    if grpo.loss_type != "dapo":
+        # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
+        loss = loss / grpo.gradient_accumulation_steps
+    active = mask.sum()
+    metrics["entropy"] = ((entropy * mask).sum() / active.clamp(min=1)).item()
+    return loss, {**{k: float(v) for k, v in metrics.items()}, **is_metrics}
+
+
+def reference_model(policy: Policy, model_path: str, dist: Distributed) -> Policy:
+    """The frozen base model for the KL term under full fine-tuning (LoRA's reference is the base
+    with the adapters off), sharded as the policy is."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    reference = Policy(ref, policy.tokenizer, policy.device, policy.dtype, is_peft=False)
+    if policy.fsdp is not None:
+        reference.fsdp = shard_fsdp(ref, dist, policy.dtype, "KL reference")
+    else:
+        ref.to(policy.device)
+    return reference
+
+
+def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the micro-batches that have it (a micro-batch of masked rows has no
+    importance-sampling figures)."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
