@@ -12,15 +12,13 @@
 
 A stop anywhere loses nothing and repeats nothing: the round's rows are consumed when its folder
 appears (grpoflow/rounds.py), its decision is taken once and written down, and the task results are
-cached in the state folder under keys made of content hashes, so a restart skips every finished task
-and the interrupted one resumes from what it wrote. `make serve` runs this every continuous.poll_seconds,
-one run at a time.
+cached in the state folder under keys made of what they read (grpoflow/hashing.py), so a restart skips
+every finished task and the interrupted one resumes from what it wrote. `make serve` runs this every
+continuous.poll_seconds, one run at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,46 +32,36 @@ from flows.monitoring import publish_evaluation, publish_export, publish_manifes
 from flows.retry import retry_options, retry_unless_user_error
 from flows.secrets import hub_token
 from grpoflow.config import PipelineConfig, validate_config
-from grpoflow.hashing import file_sha256
-from grpoflow.models import resolve_model
+from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
+from grpoflow.models import ResolvedModel
 from grpoflow.rounds import Rounds, load_round
 from stages.continuous import check, gate, intake, lineage_model, stage_config
-from stages.evaluate import run_evaluate
-from stages.export import run_export
-from stages.train import run_train
+from stages.dag import PreparedRows, Results, StageOptions, run_stage
+from stages.evaluate import EvalReport
+from stages.export import ExportReport
+from stages.train import TrainResult
 
 
-# -- cache keys: content hashes of what a task reads ----------------------------------------------
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _model_identity(path: str) -> list:
-    """A model folder by the hashes of its weight files (a Hub id by its name)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return [path]
-    return [str(folder.resolve()), *[(p.name, file_sha256(p)) for p in sorted(folder.glob("*.safetensors"))]]
+# -- cache keys: content hashes of the data a task reads, fingerprints of its models ---------------
 
 
 def _train_key(context: Any, inputs: dict[str, Any]) -> str:
     cfg: PipelineConfig = inputs["cfg"]
-    return "train-round-" + _digest(file_sha256(Path(inputs["train_path"])), _model_identity(inputs["champion_model"]),
-                                    cfg.model.model_dump(mode="json"), cfg.grpo.model_dump(mode="json"))
+    return "train-round-" + cache_key([file_sha256(Path(inputs["train_path"])),
+                                       model_fingerprint(inputs["champion_model"]),
+                                       cfg.model.model_dump(mode="json"), cfg.grpo.model_dump(mode="json")])
 
 
 def _evaluate_key(context: Any, inputs: dict[str, Any]) -> str:
     cfg: PipelineConfig = inputs["cfg"]
-    return "evaluate-round-" + _digest(file_sha256(Path(inputs["heldout"])),
-                                       {k: _model_identity(v) for k, v in inputs["models"].items()},
-                                       cfg.eval.model_dump(mode="json"), cfg.rollout.model_dump(mode="json"))
+    return "evaluate-round-" + cache_key([file_sha256(Path(inputs["heldout"])),
+                                          {k: model_fingerprint(v) for k, v in inputs["models"].items()},
+                                          cfg.eval.model_dump(mode="json"), cfg.rollout.model_dump(mode="json")])
 
 
 def _export_key(context: Any, inputs: dict[str, Any]) -> str:
     cfg: PipelineConfig = inputs["cfg"]
-    return "export-" + _digest(_model_identity(inputs["model_dir"]), cfg.export.model_dump(mode="json"))
+    return "export-" + cache_key([model_fingerprint(inputs["trained"].model_dir), cfg.export.model_dump(mode="json")])
 
 
 def _cached(cfg: PipelineConfig, key_fn) -> dict[str, Any]:
@@ -88,7 +76,7 @@ def _cached(cfg: PipelineConfig, key_fn) -> dict[str, Any]:
 
 @task(name="base-model", retry_condition_fn=retry_unless_user_error)
 def base_model(cfg: PipelineConfig) -> str:
-    return resolve_model(cfg.model).path
+    return run_stage("model", cfg, Results()).path
 
 
 @task(name="intake", retry_condition_fn=retry_unless_user_error)
@@ -113,18 +101,20 @@ def intake_drops(cfg: PipelineConfig, base: str) -> dict[str, Any]:
 
 @task(name="train-round", retry_condition_fn=retry_unless_user_error)
 def train_round(cfg: PipelineConfig, train_path: str, heldout_path: str, champion_model: str,
-                first_step: int) -> dict[str, Any]:
-    result = run_train(cfg, Path(train_path), Path(heldout_path), champion_model, progress=False)
+                first_step: int) -> TrainResult:
+    inputs = Results(prepare=PreparedRows(Path(train_path), Path(heldout_path)),
+                     model=ResolvedModel(champion_model, "the champion"))
+    result = run_stage("train", cfg, inputs, StageOptions(progress=False, launch=True))
     publish_training(result.output_dir, result.report, first_step=first_step)
-    return {"output_dir": result.output_dir, "model": result.model_dir, "steps": result.steps,
-            "reward_first_10": result.report["reward_first_10"], "reward_last_10": result.report["reward_last_10"]}
+    return result
 
 
 @task(name="evaluate-round", retry_condition_fn=retry_unless_user_error)
-def evaluate_round(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> dict[str, Any]:
-    report = run_evaluate(cfg.eval, Path(heldout), models, rollout=cfg.rollout, answer_type=cfg.data.answer_type)
+def evaluate_round(cfg: PipelineConfig, heldout: str, models: dict[str, str]) -> EvalReport:
+    inputs = Results(prepare=PreparedRows(None, Path(heldout)))
+    report = run_stage("evaluate", cfg, inputs, StageOptions(progress=False, models=models))
     publish_evaluation(report.markdown, report.output_dir, title="champion vs challenger on the held-out set")
-    return {"output_dir": report.output_dir, "models": report.models}
+    return report
 
 
 @task(name="gate")
@@ -154,11 +144,12 @@ def promote(final_dir: str, out: str) -> str:
 
 
 @task(name="export", retry_condition_fn=retry_unless_user_error)
-def export(cfg: PipelineConfig, model_dir: str, evaluation: dict[str, Any]) -> dict[str, Any]:
-    report = run_export(cfg, Path(model_dir), evaluation=evaluation, token=hub_token(cfg))
+def export(cfg: PipelineConfig, trained: TrainResult, evaluation: EvalReport) -> ExportReport:
+    """The Hub token is read here, never passed as a parameter."""
+    inputs = Results(train=trained, evaluate=evaluation)
+    report = run_stage("export", cfg, inputs, StageOptions(progress=False, token=hub_token(cfg)))
     publish_export(report.markdown, report.output_dir)
-    return {"output_dir": report.output_dir, "gguf": {f["method"]: f["status"] for f in report.report["gguf"]},
-            "push": report.report["push"]}
+    return report
 
 
 # -- flows ----------------------------------------------------------------------------------------
@@ -181,16 +172,16 @@ def training_round(config: dict[str, Any], round_dir: str) -> dict[str, Any]:
     trained = train_round.with_options(**_cached(cfg, _train_key))(
         cfg, str(r.train_path), str(r.heldout_path), r.champion.model, r.steps[0])
     if r.training is None:
-        r.training = trained
+        r.training = trained.as_json()
         rounds.save(r)
-    models = {"champion": r.champion.model, "challenger": trained["model"]}
+    models = {"champion": r.champion.model, "challenger": trained.model_dir}
     evaluation = evaluate_round.with_options(**_cached(cfg, _evaluate_key))(cfg, str(r.heldout_path), models)
-    decision = decide(cfg, round_dir, evaluation["models"])
+    decision = decide(cfg, round_dir, evaluation.models)
     r = load_round(Path(round_dir))  # as the gate wrote it
     if decision["promoted"]:
         out = Path(cfg.continuous.state_dir) / "champions" / f"{r.round:04d}"
-        r.promoted_model = promote.with_options(**retry_options(cfg.orchestration))(trained["model"], str(out))
-        r.export = export.with_options(**_cached(cfg, _export_key))(cfg, trained["model"], evaluation["models"])
+        r.promoted_model = promote.with_options(**retry_options(cfg.orchestration))(trained.model_dir, str(out))
+        r.export = export.with_options(**_cached(cfg, _export_key))(cfg, trained, evaluation).as_json()
     r.status = "done"
     rounds.save(r)
     return {"round": r.round, "rows": r.rows, "steps": list(r.steps), "decision": r.decision,

@@ -112,49 +112,42 @@ def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _prepare(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from stages.prepare import run_prepare
+    from stages.dag import Results, run_stage
 
     with console.status(f"preparing {cfg.data.source} ..."):
-        manifest = run_prepare(cfg.data)
-    stdout.print_json(json.dumps({"output_dir": manifest.output_dir, "cached": manifest.cached,
-                                   "rows": {k: v["rows"] for k, v in manifest.splits.items()},
-                                   "rejected": manifest.rejected}))
+        manifest = run_stage("prepare", cfg, Results())
+    stdout.print_json(json.dumps(manifest.as_json()))
     return 0
 
 
 def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from grpoflow.models import resolve_model
+    from stages.dag import Results, run_stage
 
-    resolved = resolve_model(cfg.model)
-    stdout.print_json(json.dumps({"path": resolved.path, "description": resolved.description}))
+    stdout.print_json(json.dumps(run_stage("model", cfg, Results()).as_json()))
     return 0
 
 
 def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     """Also under `torchrun --nproc-per-node N` / `accelerate launch`: data parallel, rank 0 reports."""
-    from grpoflow.models import resolve_model
     from grpoflow.train.distributed import setup_distributed
-    from stages.prepare import run_prepare
-    from stages.train import run_train
+    from stages.dag import Results, StageOptions, run_stage
 
     dist = setup_distributed()
+    results = Results()
     with dist.main_process_first():  # data and model folders are written once, then found
-        manifest = run_prepare(cfg.data)
-        base = resolve_model(cfg.model)
+        run_stage("prepare", cfg, results)
+        run_stage("model", cfg, results)
     try:
-        result = run_train(cfg, manifest.train_path, manifest.heldout_path, base.path, stop_after_s=args.stop_after)
+        result = run_stage("train", cfg, results, StageOptions(stop_after_s=args.stop_after))
     finally:
         dist.close()
     if dist.is_main:
-        stdout.print_json(json.dumps({"output_dir": result.output_dir, "model": result.model_dir,
-                                      "finished": result.finished, **result.report}))
+        stdout.print_json(json.dumps(result.as_json()))
     return 0
 
 
 def _evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    from grpoflow.models import resolve_model
-    from stages.evaluate import run_evaluate
-    from stages.prepare import run_prepare
+    from stages.dag import Results, StageOptions, run_stage
 
     models = {}
     for item in args.model or []:
@@ -162,13 +155,13 @@ def _evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         if not sep or not label or not path:
             raise ConfigError(f"--model {item!r}: expected LABEL=PATH, e.g. --model trained=artifacts/train/.../final")
         models[label] = path
-    manifest = run_prepare(cfg.data)
-    if not models:
-        models = {"base": resolve_model(cfg.model).path}
-    report = run_evaluate(cfg.eval, manifest.heldout_path, models, rollout=cfg.rollout,
-                          answer_type=cfg.data.answer_type)
+    results = Results()
+    run_stage("prepare", cfg, results)
+    if not models:  # the base model
+        run_stage("model", cfg, results)
+    report = run_stage("evaluate", cfg, results, StageOptions(models=models))
     console.print(report.markdown)
-    stdout.print_json(json.dumps({"output_dir": report.output_dir, "models": report.models}))
+    stdout.print_json(json.dumps(report.as_json()))
     return 0
 
 

@@ -1,6 +1,6 @@
 """The train stage as a multi-process job: `torchrun --nproc-per-node N -m grpoflow.cli train`.
 
-    result = launch_train(cfg, num_processes=2)     # what run_train returns, from rank 0's report
+    report = launch_train(cfg, num_processes=2)     # rank 0's report: TrainResult.as_json()
 
 The flow calls this when orchestration.train_processes > 1, inside the GPU container (or pod) it
 runs in. The job inherits this process's environment as it is: NCCL settings the host made
@@ -29,9 +29,7 @@ def torchrun_command(num_processes: int, config_path: Path) -> list[str]:
             "-m", "grpoflow.cli", "train", "-c", str(config_path)]
 
 
-def launch_train(cfg: PipelineConfig, num_processes: int):
-    from stages.train import TrainResult
-
+def launch_train(cfg: PipelineConfig, num_processes: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="grpoflow-launch-") as folder:
@@ -54,9 +52,7 @@ def launch_train(cfg: PipelineConfig, num_processes: int):
         raise RuntimeError(f"torchrun --nproc-per-node {num_processes} grpoflow train exited with {code}; "
                            f"its last lines:\n{''.join(tail)}")
     try:
-        report = json.loads(stdout)
+        return json.loads(stdout)
     except json.JSONDecodeError:
         raise RuntimeError(f"grpoflow train on {num_processes} processes printed no report (JSON) on stdout; "
                            f"it printed:\n{stdout[-3000:]}") from None
-    return TrainResult(report.pop("output_dir"), report.pop("model"), report["steps"], report,
-                       report.pop("finished"))

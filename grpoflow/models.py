@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grpoflow.atomic import atomic_folder
 from grpoflow.config import ModelConfig
@@ -52,6 +53,9 @@ class ResolvedModel:
     path: str  # a local folder, or a Hub id left for transformers to fetch
     description: str
     converted: bool = False  # a GGUF was converted in this call (False: cache hit or no GGUF)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "description": self.description, "converted": self.converted}
 
 
 def resolve_model(cfg: ModelConfig) -> ResolvedModel:

@@ -6,4 +6,8 @@
     run_evaluate(EvalConfig, heldout, {label: model}) -> EvalReport     stages/evaluate.py
     run_export(PipelineConfig, model_dir) -> ExportReport               stages/export.py
     continuous rounds (Rounds, the gate, the row ledger)                stages/continuous.py
+
+stages/dag.py declares which stage needs which and feeds each one the results of those before it
+(`run_stage`); the CLI and both Prefect flows run the stages through it. Each result prints itself
+as JSON (`as_json()`).
 """

@@ -11,7 +11,6 @@ with the same settings is not evaluated again, so an interrupted run resumes the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,8 +24,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grpoflow.answer_format import ANSWER_CLOSE, ANSWER_OPEN
 from grpoflow.atomic import atomic_folder
 from grpoflow.config import EvalConfig, RolloutConfig
+from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.load import load_engine
@@ -43,6 +44,9 @@ class EvalReport:
     output_dir: str
     models: dict[str, dict[str, Any]]  # label -> figures
     markdown: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"output_dir": self.output_dir, "models": self.models}
 
 
 def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, rollout: RolloutConfig = RolloutConfig(),
@@ -171,7 +175,7 @@ def majority_correct(texts: list[str], gold: str, answer_type: str) -> bool:
     if not votes:
         return False
     winner = votes.most_common(1)[0][0]
-    return bool(answer_correct(f"<answer>{winner}</answer>", gold, answer_type))
+    return bool(answer_correct(f"{ANSWER_OPEN}{winner}{ANSWER_CLOSE}", gold, answer_type))
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -205,19 +209,10 @@ def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
 
 
 def _run_key(cfg: EvalConfig, heldout: Path, models: dict[str, str], rollout: RolloutConfig, answer_type: str) -> str:
-    key = {"version": EVAL_VERSION, "heldout": hashlib.sha256(heldout.read_bytes()).hexdigest(),
-           "config": cfg.model_dump(mode="json", exclude={"output_dir"}), "rollout": rollout.model_dump(mode="json"),
-           "answer_type": answer_type, "models": {label: _model_identity(path) for label, path in models.items()}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-
-
-def _model_identity(path: str) -> str:
-    """The folder and its weight files' sizes and times: a retrained model is a new model."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return path  # a Hub id
-    stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
-    return json.dumps([str(folder.resolve()), stamps])
+    return cache_key({"version": EVAL_VERSION, "heldout": file_sha256(heldout),
+                      "config": cfg.model_dump(mode="json", exclude={"output_dir"}),
+                      "rollout": rollout.model_dump(mode="json"), "answer_type": answer_type,
+                      "models": {label: model_fingerprint(path) for label, path in models.items()}})
 
 
 def _mean(values: list[bool]) -> float:

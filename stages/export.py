@@ -14,7 +14,6 @@ exists are not redone (each output is written to a temporary name and renamed wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,11 +24,12 @@ from typing import Any
 
 import yaml
 
+from grpoflow.answer_format import ANSWER_CLOSE, ANSWER_OPEN, REASONING_CLOSE, REASONING_OPEN
 from grpoflow.atomic import write_atomic
 from grpoflow.config import PipelineConfig
 from grpoflow.export.gguf import GGUFExportError, convert_to_gguf, quantize_gguf, reference_logits, verify_gguf
 from grpoflow.export.merge import merge_to_16bit
-from grpoflow.hashing import file_sha256
+from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.hub import HubPushError, push_folder
 
 log = logging.getLogger("grpoflow.export")
@@ -42,6 +42,10 @@ class ExportReport:
     output_dir: str
     report: dict[str, Any]  # what export_report.json holds
     markdown: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"output_dir": self.output_dir, "gguf": {f["method"]: f["status"] for f in self.report["gguf"]},
+                "push": self.report["push"], "warnings": len(self.report["warnings"])}
 
 
 def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, Any] | None = None,
@@ -200,8 +204,8 @@ def _model_card(cfg: PipelineConfig, model_dir: Path, files: list[dict], evaluat
     if qlora:
         lines += ["Trained with QLoRA against a 4-bit base; the adapters are merged into the 16-bit (dequantized) "
                   "base, which computes slightly differently from the 4-bit base they were trained on.", ""]
-    lines += ["It answers in the format `<reasoning>...</reasoning><answer>...</answer>` when given the system prompt "
-              "it was trained with:", "", "```", cfg.data.system_prompt.strip(), "```", ""]
+    lines += [f"It answers in the format `{REASONING_OPEN}...{REASONING_CLOSE}{ANSWER_OPEN}...{ANSWER_CLOSE}` when "
+              "given the system prompt it was trained with:", "", "```", cfg.data.system_prompt.strip(), "```", ""]
     if evaluation:
         lines += ["## Evaluation (held-out set, greedy)", "", "| model | accuracy | last number | strict format |",
                   "|---|---|---|---|"]
@@ -273,8 +277,6 @@ def _size(n: int) -> str:
 def _export_key(cfg: PipelineConfig, model_dir: Path) -> str:
     """The trained model's files and the settings that change the merged files; each GGUF is made
     once per name, and verification runs every time (seconds)."""
-    stamps = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*") if p.is_file())
-    key = {"version": EXPORT_VERSION, "model": [str(model_dir.resolve()), stamps],
-           "dtype": cfg.export.dtype, "hub_repo_id": cfg.export.hub_repo_id}  # (file names come from the repo id)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return cache_key({"version": EXPORT_VERSION, "model": model_fingerprint(model_dir), "dtype": cfg.export.dtype,
+                      "hub_repo_id": cfg.export.hub_repo_id})  # (file names come from the repo id)
 

@@ -18,11 +18,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from safetensors.torch import load_file
 
-import flows.continuous as continuous_flow
 from flows.continuous import continuous
 from grpoflow.config import ConfigError, validate_config
 from grpoflow.rounds import Rounds
 from stages import continuous as continuous_stage
+from stages import export as export_stage
 from stages import train as train_stage
 from stages.continuous import gate
 
@@ -119,7 +119,7 @@ def test_three_drops_two_rounds_and_a_restart_changes_nothing(prefect_server, ti
     # the same drops, stopped inside round 2's GRPO steps, then after its gate decision
     b = tmp_path / "b"
     config = make_config(b, tiny_model)
-    real_loss, real_export = train_stage._micro_step_loss, continuous_flow.run_export
+    real_loss, real_export = train_stage.micro_step_loss, export_stage.run_export
     for name, records in list(DROPS.items())[:2]:
         write_jsonl(b / "drops" / name, records)
         continuous(config=config)
@@ -132,25 +132,25 @@ def test_three_drops_two_rounds_and_a_restart_changes_nothing(prefect_server, ti
             raise Stop("stopped inside GRPO step 2 of round 2")
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_stage, "_micro_step_loss", stop_on_second_step)
+    monkeypatch.setattr(train_stage, "micro_step_loss", stop_on_second_step)
     with pytest.raises(Stop):
         continuous(config=config)
     (open_round,) = [r for r in Rounds(b / "state").all() if r.round == 2]
     assert open_round.status == "open" and open_round.decision is None
     assert list((Path(b / "state" / "train").glob("*/checkpoints/step-000001")))  # what the restart resumes from
 
-    monkeypatch.setattr(train_stage, "_micro_step_loss", real_loss)
+    monkeypatch.setattr(train_stage, "micro_step_loss", real_loss)
 
     def stop_in_export(*args, **kwargs):
         raise Stop("stopped in the export of round 2")
 
-    monkeypatch.setattr(continuous_flow, "run_export", stop_in_export)
+    monkeypatch.setattr(export_stage, "run_export", stop_in_export)
     with pytest.raises(Stop):
         continuous(config=config)
     decided = Rounds(b / "state").unfinished()
     assert decided.round == 2 and decided.status == "decided"
 
-    monkeypatch.setattr(continuous_flow, "run_export", real_export)
+    monkeypatch.setattr(export_stage, "run_export", real_export)
     state = continuous(config=config, return_state=True)
     final = state.result()
     assert [r["round"] for r in final["rounds"]] == [2]

@@ -21,11 +21,16 @@ import torch
 
 from grpoflow.config import ConfigError
 from grpoflow.launch import launch_train
-from grpoflow.train.checkpoint import trained_weights
-from stages.train import _buffer_of_this_process, run_train
+from grpoflow.train.checkpoint import TrainState, trained_weights
+from stages.train import TrainResult, run_train
 from tests.test_train import config, metrics
 
 WEIGHTS_ATOL = 2e-6  # lr 3e-3: a wrong normaliser or a missing all-reduce moves weights by ~1e-3
+
+
+def launch(cfg, num_processes: int) -> TrainResult:
+    """The train stage on several processes, as the flow runs it (torchrun), read back typed."""
+    return TrainResult.from_json(launch_train(cfg, num_processes))
 
 
 def trained(run_dir: str, step: int) -> dict[str, torch.Tensor]:
@@ -79,7 +84,7 @@ def test_two_processes_step_as_one_full_finetuning_dapo_and_resume_on_one(tiny_m
     train, heldout, model = prepared(tmp_path, tiny_model, one, two)
     single = run_train(one, train, heldout, model, progress=False)
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")  # a host's NCCL setting reaches the ranks as it is
-    double = launch_train(two, 2)
+    double = launch(two, 2)
     assert "unchanged: {'NCCL_NVLS_ENABLE': '0'}" in " ".join(capsys.readouterr().err.split())
 
     assert double.finished and double.steps == 2
@@ -119,7 +124,7 @@ def test_two_processes_step_as_one_lora_grpo_loss(lora_single, distributed, caps
     single, two, tmp_path = lora_single
     two = two.model_copy(deep=True)
     two.grpo.distributed, two.grpo.output_dir = distributed, tmp_path / distributed
-    double = launch_train(two, 2)
+    double = launch(two, 2)
     assert ("FSDP2, policy" in capsys.readouterr().err) == (distributed == "fsdp")
     a, b = trained(single.output_dir, 1), trained(double.output_dir, 1)
     assert a and all("lora_" in k for k in a)  # the adapters alone are trained
@@ -135,7 +140,7 @@ def test_fsdp_two_processes_step_as_one_full_finetuning_and_resume_on_one_or_two
                            distributed="fsdp")
     train, heldout, model = prepared(tmp_path, tiny_model, one, two)
     single = run_train(one, train, heldout, model, progress=False)  # one process: fsdp has nothing to shard over
-    double = launch_train(two, 2)
+    double = launch(two, 2)
     logged = " ".join(capsys.readouterr().err.split())
     for what in ("policy", "KL reference"):
         assert f"FSDP2, {what}: 2 decoder layers and the root (embeddings, norm, lm_head) sharded over 2" in logged
@@ -160,7 +165,7 @@ def test_fsdp_two_processes_step_as_one_full_finetuning_and_resume_on_one_or_two
         shutil.rmtree(run / "final")
         cfg = one if processes == 1 else two
         cfg.grpo.output_dir = resumed_out
-        resumed = run_train(cfg, train, heldout, model, progress=False) if processes == 1 else launch_train(cfg, 2)
+        resumed = run_train(cfg, train, heldout, model, progress=False) if processes == 1 else launch(cfg, 2)
         assert resumed.steps == 2
         assert_same_weights(trained(single.output_dir, 2), trained(resumed.output_dir, 2))
 
@@ -217,14 +222,14 @@ def test_fsdp_pieces_on_two_processes_match_one(tiny_model, tmp_path):
 
 def test_a_checkpoint_inside_a_generation_resumes_only_on_its_own_number_of_processes(tmp_path):
     inside = {"buffers": [{"rows": 1}, {"rows": 2}], "next_micro": 1, "at_generation_boundary": False}
-    assert _buffer_of_this_process(inside, tmp_path, rank=1, world_size=2) == {"rows": 2}
+    assert TrainState.from_saved(inside).buffer_of(tmp_path, rank=1, world_size=2) == {"rows": 2}
     with pytest.raises(ConfigError, match=r"stopped inside a generation \(micro-step 1 of it\) on 2 process\(es\); "
                                           r"this run has 1\. Resume it on 2 process\(es\)"):
-        _buffer_of_this_process(inside, tmp_path, rank=0, world_size=1)
+        TrainState.from_saved(inside).buffer_of(tmp_path, rank=0, world_size=1)
     boundary = {**inside, "at_generation_boundary": True}
-    assert _buffer_of_this_process(boundary, tmp_path, rank=0, world_size=4) is None
+    assert TrainState.from_saved(boundary).buffer_of(tmp_path, rank=0, world_size=4) is None
     before = {"buffer": {"rows": 1}, "next_micro": 1}  # a checkpoint from before data parallelism
-    assert _buffer_of_this_process(before, tmp_path, rank=0, world_size=1) == {"rows": 1}
+    assert TrainState.from_saved(before).buffer_of(tmp_path, rank=0, world_size=1) == {"rows": 1}
 
 
 def test_groups_that_would_straddle_two_processes_are_refused_before_any_work(tmp_path):

@@ -69,7 +69,7 @@ def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model, mon
     finally:
         hub.stop()
     assert results["prepare"]["rows"] == {"train": 36, "heldout": 4}  # run because train and evaluate need it
-    assert results["prepare"]["rejected"] == 1
+    assert results["prepare"]["rejected"]["total"] == 1
     assert results["train"]["steps"] == 2 and Path(results["train"]["model"], "adapter_model.safetensors").is_file()
     assert set(results["evaluate"]["models"]) == {"base", "trained"}  # side by side
     assert results["export"]["gguf"] == {"f16": "passed", "q8_0": "passed"}
@@ -132,17 +132,6 @@ def test_pipeline_prepares_gsm8k_and_the_model(prefect_server, tmp_path, model_c
     assert Path(results["model"]["path"], "config.json").is_file()
 
 
-def test_a_stage_alone_runs_everything_it_reads_transitively():
-    from flows.pipeline import stages_to_run
-
-    assert stages_to_run(["prepare"]) == ["prepare"]
-    assert stages_to_run(["model"]) == ["model"]
-    assert stages_to_run(["train"]) == ["prepare", "model", "train"]
-    assert stages_to_run(["evaluate"]) == ["prepare", "model", "evaluate"]
-    assert stages_to_run(["export"]) == ["prepare", "model", "train", "export"]  # export -> train -> prepare, model
-    assert stages_to_run(["export", "evaluate"]) == ["prepare", "model", "train", "evaluate", "export"]
-
-
 def test_export_alone_through_the_flow(prefect_server, tmp_path, tiny_model):
     """`grpoflow run --stages export` once ended in KeyError: 'prepare' (the closure went one level deep)."""
     config = {"data": {"source": str(small_source(tmp_path)), "output_dir": str(tmp_path / "data")},
@@ -164,22 +153,24 @@ def test_the_continuous_flow_pushes_with_the_token_of_the_secret_block(prefect_s
 
     from flows import continuous
     from grpoflow.config import validate_config
+    from stages import export as export_stage
+    from stages.evaluate import EvalReport
+    from stages.export import ExportReport
+    from stages.train import TrainResult
 
     token = "hf_CONTINUOUSsecretBlockToken0123456789"
     Secret(value=token).save("hf-token-continuous", overwrite=True)
     seen = {}
 
-    class Report:
-        markdown, output_dir = "", str(tmp_path)
-        report = {"gguf": [], "push": None}
-
     def fake_export(cfg, model_dir, *, evaluation=None, token=None):
-        seen["token"] = token
-        return Report()
+        seen["token"], seen["model_dir"], seen["evaluation"] = token, model_dir, evaluation
+        return ExportReport(str(tmp_path), {"gguf": [], "push": None, "warnings": []}, "")
 
-    monkeypatch.setattr(continuous, "run_export", fake_export)
+    monkeypatch.setattr(export_stage, "run_export", fake_export)
     monkeypatch.setattr(continuous, "publish_export", lambda *a: None)
     cfg = validate_config({"export": {"push_to_hub": True, "hub_repo_id": "alice/x",
                                       "hub_token_secret": "hf-token-continuous"}})
-    continuous.export.fn(cfg, str(tmp_path), {})
-    assert seen["token"] == token
+    trained = TrainResult(str(tmp_path), str(tmp_path / "final"), 2, {"steps": 2})
+    evaluation = EvalReport(str(tmp_path), {"challenger": {"accuracy": 0.5}}, "")
+    continuous.export.fn(cfg, trained, evaluation)
+    assert seen == {"token": token, "model_dir": tmp_path / "final", "evaluation": evaluation.models}
