@@ -30,13 +30,14 @@ from grpoflow.config import EvalConfig, RolloutConfig
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
-from grpoflow.rollout.load import load_engine
+from grpoflow.rollout.load import make_engine
 from grpoflow.verifiers.answer import answer_correct, in_format, last_number_correct
 
 log = logging.getLogger("grpoflow.evaluate")
 
 # Bump when the figures change for the same inputs: earlier results stop counting as done.
 EVAL_VERSION = 1
+PROMPT_TOKENS = 1024  # what vLLM leaves for a prompt beside eval.max_new_tokens (rollout.max_model_len: null)
 
 
 @dataclass
@@ -96,7 +97,8 @@ def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, roll
 def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: str, rows: list[dict],
                     out: Path, answer_type: str) -> dict[str, Any]:
     started = time.perf_counter()
-    engine = load_engine(rollout, path, batch_size=cfg.batch_size, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    engine = make_engine(rollout, path, batch_size=cfg.batch_size, seed=cfg.seed,
+                         max_model_len=rollout.max_model_len or PROMPT_TOKENS + cfg.max_new_tokens)
     prompts = [r["prompt"] for r in rows]
     log.info("%s: %d held-out questions, greedy, up to %d new tokens (%s engine)", label, len(rows),
              cfg.max_new_tokens, engine.name)

@@ -88,13 +88,6 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     return engine
 
 
-def load_engine(cfg: RolloutConfig, model_path: str, *, batch_size: int = 16, progress: bool = True,
-                max_tokens: int = 512, seed: int = 0):
-    """Evaluation's engine (make_engine without a policy), prompts up to 1024 tokens by default."""
-    return make_engine(cfg, model_path, max_model_len=cfg.max_model_len or 1024 + max_tokens, seed=seed,
-                       batch_size=batch_size, progress=progress)
-
-
 def _transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
