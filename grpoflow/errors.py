@@ -28,3 +28,9 @@ class ConfigError(UserError, ValueError):
 
 class TrainingDiverged(UserError, RuntimeError):
     """Too many non-finite steps in a row. The message says what to change; a checkpoint is kept."""
+
+
+class EngineError(UserError, RuntimeError):
+    """vLLM could not start or serve, or a private part of vLLM or torch that grpoflow reaches into
+    (grpoflow/private_api.py) is not where the versions it was checked with keep it. The message names
+    the config key, or the version, to change."""

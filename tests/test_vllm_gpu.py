@@ -115,6 +115,8 @@ def test_standby_releases_the_kv_cache_and_takes_it_back_fast():
 def test_shared_base_weights_are_one_copy_and_adapters_still_reach_generation():
     """LoRA: the policy's frozen base weights become views of vLLM's tensors (one copy on the
     card); standby then releases only the KV cache, and training through the shared weights works."""
+    from grpoflow.private_api import vllm_model
+
     policy, engine = policy_and_engine("lora")
     base = [p for p in policy.model.parameters() if not p.requires_grad]
     base_bytes = sum(p.numel() * p.element_size() for p in base)
@@ -126,7 +128,7 @@ def test_shared_base_weights_are_one_copy_and_adapters_still_reach_generation():
           f"free memory +{(free_after - free_before) / 2**20:.1f} MiB")
     assert saved > 0.9 * base_bytes and free_after - free_before > 0.8 * saved
     q = policy.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
-    vllm_ptrs = {p.untyped_storage().data_ptr() for p in engine._vllm_model().parameters()}
+    vllm_ptrs = {p.untyped_storage().data_ptr() for p in vllm_model(engine.llm).parameters()}
     assert q.untyped_storage().data_ptr() in vllm_ptrs
 
     with torch.no_grad():  # trained adapters, exaggerated

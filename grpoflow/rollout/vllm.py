@@ -20,8 +20,9 @@ Standby, by what the weights are:
                       copy on the card; only the KV cache is released
     LoRA, not shared  sleep(level=1): KV cache released, weights parked in host memory
 
-Tested with vLLM 0.26 (TESTED); another version is refused with a message rather than failing
-somewhere inside vLLM's private attributes.
+Tested with vLLM 0.26 (grpoflow.private_api.VLLM_CHECKED); another version is refused with a message
+rather than failing somewhere inside vLLM's private attributes. Whatever reaches below vLLM's public
+`LLM` (its worker, its model's loader, its sleep-mode allocator) goes through grpoflow/private_api.py.
 """
 
 from __future__ import annotations
@@ -35,17 +36,14 @@ import weakref
 from pathlib import Path
 
 from grpoflow.config import ConfigError
-from grpoflow.errors import UserError
+from grpoflow.errors import EngineError
+from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, release_vllm_kv_cache, vllm_model,
+                                  vllm_packed_modules, wake_vllm_kv_cache)
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
 
-TESTED = ("0.26.",)  # version prefixes run on the GPU machine
 INSTALL = "pip install 'grpoflow[gpu]'  (vLLM 0.26.0, on a CUDA machine)"
-
-
-class EngineError(UserError, RuntimeError):
-    """vLLM could not start or serve; the message names the config key to change."""
 
 
 def _quiet_stdout() -> None:
@@ -71,9 +69,9 @@ def import_vllm():
     except ImportError as e:
         raise ConfigError(f"rollout.engine: vllm, but vLLM is not installed ({e}); install it with {INSTALL}, "
                           "or set rollout.engine: hf") from None
-    if not vllm.__version__.startswith(TESTED):
+    if not vllm.__version__.startswith(VLLM_CHECKED):
         raise ConfigError(f"rollout.engine: vllm {vllm.__version__} is installed; grpoflow is tested with vLLM "
-                          f"{' / '.join(v + 'x' for v in TESTED)}. Install that ({INSTALL}) or set rollout.engine: hf")
+                          f"{' / '.join(v + 'x' for v in VLLM_CHECKED)}. Install that ({INSTALL}) or set rollout.engine: hf")
     return vllm
 
 
@@ -204,24 +202,17 @@ class VLLMEngine:
         # or both are counted at once: the step's peak
         torch.cuda.empty_cache()
         if self.shared_bytes:  # only the KV cache was released, behind vLLM's sleep
-            self._worker().wake_up(tags=["kv_cache"])
+            wake_vllm_kv_cache(self.llm)
         else:
             self.llm.wake_up(tags=sorted(missing))
         self.awake |= missing
 
     def _release_kv_cache(self) -> None:
         """sleep() for the KV cache alone (vLLM's own sleep unmaps every allocation, weights too)."""
-        import torch
-        from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
-
         if "kv_cache" not in self.awake:
             return
         self.llm.reset_prefix_cache()  # cached prompt blocks are about to hold garbage
-        torch.cuda.synchronize()
-        for data in CuMemAllocator.get_instance().pointer_to_data.values():
-            if data.tag == "kv_cache" and not data.is_asleep:
-                unmap_and_release(data.handle)
-                data.is_asleep = True
+        release_vllm_kv_cache()
         self.awake.discard("kv_cache")
 
     # --- weights ----------------------------------------------------------------------------
@@ -241,10 +232,9 @@ class VLLMEngine:
                 shutil.rmtree(old, ignore_errors=True)
             return
         self.wake_up({"weights"})  # the KV cache stays released until generate
-        model = self._vllm_model()
         # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors; one tensor
         # at a time, gathered from FSDP2's shards if the policy is sharded
-        model.load_weights(weights=policy.whole_parameters())
+        load_vllm_weights(self.llm, policy.whole_parameters())
         self.weights_current = True
 
     def share_weights(self, policy) -> int:
@@ -253,10 +243,10 @@ class VLLMEngine:
         gate/up: their rows are slices of its fused tensors). Returns the bytes freed."""
         import torch
 
-        model = self._vllm_model()
+        model = vllm_model(self.llm)
         vllm_params = {name.replace(".base_layer", ""): p for name, p in model.named_parameters()}
         rows = {_hf_name(name): p.shape[0] for name, p in policy.model.named_parameters()}
-        packed = getattr(model, "packed_modules_mapping", {})  # {"qkv_proj": ["q_proj", ...]}
+        packed = vllm_packed_modules(self.llm)  # {"qkv_proj": ["q_proj", ...]}
         slices = {}  # HF name -> the slice of a vLLM tensor it is
         for name, vp in vllm_params.items():
             module, _, leaf = name.rpartition(".")
@@ -287,16 +277,6 @@ class VLLMEngine:
         self.shared_bytes = saved
         log.info("vLLM and the policy share %.2f GiB of base weights", saved / 2**30)
         return saved
-
-    def _vllm_model(self):
-        return self._worker().model_runner.model
-
-    def _worker(self):
-        try:  # vLLM 0.26, in process
-            return self.llm.llm_engine.model_executor.driver_worker.worker
-        except AttributeError:
-            raise EngineError("cannot reach vLLM's model for in-place weight loading "
-                              "(VLLM_ENABLE_V1_MULTIPROCESSING must be 0)") from None
 
 
 def _sampled_logprobs(logprobs, tokens: list[int]) -> list[float]:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 from grpoflow.errors import ConfigError
+from grpoflow.private_api import fsdp_forward_hooks_off
 
 log = logging.getLogger("grpoflow.train")
 
@@ -225,7 +226,8 @@ def whole_weights(root: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.unshard()
         try:
-            with _forward_hooks_off([unit for unit in units if unit is not root]):
+            # the layers' forward hooks off while their weights stay gathered (the root's stay: it runs once a call)
+            with fsdp_forward_hooks_off([unit for unit in units if unit is not root]):
                 yield
         except BaseException:
             # a forward cut short leaves FSDP2 mid-iteration, its units still "in their forward": the
@@ -239,33 +241,6 @@ def whole_weights(root: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.set_reshard_after_forward(unit is not root, recurse=False)
             unit.reshard()
-
-
-@contextlib.contextmanager
-def _forward_hooks_off(units: list[torch.nn.Module]) -> Iterator[None]:
-    """FSDP2's forward hooks taken off these units (decoder layers whose weights are already
-    gathered) until the block ends, then put back in their order. Each hook call is Python work,
-    at every layer of every decoding step, and decoding a small model is bound by that work: on 2
-    CPU processes, 30 layers, a decoding step took 23-29 ms with the hooks and 17 ms without (16
-    ms for the whole model alone). With the weights gathered and kept gathered the hooks have
-    nothing to do: the layers' parameters already are the whole tensors, and the inputs come from
-    the root's forward, in the dtype in use. A unit whose hooks are not where torch 2.13 keeps
-    them keeps them on (slower, as correct)."""
-    saved = []  # (hooks dict, its items before): restored whole, so the order stays
-    for unit in units:
-        state = unit._get_fsdp_state() if hasattr(unit, "_get_fsdp_state") else None
-        for name in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
-            handle = getattr(state, name, None)
-            hooks = handle.hooks_dict_ref() if hasattr(handle, "hooks_dict_ref") else None
-            if hooks is not None and handle.id in hooks:
-                saved.append((hooks, list(hooks.items())))
-                del hooks[handle.id]
-    try:
-        yield
-    finally:
-        for hooks, items in reversed(saved):
-            hooks.clear()
-            hooks.update(items)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,0 +1,333 @@
+"""grpoflow/private_api.py's shims against CPU fakes of the vLLM and FSDP2 objects they reach into,
+and VLLMEngine's sleep / wake / sync state machine driven through them.
+
+vLLM cannot run here (no GPU, not installed): tests/fakes_private_api.py stands in for it, with the
+attribute paths the shims follow and sleep mode's rules (see its docstring). Everything else is
+real: the engine, a tiny policy, its tokenizer, torch's hooks. tests/test_vllm_gpu.py runs the real
+vLLM on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpoflow.errors import EngineError
+from grpoflow.private_api import (fsdp_forward_hooks_off, load_vllm_weights, release_vllm_kv_cache,
+                                  vllm_model, vllm_packed_modules, vllm_worker, wake_vllm_kv_cache)
+from grpoflow.rollout.base import SamplingParams
+from tests.fakes_private_api import (GENERATED, VLLM_FUSED, FakeFSDPUnit, FakeVLLMModel, install_fake_vllm,
+                                     vllm_layout)
+
+PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a colour."}]]
+PARAMS = SamplingParams(max_tokens=4, n=2, logprobs=True)
+
+
+def fake_vllm_at(monkeypatch, version: str = "0.26.0", model: FakeVLLMModel | None = None):
+    """The fake vLLM installed; torch.cuda.synchronize (no CUDA here) recorded among the allocator's events."""
+    fake = install_fake_vllm(monkeypatch, version, model)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: fake.allocator.events.append(("cuda.synchronize",)))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return fake
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    return fake_vllm_at(monkeypatch)
+
+
+def fake_llm(sleep_mode: bool = True):
+    import vllm  # the fake
+
+    return vllm.LLM(model="m", enable_sleep_mode=sleep_mode)
+
+
+# --- the vLLM shims -----------------------------------------------------------------------------------
+
+def test_the_shims_reach_vllms_worker_model_and_loader(fake_vllm):
+    llm = fake_llm()
+    worker = llm.llm_engine.model_executor.driver_worker.worker
+    assert vllm_worker(llm) is worker
+    assert vllm_model(llm) is worker.model_runner.model is llm.model
+    assert vllm_packed_modules(llm) == VLLM_FUSED
+    load_vllm_weights(llm, iter([("model.norm.weight", torch.ones(2)), ("lm_head.weight", torch.zeros(3))]))
+    assert [list(call) for call in llm.model.loaded] == [["model.norm.weight", "lm_head.weight"]]
+    assert torch.equal(llm.model.loaded[0]["model.norm.weight"], torch.ones(2))
+
+
+def test_a_model_without_fused_layers_packs_nothing(fake_vllm):
+    llm = fake_llm()
+    llm.llm_engine.model_executor.driver_worker.worker.model_runner.model = torch.nn.Linear(2, 2)
+    assert vllm_packed_modules(llm) == {}
+
+
+def test_the_kv_cache_alone_is_released_after_the_gpu_is_done_and_mapped_back(fake_vllm):
+    llm, allocator = fake_llm(), fake_vllm.allocator
+    assert release_vllm_kv_cache() == 2
+    assert allocator.events == [("cuda.synchronize",), ("unmap", "kv_cache"), ("unmap", "kv_cache")]
+    assert allocator.released() == {"kv_cache"}  # the weights stay mapped
+    assert release_vllm_kv_cache() == 0  # released already: nothing is unmapped twice
+    assert allocator.events[3:] == [("cuda.synchronize",)]
+    wake_vllm_kv_cache(llm)
+    assert llm.calls == [("worker.wake_up", ["kv_cache"])]
+    assert allocator.events[4:] == [("map", "kv_cache"), ("map", "kv_cache")] and allocator.released() == set()
+
+
+def _worker(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker
+
+
+def _strip_is_asleep(llm):
+    for address, data in list(llm.allocator.pointer_to_data.items()):
+        llm.allocator.pointer_to_data[address] = types.SimpleNamespace(handle=data.handle, tag=data.tag)
+
+
+MISSING = {  # what is taken away, the shim called, what the error must say
+    "worker": (lambda llm: delattr(llm.llm_engine.model_executor, "driver_worker"), vllm_worker,
+               r"vllm_worker: vLLM 0\.26\.0 has no `driver_worker` on `llm\.llm_engine\.model_executor` \(the path "
+               r"`llm\.llm_engine\.model_executor\.driver_worker\.worker`, checked with vLLM 0\.26\.x\)\. .*"
+               r"VLLM_ENABLE_V1_MULTIPROCESSING unset or 0"),
+    "model": (lambda llm: delattr(_worker(llm).model_runner, "model"), vllm_model,
+              r"vllm_model: vLLM 0\.26\.0 has no `model` on `llm\.llm_engine\.model_executor\.driver_worker\.worker"
+              r"\.model_runner`"),
+    "loader": (lambda llm: setattr(_worker(llm).model_runner, "model", torch.nn.Linear(2, 2)),
+               lambda llm: load_vllm_weights(llm, []),
+               r"load_vllm_weights: vLLM 0\.26\.0 has no `load_weights` on `model`"),
+    "worker wake_up": (lambda llm: setattr(llm.llm_engine.model_executor.driver_worker, "worker",
+                                           types.SimpleNamespace(model_runner=None)), wake_vllm_kv_cache,
+                       r"wake_vllm_kv_cache: vLLM 0\.26\.0 has no `wake_up` on `llm\.llm_engine\.model_executor"
+                       r"\.driver_worker\.worker`"),
+    "allocation flag": (_strip_is_asleep, lambda llm: release_vllm_kv_cache(),
+                        r"release_vllm_kv_cache: vLLM 0\.26\.0 has no `is_asleep` on "
+                        r"`CuMemAllocator\.get_instance\(\)\.pointer_to_data\[\.\.\.\]`"),
+}
+
+
+@pytest.mark.parametrize("missing", MISSING)
+def test_a_missing_attribute_is_named_with_the_version_and_what_to_do(fake_vllm, missing):
+    take_away, shim, message = MISSING[missing]
+    llm = fake_llm()
+    take_away(llm)
+    with pytest.raises(EngineError, match=message) as raised:
+        shim(llm)
+    assert "Install vLLM 0.26.0 (pip install 'grpoflow[gpu]'), or set rollout.engine: hf" in str(raised.value)
+    assert fake_vllm.allocator.events == []  # nothing released on the way to the error
+
+
+SHIMS = {"vllm_worker": vllm_worker, "vllm_model": vllm_model, "wake_vllm_kv_cache": wake_vllm_kv_cache,
+         "load_vllm_weights": lambda llm: load_vllm_weights(llm, []),
+         "release_vllm_kv_cache": lambda llm: release_vllm_kv_cache()}
+
+
+@pytest.mark.parametrize("shim", SHIMS)
+def test_an_unchecked_vllm_version_is_refused_before_any_private_attribute(monkeypatch, shim):
+    fake = fake_vllm_at(monkeypatch, version="0.27.1")
+    llm = fake_llm()
+    first = "vllm_worker" if shim in ("vllm_model", "wake_vllm_kv_cache", "load_vllm_weights") else shim
+    with pytest.raises(EngineError, match=rf"grpoflow\.private_api\.{first} reaches into vLLM's private state, "
+                                          r"checked with vLLM 0\.26\.x; vLLM 0\.27\.1 is installed\. Install vLLM "
+                                          r"0\.26\.0 \(pip install 'grpoflow\[gpu\]'\), or set rollout\.engine: hf"):
+        SHIMS[shim](llm)
+    assert llm.calls == [] and fake.allocator.events == [] and llm.model.loaded == []
+
+
+# --- the FSDP2 shim -----------------------------------------------------------------------------------
+
+def hooks(unit: torch.nn.Module) -> tuple[list, list]:
+    return list(unit._forward_pre_hooks.items()), list(unit._forward_hooks.items())
+
+
+def test_fsdp_hooks_come_off_the_units_and_back_in_their_order():
+    units = [FakeFSDPUnit(), FakeFSDPUnit()]
+    others = []
+    units[0].register_forward_pre_hook(lambda *_: others.append("pre"))  # not FSDP2's: it stays on
+    before = [hooks(u) for u in units]
+    x = torch.ones(1, 2)
+    with fsdp_forward_hooks_off(units):
+        for unit in units:
+            unit(x)
+        assert [u.fsdp_calls for u in units] == [[], []] and others == ["pre"]
+        assert [len(h) for u in units for h in hooks(u)] == [1, 0, 0, 0]
+    assert [hooks(u) for u in units] == before  # the same hooks, in the same order (FSDP2's pre-hook first)
+    for unit in units:
+        unit(x)
+    assert [u.fsdp_calls for u in units] == [["pre", "post"], ["pre", "post"]] and others == ["pre", "pre"]
+
+
+def test_fsdp_hooks_come_back_when_the_block_raises():
+    unit = FakeFSDPUnit()
+    before = hooks(unit)
+    with pytest.raises(ValueError, match="inside"):
+        with fsdp_forward_hooks_off([unit]):
+            raise ValueError("inside")
+    assert hooks(unit) == before
+
+
+def test_an_unchecked_torch_is_warned_about_once_and_the_hooks_still_come_off(monkeypatch, caplog):
+    unit = FakeFSDPUnit()
+    before = hooks(unit)
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    for _ in range(2):
+        with fsdp_forward_hooks_off([unit]):
+            assert hooks(unit) == ([], [])
+        assert hooks(unit) == before
+    warnings = [r.getMessage() for r in caplog.records if r.name == "grpoflow.private_api"]
+    assert warnings == ["grpoflow.private_api.fsdp_forward_hooks_off reaches into torch's private state, checked "
+                        "with torch 2.11.x / 2.13.x; torch 2.12.0 is installed. Going on: a missing attribute will "
+                        "be named if there is one."]
+
+
+@pytest.mark.parametrize("missing", ["_get_fsdp_state", "_post_forward_hook_handle", "hooks_dict_ref"])
+def test_fsdp_state_not_where_it_was_is_named_and_leaves_every_hook_on(missing):
+    good, bad = FakeFSDPUnit(), FakeFSDPUnit()
+    before = [hooks(good), hooks(bad)]
+    version = torch.__version__
+    if missing == "_get_fsdp_state":
+        bad = torch.nn.Linear(2, 2)
+        expected = r"has no `_get_fsdp_state` on `Linear`"
+    elif missing == "_post_forward_hook_handle":
+        del bad._state._post_forward_hook_handle
+        expected = r"has no `_post_forward_hook_handle` on `FSDPState`"
+    else:  # a handle of another kind (FSDP2 over several modules at once registers a group's)
+        bad._state._pre_forward_hook_handle = types.SimpleNamespace(id=0)
+        expected = r"has no `hooks_dict_ref` on `FSDPState\._pre_forward_hook_handle`"
+    with pytest.raises(EngineError, match=rf"fsdp_forward_hooks_off: torch {re.escape(version)} {expected} \(the "
+                                          r"path `.*`, checked with torch 2\.11\.x / 2\.13\.x\)\. Install torch"):
+        with fsdp_forward_hooks_off([good, bad]):
+            pass
+    assert hooks(good) == before[0]  # the unit before the bad one kept its hooks too
+    good(torch.ones(1, 2))
+    assert good.fsdp_calls == ["pre", "post"]
+
+
+# --- VLLMEngine's standby, through the fakes ----------------------------------------------------------
+
+def policy_for(tiny_model, finetune: str):
+    from grpoflow.config import validate_config
+    from grpoflow.train.model import load_policy
+
+    cfg = validate_config({"model": {"finetune": finetune, "dtype": "bfloat16"},
+                           "grpo": {"gradient_checkpointing": False}})
+    return load_policy(cfg.model, cfg.grpo, str(tiny_model)), cfg
+
+
+def engine_for(tiny_model, policy, cfg, *, sleep: bool = True):
+    from grpoflow.rollout.vllm import VLLMEngine
+
+    lora_rank = cfg.model.lora.r if cfg.model.finetune == "lora" else None
+    return VLLMEngine(str(tiny_model), policy.tokenizer, dtype="bfloat16", gpu_memory_utilization=0.3,
+                      max_model_len=256, seed=0, lora_rank=lora_rank, sleep=sleep)
+
+
+def test_full_fine_tuning_sleeps_at_level_2_and_samples_only_after_a_sync(fake_vllm, tiny_model):
+    policy, cfg = policy_for(tiny_model, "full")
+    engine = engine_for(tiny_model, policy, cfg)
+    llm, allocator = engine.llm, fake_vllm.allocator
+    names = [name for name, _ in policy.model.named_parameters()]
+    assert llm.kwargs["enable_sleep_mode"] is True and "enable_lora" not in llm.kwargs
+
+    engine.sync_weights(policy, step=0)  # awake: nothing to wake, the weights loaded in place
+    assert llm.calls == [] and [list(loaded) for loaded in llm.model.loaded] == [names]
+    groups = engine.generate(PROMPTS, PARAMS)
+    assert llm.calls == [("generate", 2, None)]
+    assert [[(c.token_ids, c.logprobs) for c in g] for g in groups] == [[(GENERATED, [-0.5] * 3)] * 2] * 2
+
+    down = policy.model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():  # an optimizer step
+        down.mul_(-1.0)
+    engine.sleep()
+    assert llm.calls[1:] == [("sleep", 2)]  # weights and KV cache released; the next sync rewrites the weights
+    assert allocator.released() == {"weights", "kv_cache"} and engine.awake == set() and not engine.weights_current
+    engine.sleep()  # asleep already: vLLM is not asked twice
+    assert llm.calls[1:] == [("sleep", 2)]
+    with pytest.raises(EngineError, match="call sync_weights before generate"):
+        engine.generate(PROMPTS, PARAMS)
+    assert llm.calls[1:] == [("sleep", 2)]  # refused before waking anything
+
+    engine.sync_weights(policy, step=1)
+    assert llm.calls[2:] == [("wake_up", ["weights"])]  # the KV cache stays released until generate
+    assert allocator.released() == {"kv_cache"} and engine.awake == {"weights"} and engine.weights_current
+    assert list(llm.model.loaded[-1]) == names
+    assert torch.equal(llm.model.loaded[-1]["model.layers.0.mlp.down_proj.weight"], down)  # the new weights
+
+    engine.generate(PROMPTS, PARAMS)
+    assert llm.calls[3:] == [("wake_up", ["kv_cache"]), ("generate", 2, None)]
+    assert allocator.released() == set() and engine.awake == {"weights", "kv_cache"}
+    engine.generate(PROMPTS, PARAMS)  # awake: no second wake
+    assert llm.calls[5:] == [("generate", 2, None)]
+
+
+def test_lora_sleeps_at_level_1_and_hands_adapters_over_without_touching_vllms_weights(fake_vllm, tiny_model):
+    policy, cfg = policy_for(tiny_model, "lora")
+    engine = engine_for(tiny_model, policy, cfg)
+    llm, allocator = engine.llm, fake_vllm.allocator
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"], llm.kwargs["max_loras"]) == (True, 16, 1)
+
+    engine.sync_weights(policy, step=0)
+    first = engine.lora_request
+    assert llm.calls == [] and llm.model.loaded == []  # adapters travel as files
+    assert (first.lora_int_id, Path(first.lora_path).name) == (1, "v00000001")
+    assert (Path(first.lora_path) / "adapter_config.json").is_file()
+
+    engine.sleep()
+    assert llm.calls == [("sleep", 1)]  # the base weights parked in host memory, not discarded
+    assert allocator.released() == {"weights", "kv_cache"} and engine.awake == set() and engine.weights_current
+    engine.sleep()
+    assert llm.calls == [("sleep", 1)]
+    engine.generate(PROMPTS, PARAMS)  # no sync needed: the weights come back from host memory
+    assert llm.calls[1:] == [("wake_up", ["kv_cache", "weights"]), ("generate", 2, first)]
+
+    engine.sleep()
+    for step in (1, 2):
+        engine.sync_weights(policy, step=step)  # asleep: handing adapters over wakes nothing
+    assert llm.calls[3:] == [("sleep", 1)] and allocator.released() == {"weights", "kv_cache"}
+    assert engine.lora_request.lora_int_id == 3  # a new id each time: vLLM caches adapters by id
+    assert sorted(p.name for p in Path(first.lora_path).parent.iterdir()) == ["v00000002", "v00000003"]
+    engine.generate(PROMPTS, PARAMS)
+    assert llm.calls[4:] == [("wake_up", ["kv_cache", "weights"]), ("generate", 2, engine.lora_request)]
+
+
+def test_shared_base_weights_release_the_kv_cache_alone(monkeypatch, tiny_model):
+    from grpoflow.rollout.vllm import _hf_name
+
+    policy, cfg = policy_for(tiny_model, "lora")
+    frozen = {name: p for name, p in policy.model.named_parameters() if not p.requires_grad}
+    model = FakeVLLMModel(vllm_layout({_hf_name(name): p for name, p in frozen.items()}))
+    fake = fake_vllm_at(monkeypatch, model=model)
+    engine = engine_for(tiny_model, policy, cfg)
+    llm, allocator = engine.llm, fake.allocator
+
+    saved = engine.share_weights(policy)
+    assert saved == engine.shared_bytes == sum(p.numel() * p.element_size() for p in frozen.values())
+    attention = policy.model.base_model.model.model.layers[0].self_attn
+    qkv = dict(model.named_parameters())["model.layers.0.self_attn.qkv_proj.base_layer.weight"]
+    q, k = attention.q_proj.base_layer.weight, attention.k_proj.base_layer.weight
+    assert q.data_ptr() == qkv.data_ptr() and k.data_ptr() == qkv[q.shape[0]:].data_ptr()  # rows of vLLM's tensor
+
+    engine.sleep()  # vLLM's own sleep would unmap the weights the policy trains on
+    assert llm.calls == [("reset_prefix_cache",)]
+    assert allocator.events == [("cuda.synchronize",), ("unmap", "kv_cache"), ("unmap", "kv_cache")]
+    assert allocator.released() == {"kv_cache"} and engine.awake == {"weights"} and engine.weights_current
+    engine.sleep()  # the KV cache is released already
+    assert llm.calls == [("reset_prefix_cache",)] and len(allocator.events) == 3
+
+    engine.sync_weights(policy, step=1)
+    engine.generate(PROMPTS, PARAMS)
+    assert llm.calls[1:] == [("worker.wake_up", ["kv_cache"]), ("generate", 2, engine.lora_request)]
+    assert allocator.events[3:] == [("map", "kv_cache"), ("map", "kv_cache")] and allocator.released() == set()
+
+
+def test_without_sleep_mode_vllm_is_never_put_to_sleep(fake_vllm, tiny_model):
+    policy, cfg = policy_for(tiny_model, "full")
+    engine = engine_for(tiny_model, policy, cfg, sleep=False)
+    llm = engine.llm
+    assert llm.kwargs["enable_sleep_mode"] is False
+    engine.sleep()  # the fake raises if vLLM's sleep is called without sleep mode
+    engine.sync_weights(policy, step=1)
+    engine.generate(PROMPTS, PARAMS)
+    assert llm.calls == [("generate", 2, None)] and len(llm.model.loaded) == 1
+    assert engine.awake == {"weights", "kv_cache"} and engine.weights_current
