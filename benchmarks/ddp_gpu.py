@@ -222,7 +222,7 @@ def _tiny_model(work: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grpoflow.models import PACKAGED_MODELS
+    from grpoflow.base_model import PACKAGED_MODELS
 
     packaged = PACKAGED_MODELS["smollm2-135m-instruct"]
     tokenizer = AutoTokenizer.from_pretrained(importlib.util.find_spec(packaged.package).submodule_search_locations[0],

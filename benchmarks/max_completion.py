@@ -6,7 +6,7 @@
 A random-init Qwen3-0.6B-shaped model (hidden 1024, intermediate 3072, 28 layers, 16 heads, 8 KV
 heads, head_dim 128, vocabulary 151,936, tied embeddings), its base in bfloat16 with grpoflow's
 default LoRA adapters (r 16 on every linear of the blocks), gradient checkpointing on, train mode:
-as grpoflow.train.model.load_policy sets it up. One micro-step as stages/train.py runs it: 8
+as grpoflow.train.policy.load_policy sets it up. One micro-step as stages/train.py runs it: 8
 completions of L tokens after a 64-token prompt, grpoflow.train.logps.completion_logps (with
 entropy) under bf16 autocast, the loss from grpoflow.train.logps.loss_function (dapo), backward.
 No padding, so attention runs as plain causal SDPA (FlashAttention): what grows with L is then the

@@ -63,7 +63,7 @@ rm -rf /tmp/stage/wheels /tmp/stage/files && tar xf /tmp/bundle.tar -C /tmp/stag
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/stage/wheels/*.whl
 ln -sfn /tmp/site /tmp/vsite
 mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
-PYTHONPATH=\$PWD:/tmp/site python3 -c "from pathlib import Path; from grpoflow.models import convert_gguf; \\
+PYTHONPATH=\$PWD:/tmp/site python3 -c "from pathlib import Path; from grpoflow.base_model import convert_gguf; \\
 convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
 echo "staged: \$(ls /tmp/stage/wheels | wc -l) wheels in /tmp/site, GSM8K in /tmp/gsm8k, SmolLM2 in /tmp/smollm2"
 INSTALL

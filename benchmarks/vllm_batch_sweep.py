@@ -51,7 +51,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     started = time.perf_counter()
     engine = VLLMEngine(args.model, tokenizer, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=768,
-                        seed=0, sleep=False, batch=max(batches))
+                        seed=0, sleep=False, completions_per_call=max(batches))
     result = {"card": torch.cuda.get_device_name(), "vllm": vllm.__version__, "model": args.model,
               "date": time.strftime("%Y-%m-%d"), "max_tokens": args.tokens, "repeats": args.repeats,
               "start_seconds": time.perf_counter() - started, "variants": {}}

@@ -23,24 +23,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (offline Prefect defaults, before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+import flows  # noqa: F401  (offline Prefect defaults, before prefect is imported)
 from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
 from flows.retry import retry_options, retry_unless_user_error
 from flows.secrets import hub_token
+from grpoflow.base_model import ResolvedModel
 from grpoflow.config import PipelineConfig, validate_config
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
-from grpoflow.models import ResolvedModel
 from grpoflow.rounds import Rounds, load_round
 from stages.continuous import check, gate, intake, lineage_model, stage_config
 from stages.dag import PreparedRows, Results, StageOptions, run_stage
 from stages.evaluate import EvalReport
 from stages.export import ExportReport
 from stages.train import TrainResult
-
 
 # -- cache keys: content hashes of the data a task reads, fingerprints of its models ---------------
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from grpoflow.answers import GSM8K_MARKER, normalize_number, split_gsm8k
 from grpoflow.config import DataConfig
 from grpoflow.data_files import RawRow, shown
 from grpoflow.errors import UserError
+from grpoflow.normalize import GSM8K_MARKER, normalize_number, split_gsm8k
 
 
 class DataError(UserError, ValueError):

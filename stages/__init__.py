@@ -1,7 +1,7 @@
 """The pipeline's stages: plain functions with a typed config, runnable and tested without Prefect.
 
     run_prepare(DataConfig) -> Manifest                                 stages/prepare.py
-    resolve_model(ModelConfig) -> ResolvedModel  (the `model` stage)     grpoflow/models.py
+    resolve_model(ModelConfig) -> ResolvedModel  (the `model` stage)     grpoflow/base_model.py
     run_train(PipelineConfig, train, heldout, model) -> TrainResult     stages/train.py
     run_evaluate(EvalConfig, heldout, {label: model}) -> EvalReport     stages/evaluate.py
     run_export(PipelineConfig, model_dir) -> ExportReport               stages/export.py

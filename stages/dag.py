@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from grpoflow.config import ALL_STAGES, PipelineConfig
 
 if TYPE_CHECKING:
-    from grpoflow.models import ResolvedModel
+    from grpoflow.base_model import ResolvedModel
     from stages.evaluate import EvalReport
     from stages.export import ExportReport
     from stages.prepare import Manifest
@@ -98,7 +98,7 @@ def _prepare(cfg: PipelineConfig, results: Results, options: StageOptions) -> Ma
 
 
 def _model(cfg: PipelineConfig, results: Results, options: StageOptions) -> ResolvedModel:
-    from grpoflow.models import resolve_model
+    from grpoflow.base_model import resolve_model
 
     return resolve_model(cfg.model)
 

@@ -31,7 +31,7 @@ from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.load import make_engine
-from grpoflow.verifiers.answer import answer_correct, in_format, last_number_correct
+from grpoflow.verifiers.verdicts import answer_correct, in_format, last_number_correct
 
 log = logging.getLogger("grpoflow.evaluate")
 

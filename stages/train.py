@@ -37,15 +37,27 @@ from grpoflow.errors import TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
 from grpoflow.rollout.seeded import prompt_seed
-from grpoflow.train.checkpoint import (TrainState, batch_from_state, batch_to_state, checkpoint_path,
-                                       gather_optimizer, gather_trained, load_checkpoint, load_trained,
-                                       newest_checkpoint, rng_state, run_key, save_checkpoint,
-                                       seed_everything, set_rng_state)
+from grpoflow.train.checkpoint import (
+    TrainState,
+    batch_from_state,
+    batch_to_state,
+    checkpoint_path,
+    gather_optimizer,
+    gather_trained,
+    load_checkpoint,
+    load_trained,
+    newest_checkpoint,
+    rng_state,
+    run_key,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
 from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
+from grpoflow.train.generation import generate_batch
 from grpoflow.train.log import RunLogger, StepMeter, step_progress, warn_if_no_signal
 from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
-from grpoflow.train.model import load_policy, make_optimizer, make_scaler, make_scheduler
-from grpoflow.train.rollouts import generate_batch
+from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
 
@@ -122,7 +134,7 @@ class GRPORecipe:
             dtype=cfg.model.dtype, seed=grpo.seed,
             max_model_len=cfg.rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
-            max_num_seqs=self.per_process * grpo.num_generations)
+            completions_per_call=self.per_process * grpo.num_generations)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
         self.ref_model = (reference_model(policy, self.model_path, dist)
                           if grpo.beta > 0 and not policy.is_peft else None)

@@ -50,8 +50,8 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(model_cache) -> Path:
+    from grpoflow.base_model import resolve_model
     from grpoflow.config import ModelConfig
-    from grpoflow.models import resolve_model
 
     return Path(resolve_model(ModelConfig(cache_dir=model_cache)).path)
 
@@ -64,7 +64,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grpoflow.models import PACKAGED_MODELS
+    from grpoflow.base_model import PACKAGED_MODELS
 
     packaged = PACKAGED_MODELS["smollm2-135m-instruct"]
     gguf_dir = importlib.util.find_spec(packaged.package).submodule_search_locations[0]

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from grpoflow.train.distributed import setup_distributed, shard_fsdp  # noqa: E402
-from grpoflow.train.model import Policy  # noqa: E402
+from grpoflow.train.policy import Policy  # noqa: E402
 
 B, P, T, V = 4, 7, 5, 320  # rows (2 a process), prompt and completion lengths, a small vocabulary
 
@@ -111,7 +111,7 @@ def sharded_and_whole(dist, tiny_model: str, finetune: str) -> tuple[Policy, Pol
     gradient checkpointing, as the trainer sets it up, and random adapters (B starts at zero):
     generating without them would draw other tokens."""
     from grpoflow.config import GRPOConfig, ModelConfig
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
 
     model_cfg = ModelConfig(name_or_path=tiny_model, finetune=finetune, dtype="float32")
     grpo = GRPOConfig(gradient_checkpointing=finetune == "lora")
@@ -252,7 +252,7 @@ def warmup_case(dist, tiny_model: str) -> dict:
     from grpoflow.config import FormatWarmupConfig, GRPOConfig, ModelConfig
     from grpoflow.rollout.hf import HFEngine
     from grpoflow.train.distributed import full_parameters
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
     from grpoflow.train.warmup import run_format_warmup
 
     model_cfg = ModelConfig(name_or_path=tiny_model, finetune="full", dtype="float32")

@@ -47,7 +47,7 @@ def test_a_stage_whose_need_did_not_run_says_which(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_each_stage_alone_gives_a_typed_result_that_prints_as_json(stage, tmp_path_factory, tiny_model):
-    from grpoflow.models import ResolvedModel
+    from grpoflow.base_model import ResolvedModel
     from stages.evaluate import EvalReport
     from stages.export import ExportReport
     from stages.prepare import Manifest

@@ -65,7 +65,7 @@ def two_configs(tmp_path: Path, finetune: str, **grpo):
 
 def prepared(tmp_path: Path, tiny_model: Path, *configs):
     """The CLI inside torchrun prepares the data and resolves the model itself: the same files."""
-    from grpoflow.models import resolve_model
+    from grpoflow.base_model import resolve_model
     from stages.prepare import run_prepare
 
     (tmp_path / "rows.jsonl").write_text("".join(

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grpoflow.config import DataConfig, EvalConfig
-from grpoflow.verifiers.answer import answer_correct, last_number_correct
+from grpoflow.verifiers.verdicts import answer_correct, last_number_correct
 from stages.evaluate import comparison_table, majority_correct, run_evaluate, wilson_interval
 from stages.prepare import run_prepare
 

@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpoflow.answers import normalize_number
 from grpoflow.config import DataConfig
+from grpoflow.normalize import normalize_number
 from grpoflow.prep_rows import normalize_question
 from grpoflow.sources import SourceError, load_source
 from stages.prepare import REJECT_REASONS, DataError, Manifest, run_prepare

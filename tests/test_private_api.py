@@ -17,11 +17,17 @@ import pytest
 import torch
 
 from grpoflow.errors import EngineError
-from grpoflow.private_api import (fsdp_forward_hooks_off, load_vllm_weights, release_vllm_kv_cache,
-                                  vllm_model, vllm_packed_modules, vllm_worker, wake_vllm_kv_cache)
+from grpoflow.private_api import (
+    fsdp_forward_hooks_off,
+    load_vllm_weights,
+    release_vllm_kv_cache,
+    vllm_model,
+    vllm_packed_modules,
+    vllm_worker,
+    wake_vllm_kv_cache,
+)
 from grpoflow.rollout.base import SamplingParams
-from tests.fakes_private_api import (GENERATED, VLLM_FUSED, FakeFSDPUnit, FakeVLLMModel, install_fake_vllm,
-                                     vllm_layout)
+from tests.fakes_private_api import GENERATED, VLLM_FUSED, FakeFSDPUnit, FakeVLLMModel, install_fake_vllm, vllm_layout
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a colour."}]]
 PARAMS = SamplingParams(max_tokens=4, n=2, logprobs=True)
@@ -208,7 +214,7 @@ def test_fsdp_state_not_where_it_was_is_named_and_leaves_every_hook_on(missing):
 
 def policy_for(tiny_model, finetune: str):
     from grpoflow.config import validate_config
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
 
     cfg = validate_config({"model": {"finetune": finetune, "dtype": "bfloat16"},
                            "grpo": {"gradient_checkpointing": False}})

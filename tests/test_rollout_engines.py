@@ -127,7 +127,7 @@ def _recording_engine(monkeypatch, tiny_model, *, world_size: int, rank: int, se
     monkeypatch.setenv("RANK", str(rank))
     return VLLMEngine(str(tiny_model), AutoTokenizer.from_pretrained(tiny_model), dtype="bfloat16",
                       gpu_memory_utilization=0.3, max_model_len=256, seed=7, sleep=False,
-                      seed_per_prompt=seed_per_prompt, batch=batch)
+                      seed_per_prompt=seed_per_prompt, completions_per_call=batch)
 
 
 @pytest.mark.parametrize("seed_per_prompt", [False, True])

@@ -203,7 +203,7 @@ def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
 
 def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path):
     """eval mode silently turns gradient checkpointing off (5x the memory on the GPU, measured)."""
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
 
     cfg = config(tmp_path, gradient_checkpointing=True)
     policy = load_policy(cfg.model, cfg.grpo, str(tiny_model))
@@ -303,9 +303,9 @@ def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model
     the loss from its own log-probs (no second forward pass); off-policy, at generation."""
     from grpoflow.rewards import RewardSet
     from grpoflow.rollout.hf import HFEngine
-    from grpoflow.train.model import load_policy
-    from grpoflow.train.rollouts import generate_batch
+    from grpoflow.train.generation import generate_batch
     from grpoflow.train.loss import micro_step_loss
+    from grpoflow.train.policy import load_policy
 
     class OtherEngine(HFEngine):
         name = "other"
@@ -340,7 +340,7 @@ def test_samples_from_another_engine_get_truncated_importance_weights(tiny_model
 
 def test_importance_weights_are_truncated_at_the_cap():
     from grpoflow.rollout.base import Completion
-    from grpoflow.train.rollouts import _sampling_logps, importance_weights
+    from grpoflow.train.generation import _sampling_logps, importance_weights
 
     completions = [Completion([1], [5, 6], "", [-1.0, -2.0], True), Completion([1], [7], "", [-0.5], True)]
     trainer = torch.tensor([[-0.5, -2.5], [-0.5, 0.0]])  # [N, T]

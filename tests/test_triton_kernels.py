@@ -262,7 +262,7 @@ def _tiny_lora_policy(vocab: int = 160):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from grpoflow.train.model import Policy
+    from grpoflow.train.policy import Policy
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -275,8 +275,8 @@ def _tiny_lora_policy(vocab: int = 160):
 @pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
 def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level):
     from grpoflow.config import GRPOConfig
-    from grpoflow.train.rollouts import GenerationBatch
     from grpoflow.kernels import triton_loss
+    from grpoflow.train.generation import GenerationBatch
     from grpoflow.train.loss import micro_step_loss
 
     calls = []  # the fused kernels really run (no silent fallback)

@@ -27,7 +27,7 @@ def policy_and_engine(finetune: str):
     pytest.importorskip("vllm")
     from grpoflow.config import validate_config
     from grpoflow.rollout.vllm import VLLMEngine
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
 
     cfg = validate_config({"model": {"finetune": finetune, "dtype": "bfloat16"},
                            "grpo": {"gradient_checkpointing": False}})
@@ -155,7 +155,7 @@ def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
     pytest.importorskip("vllm")
     from grpoflow.config import RolloutConfig, validate_config
     from grpoflow.rollout.load import load_engine
-    from grpoflow.train.model import load_policy
+    from grpoflow.train.policy import load_policy
 
     cfg = validate_config({"model": {"finetune": "lora", "dtype": "bfloat16"}, "grpo": {"gradient_checkpointing": False}})
     policy = load_policy(cfg.model, cfg.grpo, MODEL)

@@ -129,7 +129,7 @@ def math_equivalence(prompts, completions, answer, **_) -> list[float | None]:
     return rewards
 
 
-# Digits with commas that are not thousands groups (grpoflow.answers reads '1,080' as 1080): math-verify
+# Digits with commas that are not thousands groups (grpoflow.normalize reads '1,080' as 1080): math-verify
 # would read '3,5' as 3.5, and '2, 3' as a set; neither is one number a gold answer can be compared with.
 _AMBIGUOUS_COMMA = re.compile(r"-?\$?\s*\d+(?:\s*,\s*\d+)+(?:\.\d+)?")
 

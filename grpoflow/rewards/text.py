@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from grpoflow.answer_format import ANSWER_CLOSE, ANSWER_OPEN
-from grpoflow.answers import normalize_number
+from grpoflow.normalize import normalize_number
 
 # '18 dollars', '18 apples.', '30 %': one number followed by at most three unit words.
 _NUMBER_WITH_UNITS = re.compile(r"(\$?\s*-?[\d,]*\.?\d+)\s*(?:%|[^\W\d_]+\.?)(?:\s+[^\W\d_]+\.?){0,2}")

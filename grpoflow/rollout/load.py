@@ -42,7 +42,7 @@ def resolve_engine(cfg: RolloutConfig) -> str:
 
 def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_rank: int | None = None,
                 dtype: str = "bfloat16", max_model_len: int, seed: int = 0, batch_size: int = 16,
-                max_num_seqs: int | None = None, progress: bool = True):
+                completions_per_call: int | None = None, progress: bool = True):
     """The engine `rollout.engine` names, for training or for evaluation.
 
     Training (`policy`: the model being trained, `lora_rank` its adapters' rank, None for full
@@ -51,7 +51,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     (`sync_weights`), sleeps while the trainer works (rollout.sleep) and shares a LoRA policy's
     frozen base weights (rollout.share_weights). Evaluation (no policy): the model in `model_path`,
     a folder, a Hub id or a LoRA adapters folder.
-    batch_size: prompts per transformers generate call; max_num_seqs: completions vLLM runs at once.
+    batch_size: prompts per transformers generate call; completions_per_call: what vLLM runs at once.
     """
     if resolve_engine(rollout) == "hf":
         if policy is not None:
@@ -74,7 +74,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
                         gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=max_model_len,
                         seed=seed, lora_rank=lora_rank, sleep=training and rollout.sleep,
                         enforce_eager=rollout.enforce_eager, seed_per_prompt=training and rollout.seed_per_prompt,
-                        batch=max_num_seqs)
+                        completions_per_call=completions_per_call)
     if adapters:
         from vllm.lora.request import LoRARequest
 

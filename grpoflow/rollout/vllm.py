@@ -80,9 +80,10 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
-                 enforce_eager: bool = False, seed_per_prompt: bool = False, batch: int | None = None):
-        """batch: the completions one generate call asks for (this process's prompts x n); vLLM is
-        sized to run them all at once, on CUDA graphs."""
+                 enforce_eager: bool = False, seed_per_prompt: bool = False,
+                 completions_per_call: int | None = None):
+        """completions_per_call: the completions one generate call asks for (this process's prompts
+        x n); vLLM is sized to run them all at once, on CUDA graphs."""
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
         self.tokenizer = tokenizer
@@ -103,7 +104,7 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
-        kwargs.update(_batch_limits(batch, enforce_eager))
+        kwargs.update(_batch_limits(completions_per_call, enforce_eager))
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun: one engine per process on its own GPU, inside the launcher's process
             # group (as TRL's colocate mode does), each drawing its own noise

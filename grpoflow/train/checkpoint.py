@@ -34,7 +34,7 @@ import torch
 from grpoflow.atomic import TEMP, atomic_folder, temporary_name
 from grpoflow.errors import ConfigError
 from grpoflow.hashing import cache_key, file_sha256
-from grpoflow.train.rollouts import GenerationBatch
+from grpoflow.train.generation import GenerationBatch
 
 log = logging.getLogger("grpoflow.train")
 PREFIX = "step-"

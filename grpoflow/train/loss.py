@@ -8,9 +8,9 @@ import torch
 
 from grpoflow.config import GRPOConfig
 from grpoflow.train.distributed import Distributed, shard_fsdp
+from grpoflow.train.generation import GenerationBatch, importance_weights
 from grpoflow.train.logps import completion_logps, loss_function
-from grpoflow.train.model import Policy
-from grpoflow.train.rollouts import GenerationBatch, importance_weights
+from grpoflow.train.policy import Policy
 
 
 def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBatch, grpo: GRPOConfig,

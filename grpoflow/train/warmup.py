@@ -17,8 +17,8 @@ import torch
 from grpoflow.answer_format import format_answer  # strict_format's layout, final newline included
 from grpoflow.config import FormatWarmupConfig
 from grpoflow.rollout import RolloutEngine, SamplingParams
-from grpoflow.train.model import make_scaler
-from grpoflow.verifiers.answer import in_format
+from grpoflow.train.policy import make_scaler
+from grpoflow.verifiers.verdicts import in_format
 
 log = logging.getLogger("grpoflow.train")
 

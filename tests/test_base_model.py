@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpoflow.base_model import PACKAGED_MODELS, ModelError, resolve_model
 from grpoflow.config import ModelConfig
-from grpoflow.models import PACKAGED_MODELS, ModelError, resolve_model
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from grpoflow.config import ModelConfig
 from grpoflow.errors import UserError
 from grpoflow.hashing import file_sha256
 
-log = logging.getLogger("grpoflow.models")
+log = logging.getLogger("grpoflow.base_model")
 
 # Bump when the converted folder changes for the same GGUF: old cache entries stop matching.
 CONVERSION_VERSION = 1
