@@ -150,11 +150,11 @@ def test_shared_base_weights_are_one_copy_and_adapters_still_reach_generation():
 
 
 def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
-    """The evaluate stage's engine (load_engine) given a LoRA run's output folder: vLLM loads the
+    """The evaluate stage's engine (make_engine without a policy) given a LoRA run's output folder: vLLM loads the
     base it names and applies the adapters; its log-probs match transformers + peft."""
     pytest.importorskip("vllm")
     from grpoflow.config import RolloutConfig, validate_config
-    from grpoflow.rollout.load import load_engine
+    from grpoflow.rollout.load import make_engine
     from grpoflow.train.policy import load_policy
 
     cfg = validate_config({"model": {"finetune": "lora", "dtype": "bfloat16"}, "grpo": {"gradient_checkpointing": False}})
@@ -165,8 +165,8 @@ def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
                 p.normal_(0, 0.1)
     policy.model.save_pretrained(tmp_path / "adapters")
     policy.tokenizer.save_pretrained(tmp_path / "adapters")
-    engine = load_engine(RolloutConfig(engine="vllm", gpu_memory_utilization=0.2, enforce_eager=True),
-                         str(tmp_path / "adapters"), max_tokens=24)
+    engine = make_engine(RolloutConfig(engine="vllm", gpu_memory_utilization=0.2, enforce_eager=True),
+                         str(tmp_path / "adapters"), max_model_len=1024 + 24)
     assert engine.name == "vllm" and engine.lora_request is not None
     after, groups = vllm_vs_trainer(policy, engine)
     print(f"evaluation engine with adapters: |dlogp| vs transformers + peft {after:.4f}")
