@@ -10,6 +10,8 @@
 #   bash benchmarks/vllm_gpu.sh memory     # grpoflow (transformers), no standby, LoRA shared / not, TRL LoRA
 #   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
 #   bash benchmarks/vllm_gpu.sh repeat     # grpoflow and TRL (SmolLM2, full) twice each, interleaved
+#   bash benchmarks/vllm_gpu.sh interleaved  # grpoflow, TRL, grpoflow (SmolLM2, full): a ratio with its spread
+#   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -18,7 +20,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -44,6 +46,19 @@ case "${1:?setup|speed|memory|qwen3|repeat}" in
     bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --tag qwen3-lora-shared
     bench --model /tmp/qwen3r --engine vllm --only ours --finetune lora --set grpo.max_nonfinite_steps=100 --set rollout.share_weights=false --tag qwen3-lora-noshare
     bench --model /tmp/qwen3r --engine vllm --only trl --finetune lora --tag qwen3-lora
+    ;;
+  interleaved)
+    bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-1
+    bench --model /tmp/smollm2 --engine vllm --only trl --tag smollm2-full
+    bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-2
+    ;;
+  tests)
+    failed=0
+    for t in $(python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py -p no:cacheprovider | grep '::'); do
+      python -m pytest -m gpu -q -s -p no:cacheprovider "$t" 2>&1 | tee -a "$OUT/test-gpu.log" | tail -4 || true
+      grep -q " passed" <(tail -1 "$OUT/test-gpu.log") || failed=1
+    done
+    exit $failed
     ;;
   repeat)
     for round in 1 2; do
