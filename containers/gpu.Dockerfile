@@ -13,6 +13,12 @@ ENV DO_NOT_TRACK=1 \
     VLLM_ENABLE_V1_MULTIPROCESSING=0 \
     GRPOFLOW_CACHE_DIR=/opt/grpoflow/cache
 
+# bubblewrap for the code sandbox (containers/README.md: it needs namespaces, which Docker's default
+# seccomp profile refuses)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/grpoflow
 # Every package from the committed GPU lock (Python 3.12: vLLM 0.26.0 and the torch 2.11.0 it pins),
 # hashes checked; the data packages from theirs.

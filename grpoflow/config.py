@@ -1,6 +1,7 @@
 """The pipeline config: one YAML file, validated before anything heavy runs.
 
-Sections follow the stages (data, model, grpo, rollout, eval, export, orchestration, continuous).
+Sections follow the stages (data, model, grpo, rollout, eval, export, orchestration, continuous), and
+`verifier` holds what the code verifier (grpoflow/verifiers/) needs, for any stage that scores.
 GRPO keys keep the names users know from TRL/Unsloth `GRPOConfig`. Every key is read by
 some stage; a key a stage does not read is a bug.
 
@@ -343,6 +344,16 @@ class ContinuousConfig(Section):
     state_dir: Path = Field(Path("artifacts/continuous"), description="rounds, champions, the row ledger and history")
 
 
+class VerifierConfig(Section):
+    """The code verifier (grpoflow.verifiers.code_reward), wherever a stage scores with it."""
+
+    allow_unsandboxed: bool = Field(
+        False, description="where no OS isolation works (no bubblewrap, no user namespaces, not root), run "
+                           "model-written code anyway: as your user, with only rlimits and an audit hook in the same "
+                           "interpreter between it and your files (home, SSH keys, the Hugging Face token) and the "
+                           "network. false: the first verification stops the run, saying what to install")
+
+
 class PipelineConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -352,6 +363,7 @@ class PipelineConfig(Section):
     export: ExportConfig = ExportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     continuous: ContinuousConfig = ContinuousConfig()
+    verifier: VerifierConfig = VerifierConfig()
 
     @model_validator(mode="after")
     def _fsdp_can_shard(self) -> "PipelineConfig":

@@ -85,7 +85,11 @@ class StageOptions:
 
 def run_stage(stage: str, cfg: PipelineConfig, results: Results, options: StageOptions | None = None) -> Any:
     """Run one stage on the results of the stages before it; its result goes into `results` too."""
+    from grpoflow.verifiers.sandbox import allow_unsandboxed
+
     options = options or StageOptions()
+    # The code verifier runs inside rewards, which get no config: its one setting is the process's.
+    allow_unsandboxed(cfg.verifier.allow_unsandboxed)
     result = _RUNNERS[stage](cfg, results, options)
     setattr(results, stage, result)
     return result

@@ -20,6 +20,7 @@ from grpoflow.verifiers import (
 )
 from grpoflow.verifiers import code_tasks
 
+pytestmark = pytest.mark.usefixtures("unsandboxed_allowed")  # see conftest.py
 SORT = get_code_task("sort_list")
 # The same task, but letting the candidate import capability modules (os, gc, socket...), so
 # what stops it is the layer under the import allow-list: the audit hook and the OS.
@@ -339,8 +340,8 @@ def test_processes_and_threads_are_refused(before, kinds):
 
 def test_isolation_is_reported():
     mechanisms = isolation()
-    assert any("audit hook" in m for m in mechanisms)
-    if os.geteuid() == 0:  # where the verifier runs as root, namespaces must be in force
+    assert mechanisms[0].startswith("isolation: ") and any("audit hook" in m for m in mechanisms)
+    if os.geteuid() == 0:  # as root, bubblewrap or util-linux: namespaces are in force (test_code_sandbox.py)
         assert any(m.startswith("namespaces:") for m in mechanisms), mechanisms
 
 

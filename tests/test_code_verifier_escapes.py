@@ -20,6 +20,7 @@ import pytest
 from grpoflow.verifiers import get_code_task, verify_code
 from grpoflow.verifiers.code_tasks import DEFAULT_ALLOWED_IMPORTS
 
+pytestmark = pytest.mark.usefixtures("unsandboxed_allowed")  # see conftest.py
 SORT = get_code_task("sort_list")
 # sort_list's rules with every default module allowed (operator, string, enum, copy...), so the
 # helpers those modules offer are in reach too.

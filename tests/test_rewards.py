@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from grpoflow.errors import UserError
 from grpoflow.rewards import RewardSet, RewardSpecError, load_reward, register
 from grpoflow.rewards.gsm8k import correctness
 
@@ -267,6 +268,21 @@ def test_a_raising_reward_costs_only_the_bad_completions(reward, caplog):
     # Batch failure "cannot score 'bad'" and the same error on its own: one distinct error.
     assert len(logged) == 1, [r.getMessage() for r in logged]
     assert logged[0].getMessage().startswith(f"reward '{name}' raised ValueError: cannot score 'bad'")
+
+
+def needs_setup(prompts, completions, **_):
+    raise UserError("the code sandbox finds no isolation here; install bubblewrap")
+
+
+async def needs_setup_async(prompts, completions, **_):
+    return needs_setup(prompts, completions)
+
+
+@pytest.mark.parametrize("reward", [needs_setup, needs_setup_async])
+def test_a_user_error_stops_scoring(reward):
+    # No retry fixes a setting: the run stops with its message instead of logging None scores.
+    with pytest.raises(UserError, match="install bubblewrap"):
+        RewardSet([reward, constant(0.5)]).score(["p"] * 2, ["a", "b"])
 
 
 def test_wrong_return_values_are_errors_not_crashes(caplog):

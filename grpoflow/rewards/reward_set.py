@@ -15,6 +15,8 @@ Rules:
   one completion at a time, so one bad completion costs only its own score: those that still
   fail get None, are counted in `rewards/<name>/errors`, and each distinct error is logged once
   (logger "grpoflow.rewards") with its traceback.
+  A UserError (grpoflow/errors.py) is the exception: a setting no retry fixes, such as the code
+  sandbox finding no isolation on this machine, stops the run with its message.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from grpoflow.errors import UserError
 from grpoflow.rewards.background_loop import submit
 from grpoflow.rewards.loader import NamedReward, RewardSpecError, load_reward
 
@@ -118,6 +121,8 @@ class RewardSet:
     def _score_sync(self, reward: NamedReward, batch: _Batch) -> tuple[list[float | None], int]:
         try:
             return _accept(reward, reward.fn(**batch.kwargs()), batch.size), 0
+        except UserError:
+            raise
         except Exception as e:
             self._log_once(reward, e, batch.size)
         if batch.size == 1:
@@ -126,6 +131,8 @@ class RewardSet:
         for i in range(batch.size):
             try:
                 values += _accept(reward, reward.fn(**batch.kwargs(i)), 1)
+            except UserError:
+                raise
             except Exception as e:
                 self._log_once(reward, e, 1)
                 values.append(None)
@@ -136,6 +143,8 @@ class RewardSet:
         # Mirrors _score_sync; the retries of one completion at a time run concurrently.
         try:
             return _accept(reward, await reward.fn(**batch.kwargs()), batch.size), 0
+        except UserError:
+            raise
         except Exception as e:
             self._log_once(reward, e, batch.size)
         if batch.size == 1:
@@ -144,6 +153,8 @@ class RewardSet:
         async def one(i: int) -> tuple[float | None, int]:
             try:
                 return _accept(reward, await reward.fn(**batch.kwargs(i)), 1)[0], 0
+            except UserError:
+                raise
             except Exception as e:
                 self._log_once(reward, e, 1)
                 return None, 1

@@ -246,8 +246,8 @@ def run_check(index, code, args, entry_point, policy, real_import, allowed_text)
 
 def set_limits(limits):
     cpu = limits["cpu_seconds"]
-    # soft == hard: as pid 1 of its namespace the child ignores SIGXCPU, so the hard limit's
-    # SIGKILL is what stops a busy loop; the parent reads the CPU time to call it a timeout.
+    # soft == hard: where the child is pid 1 of its namespace it ignores SIGXCPU, so the hard
+    # limit's SIGKILL is what stops a busy loop; the parent reads the CPU time to call it a timeout.
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits["memory_bytes"]),
                          (resource.RLIMIT_FSIZE, limits["file_bytes"]), (resource.RLIMIT_NOFILE, 64),
                          (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):

@@ -3,12 +3,28 @@
 One run = one fresh interpreter (`python -I -S -B _sandbox_child.py`) that executes a candidate
 against a batch of inputs. What holds it in, outermost first:
 
-- namespaces, when the verifier runs as root: new network (only a loopback, down), pid (the
-  child is pid 1 and sees no other process), mount (a private /proc, every mount remounted
-  read-only, and a size-capped tmpfs as the only writable dir: the working dir) and ipc;
-- a fresh random uid with no capabilities and no_new_privs (setpriv), so file permissions and
-  RLIMIT_NPROC apply again. When the interpreter sits under a directory others cannot enter
-  (a pyenv under /root, say), the child keeps CAP_DAC_READ_SEARCH only, to read its stdlib;
+- a view of the machine of its own, from the first of these that works here (probed once per
+  process in grpoflow/verifiers/launchers.py; isolation() says which, and why not the ones
+  before it):
+  1. bubblewrap (`bwrap`), for any user. Namespaces: pid (the child sees no other process but
+     bwrap's own, and dies with the trainer), network (a loopback of its own: nothing on this
+     machine or beyond is reachable), ipc, uts, cgroup and mount. Its file system holds only the
+     interpreter, its stdlib, the shared libraries, the three harness files and, where the task
+     allows a package from there, site-packages, all read-only, and a size-capped tmpfs as the
+     only writable dir: the working dir. No home dir, no project, no /tmp, /proc read-only. No
+     capabilities, no_new_privs. For root, bwrap makes the namespaces itself (unshare the pid
+     one) and setpriv runs the child as a fresh random uid, so file permissions and RLIMIT_NPROC
+     (which root escapes) apply to it. For anyone else, and for a root that cannot make
+     namespaces itself (a container's, without CAP_SYS_ADMIN), the child runs as this process's
+     uid inside a new user namespace that cannot make more of them;
+  2. util-linux (`unshare`, `setpriv`, `mount`), as root only, where bwrap is missing or fails
+     (no user namespaces, say): new network, pid, mount and ipc namespaces, the whole file
+     system remounted read-only but a tmpfs working dir, and a fresh random uid. When the
+     interpreter sits under a directory others cannot enter (a pyenv under /root), the child
+     keeps CAP_DAC_READ_SEARCH only, to read its stdlib;
+  3. none: run_in_sandbox raises SandboxUnavailable, unless allow_unsandboxed() was called (the
+     config's verifier.allow_unsandboxed), which runs the child as the current user with only
+     the layers below;
 - rlimits set by the child before any candidate code runs: CPU, address space, file size,
   open files, processes;
 - in the child, before any candidate code runs (see _sandbox_guard.py): the task's forbidden
@@ -24,17 +40,14 @@ time.perf_counter changes nothing.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import json
 import logging
 import os
 import secrets
 import selectors
-import shutil
 import signal
 import site
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -44,14 +57,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpoflow.errors import UserError
+from grpoflow.verifiers.launchers import (CHILD_SCRIPT, INSTALL_HINT, UID_RANGE, Isolation, isolation_in_force,
+                                          run_under)
+
 log = logging.getLogger(__name__)
 
-CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
-# the child reads them (_sandbox_child.py's GUARD_FILES)
-GUARD_SCRIPTS = tuple(Path(__file__).with_name(n) for n in ("_sandbox_hook.py", "_sandbox_guard.py"))
 FILE_LIMIT_BYTES = 16 << 20  # RLIMIT_FSIZE: no single file the candidate writes grows past this
-TMPFS_MB = 64  # the working dir's size cap when it is a tmpfs (namespaced runs)
-UID_RANGE = (2_000_000, 3_000_000)  # uids no account uses; one per run, so runs cannot signal each other
+# What holds in the child whatever launches it.
+CHILD_LAYERS = ("separate interpreter (python -I -S -B), minimal env",
+                "rlimits: cpu, address space, file size, open files, processes",
+                "task-forbidden builtins and methods taken out of the child's interpreter",
+                "audit hook: files, network, processes, threads, signals, frames/gc, module loads, "
+                "runtime-compiled code")
+
+
+class SandboxUnavailable(UserError, RuntimeError):
+    """No OS isolation works here and unsandboxed runs were not allowed; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,8 @@ class SandboxLimits:
     output_mb: int = 8  # the most the parent reads back from the result channel
 
     def __post_init__(self):
-        if not isinstance(self.cpu_seconds, int) or self.cpu_seconds < 1 or self.wall_seconds <= 0 or self.memory_mb < 64 or self.output_mb < 1:
+        if (not isinstance(self.cpu_seconds, int) or self.cpu_seconds < 1 or self.wall_seconds <= 0
+                or self.memory_mb < 64 or self.output_mb < 1):
             raise ValueError(f"SandboxLimits{self}: need cpu_seconds >= 1 (whole seconds, it is an "
                              "rlimit), wall_seconds > 0, memory_mb >= 64 (the interpreter itself "
                              "needs ~30 MB of address space), output_mb >= 1")
@@ -74,43 +97,56 @@ class SandboxRun:
 
     records: list[dict]  # nonce-checked lines from the result channel, in order
     forged_lines: int  # lines without the nonce: the candidate wrote to the channel itself
-    exit_code: int | None  # Popen convention: negative = killed by that signal
+    exit_code: int | None  # Popen convention: negative = killed by that signal (bubblewrap reports 128 + it)
     killed_for: str | None  # "wall" or "output" when the parent killed it
     cpu_seconds: float
     wall_seconds: float
     stderr_tail: str = ""
 
 
+_allow_unsandboxed = False
+
+
+def allow_unsandboxed(allowed: bool = True) -> None:
+    """Where no OS isolation works here, run candidates anyway: as the current user, with only the
+    rlimits and the child's audit hook between them and this user's files and network. Off by
+    default, and then run_in_sandbox raises SandboxUnavailable. The pipeline sets it from the
+    config's verifier.allow_unsandboxed (run_stage in stages/dag.py)."""
+    global _allow_unsandboxed
+    _allow_unsandboxed = bool(allowed)
+
+
 def run_in_sandbox(job: dict, limits: SandboxLimits) -> SandboxRun:
     """Run the child harness on `job` (source, entry_point, args, allowed_imports,
     forbidden_builtins, forbidden_attributes) under `limits`."""
-    launcher = _launcher()
+    mode = _usable_isolation()
     nonce = secrets.token_hex(16)
     uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+    extra_sys_path = _extra_sys_path(job["allowed_imports"])
     with tempfile.TemporaryDirectory(prefix="grpoflow-sandbox-") as private:
-        # private/ holds the child's stderr log; private/work is the candidate's working dir (a
-        # tmpfs owned by `uid` when namespaced), so the uid may pass through private/ but not list it.
+        # private/ holds the child's stderr log; private/work is the candidate's working dir under
+        # util-linux (a tmpfs owned by `uid`) or none, so the uid may pass through private/ but not list it.
         os.chmod(private, 0o711)
         work = Path(private, "work")
         work.mkdir(mode=0o700)
+        launch = mode.launch(work, extra_sys_path, uid)
         read_end, write_end = os.pipe()
         payload = json.dumps({
-            **job, "nonce": nonce, "channel_fd": write_end, "sandbox_dir": str(work),
-            "extra_sys_path": _extra_sys_path(job["allowed_imports"]),
+            **job, "nonce": nonce, "channel_fd": write_end, "sandbox_dir": launch.workdir,
+            "extra_sys_path": extra_sys_path,
             "limits": {"cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_mb << 20,
                        "file_bytes": FILE_LIMIT_BYTES},
         }).encode()
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work),
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": launch.workdir, "TMPDIR": launch.workdir,
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        interpreter = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
-        command = [*launcher(uid, work), *interpreter] if launcher else interpreter
+        command = [*launch.prefix, launch.python, "-I", "-S", "-B", f"{launch.harness}/{CHILD_SCRIPT.name}"]
         stderr_path = Path(private, "stderr")
         try:
             try:
                 with open(stderr_path, "wb") as stderr:
                     start = time.monotonic()
                     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                            stderr=stderr, pass_fds=(write_end,), env=env, cwd=work,
+                                            stderr=stderr, pass_fds=(write_end,), env=env, cwd=launch.cwd,
                                             start_new_session=True)
             finally:
                 os.close(write_end)  # from here, EOF on read_end means the child is gone
@@ -130,17 +166,33 @@ def run_in_sandbox(job: dict, limits: SandboxLimits) -> SandboxRun:
                       wall_seconds=wall, stderr_tail=stderr_tail)
 
 
+def run_script(source: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`python -I -S -c source WORKDIR ARGS...` under the isolation in force, without the harness
+    (no rlimits, no audit hook): the walls of the OS alone. sys.argv[1] is the working dir, which
+    the script enters itself. For the probe, and for tests."""
+    return run_under(_usable_isolation(), source, args, timeout)
+
+
 def isolation() -> tuple[str, ...]:
-    """The mechanisms in force for sandboxed runs on this machine, for logs and reports."""
-    base = ("separate interpreter (python -I -S -B), minimal env",
-            "rlimits: cpu, address space, file size, open files, processes",
-            "task-forbidden builtins and methods taken out of the child's interpreter",
-            "audit hook: files, network, processes, threads, signals, frames/gc, module loads, runtime-compiled code")
-    if not _launcher():
-        return base + ("no namespaces: not root, or unshare/setpriv/mount missing",)
-    caps = "CAP_DAC_READ_SEARCH only" if _needs_read_capability() else "no capabilities"
-    return base + ("namespaces: net, pid, mount, ipc", f"random uid, {caps}, no_new_privs",
-                   f"file system read-only but a {TMPFS_MB} MiB tmpfs working dir")
+    """Which isolation is in force for sandboxed runs on this machine, then every mechanism that
+    holds the child in, for logs and reports. The first line names the launcher."""
+    mode = isolation_in_force()
+    if mode.name != "none":
+        return (*mode.mechanisms, *CHILD_LAYERS)
+    allowed = ("runs allowed by verifier.allow_unsandboxed" if _allow_unsandboxed
+               else "runs refused unless verifier.allow_unsandboxed: true")
+    return (f"isolation: none ({'; '.join(mode.reasons)}); {allowed}", *CHILD_LAYERS)
+
+
+def _usable_isolation() -> Isolation:
+    mode = isolation_in_force()
+    if mode.name == "none" and not _allow_unsandboxed:
+        raise SandboxUnavailable(
+            f"code sandbox: no OS isolation works here ({'; '.join(mode.reasons)}). Model-written code would run "
+            f"as this user, with only rlimits and an audit hook between it and your files and network. Fix: "
+            f"{INSTALL_HINT}; or, to run it that way anyway, set verifier.allow_unsandboxed: true "
+            "(grpoflow.verifiers.allow_unsandboxed() outside the pipeline)")
+    return mode
 
 
 def _feed(pipe, payload: bytes) -> None:
@@ -189,8 +241,9 @@ def _reap(proc: subprocess.Popen, deadline: float, killed_for: str | None):
 def _kill(pid: int):
     """SIGKILL the sandboxed interpreter, then its process group, and reap the launcher.
 
-    The interpreter goes first so that unshare reaps it and its CPU time reaches our wait4;
-    killing the group at once can take unshare down first and lose that time.
+    The launcher's child goes first (the interpreter, or bwrap's monitor as pid 1 of its
+    namespace, whose death ends the namespace) so that the launcher reaps it and its CPU time
+    reaches our wait4; killing the group at once can take the launcher down first and lose that time.
     """
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -208,7 +261,7 @@ def _kill(pid: int):
             return status, rusage
         time.sleep(0.002)
     try:
-        os.killpg(pid, signal.SIGKILL)  # the group: unshare, the child, anything it started
+        os.killpg(pid, signal.SIGKILL)  # the group: the launcher, the child, anything it started
     except ProcessLookupError:
         pass
     _, status, rusage = os.wait4(pid, 0)
@@ -238,70 +291,3 @@ def _extra_sys_path(allowed_imports) -> list[str]:
         return []
     paths = [*site.getsitepackages(), sysconfig.get_paths()["purelib"]]
     return sorted({p for p in paths if os.path.isdir(p)})
-
-
-def _needs_read_capability() -> bool:
-    """True when the unprivileged child could not read its own interpreter, stdlib or harness."""
-    leaves = [Path(sys.executable).resolve(), Path(sysconfig.get_paths()["stdlib"]).resolve(),
-              CHILD_SCRIPT.resolve(), *(p.resolve() for p in GUARD_SCRIPTS),
-              *(Path(p).resolve() for p in site.getsitepackages())]
-    for leaf in leaves:
-        for directory in leaf.parents:
-            if not os.stat(directory).st_mode & stat.S_IXOTH:
-                return True
-        if leaf.exists() and not os.stat(leaf).st_mode & stat.S_IROTH:
-            return True
-    return False
-
-
-_launcher_lock = threading.Lock()  # code_reward verifies from threads; probe only once
-
-
-def _launcher():
-    with _launcher_lock:
-        return _probe_launcher()
-
-
-@functools.cache
-def _probe_launcher():
-    """A function uid, workdir -> command prefix that namespaces and de-privileges the child,
-    or None where that does not work here (not root, tools missing); probed once per process."""
-    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount")):
-        log.warning("code sandbox: running candidates without namespaces or a separate uid (%s). "
-                    "Run the verifier as root with util-linux (unshare, setpriv, mount) for full isolation.",
-                    "not root" if os.geteuid() != 0 else "unshare/setpriv/mount not found")
-        return None
-    caps = (["--inh-caps=-all,+dac_read_search", "--ambient-caps=+dac_read_search",
-             "--bounding-set=-all,+dac_read_search"] if _needs_read_capability()
-            else ["--inh-caps=-all", "--bounding-set=-all"])
-
-    # Runs as root inside the new mount namespace, then drops to `uid`: every mount read-only
-    # there (not here; the namespace is private), then a fresh tmpfs over the working dir.
-    setup = ('for m in $(cut -d" " -f2 /proc/self/mounts); do mount -o remount,bind,ro "$m" 2>/dev/null; done; '
-             'mount -t tmpfs -o "$1" grpoflow-sandbox "$0" && shift && exec "$@"')
-
-    def prefix(uid: int, work: Path) -> list[str]:
-        tmpfs = f"size={TMPFS_MB}m,mode=0700,uid={uid},gid={uid},noexec,nosuid,nodev"
-        return ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--ipc", "--kill-child", "--",
-                "sh", "-c", setup, str(work), tmpfs,
-                "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", *caps, "--"]
-
-    # The probe checks the promises, not just the exit code: the working dir is writable and
-    # a world-writable dir outside it is read-only.
-    outside = Path(tempfile.gettempdir(), f"grpoflow-sandbox-probe-{secrets.token_hex(6)}")
-    check = ("import errno, os, sys\nos.chdir(sys.argv[1]); open('scratch', 'w').close()\n"
-             "try:\n    open(sys.argv[2], 'w')\nexcept OSError as e:\n    sys.exit(0 if e.errno == errno.EROFS else 4)\n"
-             "sys.exit(5)")
-    with tempfile.TemporaryDirectory(prefix="grpoflow-sandbox-probe-") as probe:
-        os.chmod(probe, 0o711)
-        work = Path(probe, "work")
-        work.mkdir()
-        command = [*prefix(UID_RANGE[0], work), sys.executable, "-I", "-S", "-c", check, str(work), str(outside)]
-        result = subprocess.run(command, capture_output=True, timeout=30)
-    outside.unlink(missing_ok=True)
-    if result.returncode != 0:
-        log.warning("code sandbox: namespaces unavailable (the probe exited %d: %s); running candidates "
-                    "without network/pid/mount isolation and as the current user.",
-                    result.returncode, result.stderr.decode(errors="replace").strip()[-300:])
-        return None
-    return prefix
