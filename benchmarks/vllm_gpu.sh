@@ -55,8 +55,8 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|tests}" in
   tests)
     failed=0
     for t in $(python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py -p no:cacheprovider | grep '::'); do
-      python -m pytest -m gpu -q -s -p no:cacheprovider "$t" 2>&1 | tee -a "$OUT/test-gpu.log" | tail -4 || true
-      grep -q " passed" <(tail -1 "$OUT/test-gpu.log") || failed=1
+      python -m pytest -m gpu -q -s -p no:cacheprovider "$t" >> "$OUT/test-gpu.log" 2>&1 || failed=1
+      grep -E "^[0-9]+ (passed|failed)" "$OUT/test-gpu.log" | tail -1
     done
     exit $failed
     ;;
