@@ -1,14 +1,16 @@
 """The continuous flow's memory: training rounds on disk, the champion, the row ledger.
 
     <state_dir>/rounds/0002-<id>/round.json      what the round trains on, from which champion, its decision
-                                 train.parquet   the rows it trains on: the ledger entry (no other round has them)
+                                 train.parquet   the rows offered to it (no other round has them)
+                                 trained.parquet those of them a loss saw: the ledger entry, once trained
                                  heldout.parquet the held-out set it is judged on
     <state_dir>/champions/0002/                  a promoted model the next round starts from
     <state_dir>/history.json                     every round: champion vs challenger, decision, export
     <state_dir>/ledger.parquet                   every row ever trained on: id, round, origin
 
-A round folder appears whole or not at all (written aside, then renamed), so its rows are consumed
-exactly when the round exists. A round moves open -> decided -> done; each step rewrites round.json
+A round folder appears whole or not at all (written aside, then renamed), so its rows are taken
+exactly when the round exists; once it has trained, it keeps only the rows its steps reached
+(trained.parquet) and the others go back to the pool for a later round. A round moves open -> decided -> done; each step rewrites round.json
 atomically, and a restart continues the round that is not done. history.json and ledger.parquet are
 views rebuilt from the round folders after every change: the folders are the truth.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grpoflow.atomic import atomic_file, atomic_folder, write_atomic
@@ -60,6 +63,15 @@ class Round:
     def heldout_path(self) -> Path:
         return Path(self.folder) / "heldout.parquet"
 
+    @property
+    def trained_path(self) -> Path:
+        return Path(self.folder) / "trained.parquet"
+
+    @property
+    def ledger_path(self) -> Path:
+        """The rows this round holds: those trained on once it trained, all offered ones until then."""
+        return self.trained_path if self.trained_path.is_file() else self.train_path
+
 
 class Rounds:
     def __init__(self, state_dir: Path):
@@ -84,10 +96,22 @@ class Rounds:
         return Champion(round=last.round, model=last.promoted_model, steps=last.steps[1])
 
     def consumed_ids(self) -> set[str]:
+        """Rows trained on, and the rows of a round that has not trained yet (they are its own)."""
         ids: set[str] = set()
         for r in self.all():
-            ids.update(pq.read_table(r.train_path, columns=["id"]).column("id").to_pylist())
+            ids.update(pq.read_table(r.ledger_path, columns=["id"]).column("id").to_pylist())
         return ids
+
+    def record_training(self, r: Round, training: dict[str, Any], trained_ids: list[str] | None) -> None:
+        """The challenger, and which of the round's rows it was trained on (None: all of them, as a
+        result from before trained ids were kept says)."""
+        offered = pq.read_table(r.train_path)
+        if trained_ids is not None:
+            offered = offered.filter(pc.is_in(offered.column("id"), pa.array(sorted(trained_ids), pa.string())))
+        with atomic_file(r.trained_path) as tmp:
+            pq.write_table(offered, tmp)
+        r.training = {**training, "rows_trained": offered.num_rows}
+        self.save(r)
 
     def open(self, train: pa.Table, heldout: Path, champion: Champion, steps: int, row_id: str) -> Round:
         """A new round over `train` (rows no round has), written whole or not at all."""
@@ -116,7 +140,9 @@ class Rounds:
         _write_json(self.state_dir / "history.json", [_to_json(r) | {"folder": r.folder} for r in rounds])
         tables = []
         for r in rounds:
-            t = pq.read_table(r.train_path, columns=["id", "origin"])
+            if r.training is None:  # not trained on yet
+                continue
+            t = pq.read_table(r.ledger_path, columns=["id", "origin"])
             tables.append(t.append_column("round", pa.array([r.round] * t.num_rows, pa.int32())))
         ledger = pa.concat_tables(tables) if tables else pa.table(
             {"id": pa.array([], pa.string()), "origin": pa.array([], pa.string()), "round": pa.array([], pa.int32())})

@@ -37,6 +37,7 @@ from grpoflow.errors import TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
 from grpoflow.rollout.seeded import prompt_seed
+from grpoflow.stopping import StopRequested, stop_requested
 from grpoflow.train.checkpoint import (
     TrainState,
     batch_from_state,
@@ -62,6 +63,10 @@ from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
 
 log = logging.getLogger("grpoflow.train")
+
+# final/trained_ids.json: the ids of the training rows a loss saw (a row drawn but not reached by the
+# last step is not among them); what the continuous flow's ledger records
+TRAINED_IDS = "trained_ids.json"
 
 
 @dataclass
@@ -186,10 +191,14 @@ class GRPORecipe:
                         f"(step {state.step}); checkpoint kept at {self.save_checkpoint()}. Lower "
                         f"grpo.learning_rate or grpo.max_grad_norm, or set model.dtype to bfloat16 or float32 if "
                         f"it is float16.")
+                asked = self.dist.any_true(stop_requested())
                 past_deadline = self.dist.any_true(stop_at is not None and time.monotonic() >= stop_at)
-                if state.step % grpo.save_steps == 0 or state.step == grpo.max_steps or past_deadline:
+                if state.step % grpo.save_steps == 0 or state.step == grpo.max_steps or past_deadline or asked:
                     path = self.save_checkpoint()
                     self.logger.plot()
+                if asked and state.step < grpo.max_steps:
+                    raise StopRequested(f"training stopped at step {state.step} of {grpo.max_steps}, as asked "
+                                        f"(SIGTERM); checkpoint {path}: run the same command to resume")
                 if past_deadline and state.step < grpo.max_steps:
                     log.info("stopped at step %d of %d (stop_after_s); checkpoint %s: run again to resume",
                              state.step, grpo.max_steps, path)
@@ -209,6 +218,7 @@ class GRPORecipe:
         self.buffer = generate_batch(self.engine, self.policy, [self.rows[i] for i in prompts], self.rewards, grpo,
                                      need_old_logps=self.need_old_logps, micro_batch=grpo.per_device_train_batch_size,
                                      seeds=seeds, dist=dist)
+        self.buffer.rows = [i for i in prompts for _ in range(grpo.num_generations)]
         self.engine.sleep()  # vLLM: the KV cache is released while the trainer works
         self.meter.end("generation")
         self.state.next_micro = 0
@@ -223,6 +233,7 @@ class GRPORecipe:
         size = self.grpo.per_device_train_batch_size
         chunk = self.state.next_micro % self.plan.steps_per_generation
         micro = self.buffer.slice(chunk * size, (chunk + 1) * size)
+        self.state.rows_reached.update(self.buffer.rows[chunk * size:(chunk + 1) * size])
         self.state.next_micro += 1
         with self.meter.timed("train"):
             with self.policy.no_sync(skip=not last):
@@ -277,6 +288,7 @@ class GRPORecipe:
         state.buffers, state.rng_by_rank = dist.all_gather(batch_to_state(self.buffer)), dist.all_gather(rng_state())
         state.at_generation_boundary = self.buffer is None or state.next_micro == self.plan.micro_steps_per_generation
         state.num_processes = dist.world_size
+        state.rows_reached = self._rows_reached()
         folder = self.out / "checkpoints"
         if dist.is_main:
             save_checkpoint(folder, policy, weights, optimizer_state, self.scheduler, self.scaler, state,
@@ -287,18 +299,26 @@ class GRPORecipe:
     def finish(self) -> TrainResult:
         """The trained adapters (LoRA) or model (full) and report.json in final/, written once."""
         weights = gather_trained(self.policy)  # FSDP2's shards, whole on rank 0; None otherwise
+        reached = self._rows_reached()
         if self.dist.is_main:
             report = self.logger.report(steps=self.state.step, skipped_steps=self.state.skipped_steps,
                                         finetune=self.cfg.model.finetune, base_model=str(self.cfg.model.name_or_path),
-                                        warmup=self.state.warmup)
+                                        warmup=self.state.warmup, rows_offered=len(self.rows),
+                                        rows_trained=len(reached))
             with atomic_folder(self.final_dir) as tmp:
                 self.policy.model.save_pretrained(tmp, state_dict=weights)  # adapters alone under LoRA
                 self.policy.tokenizer.save_pretrained(tmp)
+                ids = sorted(str(self.rows[i].get("id", i)) for i in reached)
+                (tmp / TRAINED_IDS).write_text(json.dumps(ids) + "\n")
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             log.info("training done: %d steps, reward %s -> %s; model in %s", self.state.step,
                      _fmt(report["reward_first_10"]), _fmt(report["reward_last_10"]), self.final_dir)
         self.dist.barrier()
         return self.result()
+
+    def _rows_reached(self) -> set[int]:
+        """The training rows some process's loss has seen so far: every process's, together."""
+        return set().union(*self.dist.all_gather(self.state.rows_reached))
 
     def result(self) -> TrainResult:
         report = json.loads((self.final_dir / "report.json").read_text())

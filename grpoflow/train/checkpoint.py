@@ -56,6 +56,7 @@ class TrainState:
     rng_by_rank: list[dict[str, Any]] = field(default_factory=list)
     num_processes: int = 1
     at_generation_boundary: bool = True  # the generation was used up: resumable on any number of processes
+    rows_reached: set[int] = field(default_factory=set)  # training rows a loss has seen (indices), all processes
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict(): it would copy the tensors

@@ -37,6 +37,7 @@ class GenerationBatch:
     metrics: dict[str, float]  # of the whole generation, all processes
     samples: list[dict[str, Any]] = field(default_factory=list)  # this process's, for the completions log
     num_processes: int = 1  # that made the generation; each holds its share of the rows
+    rows: list[int] = field(default_factory=list)  # each completion's row of the training set (its index)
 
     @property
     def completion_len(self) -> int:
