@@ -330,8 +330,9 @@ class OrchestrationConfig(Section):
 class ContinuousConfig(Section):
     """The continuous fine-tuning flow (flows/continuous.py): drops in, gated champions out."""
 
-    drop_dir: Path = Field(Path("artifacts/drops"), description="new training rows arrive here as JSONL or Parquet "
-                           "files, in the data section's columns; write a file elsewhere and rename it in")
+    drop_dir: Path = Field(Path("artifacts/drops"), description="new training rows arrive here as data files (JSONL, "
+                           "JSON, CSV, Parquet, Arrow), in the data section's columns; write a file elsewhere (or "
+                           "under a name starting with '.') and rename it in; unusable files go to rejected/")
     heldout: Path | None = Field(None, description="the fixed held-out questions (a file in the drops' columns) that "
                                  "every challenger and the champion are evaluated on")
     min_new_rows: int = Field(64, gt=0, description="a training round starts once this many rows no round has "
@@ -341,6 +342,8 @@ class ContinuousConfig(Section):
     tolerance: float = Field(0.02, ge=0, description="the challenger is promoted unless its gate_metric is below the "
                                                      "champion's by more than this")
     poll_seconds: int = Field(300, gt=0, description="how often the served continuous deployment looks at drop_dir")
+    settle_seconds: float = Field(10.0, ge=0, description="a drop changed more recently than this is still being "
+                                                         "written: it waits for the next look")
     state_dir: Path = Field(Path("artifacts/continuous"), description="rounds, champions, the row ledger and history")
 
 

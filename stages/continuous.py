@@ -22,21 +22,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grpoflow.atomic import atomic_folder
+from grpoflow.batching import BatchPlan
 from grpoflow.config import ConfigError, PipelineConfig
+from grpoflow.data_files import FILE_SUFFIXES
 from grpoflow.rounds import Rounds
+from stages.drops import DropScan, scan_drops
 from stages.prepare import Manifest, run_prepare
 
 log = logging.getLogger("grpoflow.continuous")
 
-DROP_SUFFIXES = (".jsonl", ".parquet")
 
 
 @dataclass
 class Intake:
-    manifest: Manifest  # data prep over every drop so far, with the held-out set
+    manifest: Manifest | None  # data prep over every drop so far, with the held-out set (None: no drop yet)
     drops: list[str]  # drop files seen, by name
-    new_rows: pa.Table  # prepared train rows no round has trained on
+    new_rows: pa.Table  # prepared train rows no round has trained on, at most one round's worth
     row_id: str  # hash of the new rows' ids: the round they would make
+    waiting_rows: int  # all the prepared rows no round has trained on (new_rows: the first of them)
+    scan: DropScan  # what was done with each file in the drop folder
 
     @property
     def heldout_path(self) -> Path:
@@ -51,11 +55,11 @@ def check(cfg: PipelineConfig) -> None:
                           "that every challenger and the champion are evaluated on")
     if not Path(cc.heldout).is_file():
         raise ConfigError(f"continuous.heldout: {cc.heldout} does not exist")
-    if Path(cc.heldout).suffix not in DROP_SUFFIXES:
-        raise ConfigError(f"continuous.heldout: {cc.heldout} is not one of {', '.join(DROP_SUFFIXES)}")
+    if Path(cc.heldout).suffix not in FILE_SUFFIXES:
+        raise ConfigError(f"continuous.heldout: {cc.heldout} is not one of {', '.join(FILE_SUFFIXES)}")
     if not Path(cc.drop_dir).is_dir():
-        raise ConfigError(f"continuous.drop_dir: {cc.drop_dir} is not a folder; create it, then drop JSONL or "
-                          "Parquet files in")
+        raise ConfigError(f"continuous.drop_dir: {cc.drop_dir} is not a folder; create it, then drop data files "
+                          f"({', '.join(FILE_SUFFIXES)}) in")
 
 
 def stage_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -70,34 +74,49 @@ def stage_config(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def intake(cfg: PipelineConfig, rounds: Rounds) -> Intake:
-    """Prepare every drop with the held-out set as one source; keep the rows no round has.
+    """Prepare every ready drop with the held-out set as one source; keep the rows no round has, at
+    most as many as one round's steps reach (round_capacity), in data prep's order: the rest wait.
 
     Data prep dedupes (a drop repeating an earlier one adds nothing), drops train rows that are
     held-out questions, and is keyed by the content of every file: unchanged drops, no work."""
     check(cfg)
     cc = cfg.continuous
-    pool = _sync_pool(Path(cc.drop_dir), Path(cc.heldout), Path(cc.state_dir) / "pool")
+    scan = scan_drops(cfg)
+    pool = _sync_pool(scan.ready, Path(cc.heldout), Path(cc.state_dir) / "pool")
+    if not scan.ready:
+        log.info("no drop ready in %s", cc.drop_dir)
+        return Intake(None, [], pa.table({"id": pa.array([], pa.string())}), "", 0, scan)
     data = cfg.data.model_copy(update={"source": str(pool), "train_split": "train", "heldout_split": "test",
                                        "max_train_rows": None, "output_dir": Path(cc.state_dir) / "data"})
     manifest = run_prepare(data)
     table = pq.read_table(manifest.train_path)
     consumed = rounds.consumed_ids()
     new = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(consumed), pa.string()))))
+    waiting = new.num_rows
+    new = new.slice(0, round_capacity(cfg))
     ids = sorted(new.column("id").to_pylist())
     drops = sorted(p.name.removeprefix("train-") for p in pool.iterdir() if p.name.startswith("train-"))
-    log.info("%d drop(s): %d prepared rows, %d already trained on, %d new", len(drops), table.num_rows,
-             table.num_rows - new.num_rows, new.num_rows)
-    return Intake(manifest, drops, new, hashlib.sha256("\n".join(ids).encode()).hexdigest())
+    log.info("%d drop(s): %d prepared rows, %d trained on or in a round, %d new (a round takes %d)", len(drops),
+             table.num_rows, table.num_rows - waiting, waiting, new.num_rows)
+    return Intake(manifest, drops, new, hashlib.sha256("\n".join(ids).encode()).hexdigest(), waiting, scan)
 
 
-def _sync_pool(drop_dir: Path, heldout: Path, pool: Path) -> Path:
-    """A folder data prep reads as one source: train-<drop> links to every drop, test<suffix> to the held-out.
+def round_capacity(cfg: PipelineConfig) -> int:
+    """The prompts a round's grpo.max_steps draw: whole generations of unique_prompts each."""
+    grpo = cfg.grpo
+    plan = BatchPlan.from_config(grpo, num_processes=cfg.orchestration.train_processes)
+    generations = -(-grpo.max_steps * grpo.gradient_accumulation_steps // plan.micro_steps_per_generation)
+    return generations * plan.unique_prompts
+
+
+def _sync_pool(drops: list[Path], heldout: Path, pool: Path) -> Path:
+    """A folder data prep reads as one source: train-<drop> links to every ready drop, test<suffix> to the
+    held-out.
 
     Its path never changes, so the held-out rows keep their origin and the prepared held-out file
     its bytes: the champion's figures, keyed by those bytes, are computed once."""
     pool.mkdir(parents=True, exist_ok=True)
-    wanted = {f"train-{p.name}": p.resolve() for p in sorted(drop_dir.iterdir())
-              if p.is_file() and p.suffix in DROP_SUFFIXES and not p.name.startswith(".")}
+    wanted = {f"train-{p.name}": p.resolve() for p in drops}
     wanted[f"test{heldout.suffix}"] = heldout.resolve()
     for link in pool.iterdir():
         if link.name not in wanted or (link.is_symlink() and Path(os.readlink(link)) != wanted[link.name]):
