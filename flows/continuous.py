@@ -19,6 +19,8 @@ continuous.poll_seconds, one run at a time.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,20 @@ import flows  # noqa: F401  (offline Prefect defaults, before prefect is importe
 from flows.monitoring import publish_evaluation, publish_export, publish_manifest, publish_training
 from flows.retry import retry_options, retry_unless_user_error
 from flows.secrets import hub_token
+from grpoflow.atomic import remove_stale_under, write_atomic
 from grpoflow.base_model import ResolvedModel
 from grpoflow.config import PipelineConfig, validate_config
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
+from flows.abandoned import claim_state_dir
+from grpoflow.reaper import watch_children
 from grpoflow.rounds import Rounds, load_round
+from grpoflow.stopping import check_stop, keep_graceful_stop
 from stages.continuous import check, gate, intake, lineage_model, stage_config
+from stages.continuous_status import INTAKE
 from stages.dag import PreparedRows, Results, StageOptions, run_stage
 from stages.evaluate import EvalReport
 from stages.export import ExportReport
-from stages.train import TrainResult
+from stages.train import TRAINED_IDS, TrainResult
 
 # -- cache keys: content hashes of the data a task reads, fingerprints of its models ---------------
 
@@ -84,17 +91,23 @@ def intake_drops(cfg: PipelineConfig, base: str) -> dict[str, Any]:
     logger = get_run_logger()
     rounds = Rounds(cfg.continuous.state_dir)
     found = intake(cfg, rounds)
-    publish_manifest(found.manifest, key_prefix="intake")
-    n, needed = found.new_rows.num_rows, cfg.continuous.min_new_rows
-    status = {"drops": found.drops, "prepared_rows": found.manifest.splits["train"]["rows"], "new_rows": n,
-              "min_new_rows": needed, "round": None}
+    if found.manifest is not None:
+        publish_manifest(found.manifest, key_prefix="intake")
+    n, needed = found.waiting_rows, cfg.continuous.min_new_rows
+    status = {"drops": found.drops, "prepared_rows": found.manifest.splits["train"]["rows"] if found.manifest else 0,
+              "new_rows": n,
+              "min_new_rows": needed, "round": None, "quarantined": found.scan.quarantined,
+              "waiting_files": found.scan.waiting, "ignored_files": found.scan.ignored}
     if n >= needed:
         r = rounds.open(found.new_rows, found.heldout_path, rounds.champion(base), cfg.grpo.max_steps, found.row_id)
-        logger.info("round %d opened: %d new rows from %d drop(s), steps %d-%d from champion round %d", r.round, n,
-                    len(found.drops), *r.steps, r.champion.round)
+        logger.info("round %d opened: %d of %d new rows from %d drop(s), steps %d-%d from champion round %d", r.round,
+                    r.rows, n, len(found.drops), *r.steps, r.champion.round)
         status["round"] = r.folder
     else:
         logger.info("%d new row(s), a round needs %d: waiting for more drops", n, needed)
+    write_atomic(Path(cfg.continuous.state_dir) / INTAKE, json.dumps(
+        {**status, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rejects": str(found.manifest.rejects_path) if found.manifest else None},
+        indent=2) + "\n")
     return status
 
 
@@ -151,6 +164,11 @@ def export(cfg: PipelineConfig, trained: TrainResult, evaluation: EvalReport) ->
     return report
 
 
+def trained_ids(trained: TrainResult) -> list[str] | None:
+    path = Path(trained.model_dir) / TRAINED_IDS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 # -- flows ----------------------------------------------------------------------------------------
 
 
@@ -165,14 +183,15 @@ def _round_name() -> str:
 @flow(name="grpoflow-round", flow_run_name=_round_name, log_prints=True)
 def training_round(config: dict[str, Any], round_dir: str) -> dict[str, Any]:
     """One round: train the challenger from the champion, judge both, promote and export or keep."""
+    keep_graceful_stop()
     cfg = stage_config(validate_config(config, "the flow's config parameter"))
     rounds = Rounds(cfg.continuous.state_dir)
     r = load_round(Path(round_dir))
     trained = train_round.with_options(**_cached(cfg, _train_key))(
         cfg, str(r.train_path), str(r.heldout_path), r.champion.model, r.steps[0])
     if r.training is None:
-        r.training = trained.as_json()
-        rounds.save(r)
+        rounds.record_training(r, trained.as_json(), trained_ids(trained))
+    check_stop(f"after round {r.round}'s training")
     models = {"champion": r.champion.model, "challenger": trained.model_dir}
     evaluation = evaluate_round.with_options(**_cached(cfg, _evaluate_key))(cfg, str(r.heldout_path), models)
     decision = decide(cfg, round_dir, evaluation.models)
@@ -197,12 +216,20 @@ def _watch_name() -> str:
 @flow(name="grpoflow-continuous", flow_run_name=_watch_name, log_prints=True)
 def continuous(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Finish an interrupted round, then train on the new drops while there are enough new rows."""
+    keep_graceful_stop()
     cfg = stage_config(validate_config(config or {}, "the flow's config parameter"))
     check(cfg)
+    watch_children()  # what this run starts dies with it, even under kill -9
+    claim_state_dir(Path(cfg.continuous.state_dir))
+    removed = remove_stale_under(Path(cfg.continuous.state_dir))
+    if removed:
+        get_run_logger().info("removed %d temporary file(s) left by killed runs: %s", len(removed),
+                              ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
     rounds = Rounds(cfg.continuous.state_dir)
     base = base_model.with_options(**retry_options(cfg.orchestration))(cfg)
     done, waiting = [], None
     while True:
+        check_stop("between rounds")
         pending = rounds.unfinished()
         if pending is None:
             waiting = intake_drops.with_options(**retry_options(cfg.orchestration))(cfg, base)

@@ -32,9 +32,11 @@ from prefect import flow, get_run_logger, serve
 from prefect.deployments import run_deployment
 from prefect.deployments.runner import RunnerDeployment
 
+from flows.abandoned import crash_abandoned_run
 from flows.continuous import continuous
 from flows.pipeline import pipeline
 from grpoflow.config import ConfigError, PipelineConfig, load_config, validate_config
+from grpoflow.reaper import watch_children
 
 # Inside the images (containers/*.Dockerfile): the working directory, where flows/ and configs/ are.
 IMAGE_WORKDIR = "/opt/grpoflow"
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker", file=sys.stderr)
             return 0
         deployments = served_deployments(cfg)
+        watch_children()  # killed from outside, serve takes its runs with it
+        if cfg.continuous.heldout is not None:
+            crash_abandoned_run(Path(cfg.continuous.state_dir))  # a killed serve's run frees the slot it held
         if len(deployments) == 1:
             print("continuous.heldout is not set: serving the scheduled pipeline only", file=sys.stderr)
         serve(*deployments)

