@@ -47,7 +47,7 @@ def make_config(root: Path, model: Path) -> dict:
     return {"data": {"answer_format": "gsm8k"},
             "model": {"name_or_path": str(model), "finetune": "lora", "dtype": "float32",
                       "lora": {"target_modules": ["q_proj", "v_proj"]}},
-            "grpo": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+            "grpo": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 16, "learning_rate": 1e-2,
                      "max_completion_length": 8, "gradient_checkpointing": False, "save_steps": 1,
                      "warmup": {"enabled": False}},
             "eval": {"max_samples": 3, "max_new_tokens": 8},
@@ -55,7 +55,8 @@ def make_config(root: Path, model: Path) -> dict:
             "orchestration": {"retries": 1, "retry_delay_seconds": 0},
             "continuous": {"drop_dir": str(root / "drops"), "heldout": str(write_jsonl(root / "heldout.jsonl",
                                                                                         rows(range(500, 504)))),
-                           "min_new_rows": 6, "state_dir": str(root / "state")}}
+                           "min_new_rows": 6, "state_dir": str(root / "state"),
+                           "settle_seconds": 0}}
 
 
 DROPS = {"drop-1.jsonl": rows(range(8)), "drop-2.jsonl": rows(range(8)), "drop-3.jsonl": rows(range(100, 108))}
