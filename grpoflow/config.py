@@ -60,6 +60,8 @@ def _check_rewards(specs: list[str]) -> list[str]:
 
 class ReasoningGymConfig(Section):
     size: int = Field(2000, gt=0, description="rows generated for `source: reasoning_gym:<task>`")
+    options: dict[str, Any] = Field(default_factory=dict, description="the task's own settings, passed to "
+                                    "reasoning_gym.create_dataset (e.g. chain_sum: {min_terms: 2, max_digits: 1})")
 
 
 class DataConfig(Section):

@@ -33,12 +33,14 @@ class LoadedSource:
 
 
 def load_source(spec: str, *, train_split: str, heldout_split: str | None, subset: str | None = None,
-                revision: str | None = None, generator_size: int = 2000, seed: int = 42) -> LoadedSource:
+                revision: str | None = None, generator_size: int = 2000, seed: int = 42,
+                generator_options: dict[str, Any] | None = None) -> LoadedSource:
     """Resolve `spec` in this order: packaged name, reasoning-gym task, local path, Hub id."""
     if spec == PACKAGED_GSM8K:
         return _load_packaged_gsm8k(train_split, heldout_split)
     if spec.startswith(REASONING_GYM_PREFIX):
-        return _load_reasoning_gym(spec[len(REASONING_GYM_PREFIX):], train_split, generator_size, seed)
+        return _load_reasoning_gym(spec[len(REASONING_GYM_PREFIX):], train_split, generator_size, seed,
+                                   generator_options or {})
     path = Path(spec).expanduser()
     if path.exists():
         return _load_local(path, train_split, heldout_split)
@@ -76,7 +78,7 @@ def _load_packaged_gsm8k(train_split: str, heldout_split: str | None) -> LoadedS
 # -- reasoning-gym ----------------------------------------------------------------------
 
 
-def _load_reasoning_gym(task: str, train_split: str, size: int, seed: int) -> LoadedSource:
+def _load_reasoning_gym(task: str, train_split: str, size: int, seed: int, options: dict[str, Any]) -> LoadedSource:
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
@@ -86,15 +88,21 @@ def _load_reasoning_gym(task: str, train_split: str, size: int, seed: int) -> Lo
         close = difflib.get_close_matches(task, list(DATASETS), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; tasks: {', '.join(sorted(DATASETS))}"
         raise SourceError(f"data.source: reasoning-gym has no task {task!r}{hint}")
-    dataset = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    try:
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **options)
+    except (TypeError, ValueError, AssertionError) as e:  # an option the task's config does not have or allow
+        raise SourceError(f"data.reasoning_gym.options: reasoning-gym's {task} does not take {options}: "
+                          f"{type(e).__name__}: {e}") from None
     rows = []
     for i, entry in enumerate(dataset):
         values = {"question": entry["question"], "answer": entry["answer"],
                   "metadata": json.dumps(entry.get("metadata", {}), default=str, sort_keys=True)}
         rows.append(RawRow(values, f"{REASONING_GYM_PREFIX}{task}#{i}"))
     version = importlib.metadata.version("reasoning-gym")
-    fingerprint = _sha256(json.dumps([task, size, seed, version]).encode())
-    return LoadedSource("reasoning_gym", f"reasoning-gym {version} task {task} ({size} rows, seed {seed})",
+    fingerprint = _sha256(json.dumps([task, size, seed, version] + ([options] if options else []),
+                                     sort_keys=True).encode())
+    shown = f", {options}" if options else ""
+    return LoadedSource("reasoning_gym", f"reasoning-gym {version} task {task} ({size} rows, seed {seed}{shown})",
                         fingerprint, {train_split: rows})
 
 

@@ -132,6 +132,7 @@ def run_prepare(cfg: DataConfig) -> Manifest:
     started = time.perf_counter()
     source = load_source(cfg.source, train_split=cfg.train_split, heldout_split=cfg.heldout_split,
                          subset=cfg.subset, revision=cfg.revision, generator_size=cfg.reasoning_gym.size,
+                         generator_options=cfg.reasoning_gym.options,
                          seed=cfg.seed)
     content_hash = _content_hash(cfg, source)
     out = Path(cfg.output_dir) / content_hash[:16]

@@ -1,6 +1,7 @@
 """Data prep on real files: every bad-input path ends in rejects.parquet or a clear error."""
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -233,6 +234,20 @@ def test_reasoning_gym(tmp_path):
     assert row["origin"].startswith("reasoning_gym:basic_arithmetic#")
     with pytest.raises(SourceError, match="reasoning-gym has no task 'countdwn'; did you mean countdown"):
         run_prepare(cfg(tmp_path, "reasoning_gym:countdwn"))
+
+
+def test_reasoning_gym_options_reach_the_generator_and_the_cache_key(tmp_path):
+    one_digit = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    m = run_prepare(cfg(tmp_path, "reasoning_gym:chain_sum", answer_format="plain",
+                        reasoning_gym={"size": 40, "options": one_digit}))
+    questions = pq.read_table(m.train_path).column("question").to_pylist()
+    assert all(len(re.findall(r"\d+", q)) == 2 and max(map(int, re.findall(r"\d+", q))) < 10 for q in questions)
+    wider = run_prepare(cfg(tmp_path, "reasoning_gym:chain_sum", answer_format="plain",
+                            reasoning_gym={"size": 40, "options": {**one_digit, "max_digits": 3}}))
+    assert wider.output_dir != m.output_dir  # other options, other rows: not the cached folder
+    with pytest.raises(SourceError, match=r"data.reasoning_gym.options: reasoning-gym's chain_sum does not take "
+                                          r"\{'digits': 3\}"):
+        run_prepare(cfg(tmp_path, "reasoning_gym:chain_sum", reasoning_gym={"size": 40, "options": {"digits": 3}}))
 
 
 def test_all_rows_rejected_says_what_to_change(tmp_path):
