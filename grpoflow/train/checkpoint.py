@@ -56,6 +56,9 @@ class TrainState:
     rng_by_rank: list[dict[str, Any]] = field(default_factory=list)
     num_processes: int = 1
     at_generation_boundary: bool = True  # the generation was used up: resumable on any number of processes
+    # the best checkpoint so far by grpo.metric_for_best_model (transformers' TrainerState names)
+    best_metric: float | None = None
+    best_global_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict(): it would copy the tensors
@@ -119,7 +122,8 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, policy, weights: dict[str, torch.Tensor] | None,
                     optimizer_state: dict[str, Any], scheduler, scaler, state: TrainState, keep: int) -> Path:
-    """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
+    """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's.
+    The newest `keep` checkpoints stay, and the best one (state.best_global_step) besides them."""
     final = checkpoint_path(folder, state.step)
     remove_temporaries(folder)  # of a save that was killed: one process writes a run's checkpoints
     with atomic_folder(final) as tmp:
@@ -130,8 +134,10 @@ def save_checkpoint(folder: Path, policy, weights: dict[str, torch.Tensor] | Non
             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(),
         }, tmp / "trainer_state.pt")
+    best = None if state.best_global_step is None else checkpoint_path(folder, state.best_global_step)
     for old in list_checkpoints(folder)[:-keep]:
-        _remove(old)
+        if old != best:
+            _remove(old)
     return final
 
 
