@@ -331,10 +331,10 @@ class GRPORecipe:
     def load_best_model(self) -> None:
         """grpo.load_best_model_at_end: the best checkpoint's weights into the policy, which finish()
         writes as final/. Every process loads them (DDP's replicas stay equal)."""
-        best = self.state.best_global_step
         if self.evaluator is None:
             return
         self._eval_facts()
+        best = self.state.best_global_step
         final_step = self.state.step
         if self.grpo.load_best_model_at_end and best is not None and best != self.state.step:
             load_trained(checkpoint_path(self.out / "checkpoints", best), self.policy)

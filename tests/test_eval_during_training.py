@@ -226,3 +226,28 @@ def test_the_default_configs_evaluation_compares_two_different_models(tiny_model
         with torch.no_grad():
             logits[label] = model(ids).logits
     assert (logits["trained"] - logits["base"]).abs().max() > 1e-5
+
+
+def test_two_processes_evaluate_as_one_under_fsdp(tiny_model, tmp_path):
+    """torchrun, 2 processes, FSDP2 (each generate call gathers the weights: a collective): 3 held-out
+    questions split 2 + 1 (padded to 2) reach the same figures and the same best step as one
+    process, with no process left waiting."""
+    from tests.test_distributed import launch, prepared, two_configs
+
+    grpo = dict(max_steps=2, distributed="fsdp", eval_strategy="steps", eval_steps=1, eval_prompts=3,
+                metric_for_best_model="reward")
+    one, two = two_configs(tmp_path, "full", **grpo)
+    for cfg in (one, two):
+        cfg.data.heldout_fraction = 0.25  # 5 of the 20 rows held out
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    for cfg in (one, two):
+        cfg.eval.reward_funcs = one.grpo.reward_funcs
+    single = run_train(one, train, heldout, model, progress=False)
+    double = launch(two, 2)
+    evals = [lines(r)[1] for r in (single, double)]
+    assert [r["step"] for r in evals[1]] == [1, 2] and evals[1][0]["eval_scored"] == 3
+    for a, b in zip(*evals):
+        for key in ("eval_accuracy", "eval_format_strict", "eval_reward", "eval_mean_completion_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    reports = [json.loads((Path(r.model_dir) / "report.json").read_text()) for r in (single, double)]
+    assert reports[0]["best_global_step"] == reports[1]["best_global_step"]
