@@ -22,6 +22,7 @@ def summarise(run: Path) -> dict:
         raise SystemExit(f"{run}/train/*/metrics.jsonl not found: has the train phase run?")
     folder = train[-1].parent
     steps = [json.loads(line) for line in train[-1].read_text().splitlines()]
+    steps = [s for s in steps if not any(k.startswith("eval_") for k in s)]  # evaluations during training
     later = steps[1:] or steps  # step 1 holds one-off costs (kernel selection, allocator growth)
     final = folder / "final" / "report.json"
     summary = {

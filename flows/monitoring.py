@@ -3,6 +3,7 @@
     data-manifest, data-rejects       rows per split, rejects by reason
     training, training-curve          the run's figures; reward, loss, KL ... per step as a table
     training-curves                   reward and loss against the step, as an image
+    training-eval, training-eval-curve  held-out figures during training (grpo.eval_strategy), the best checkpoint
     sampled-completions               the last logged completions with their rewards
     evaluation                        the models side by side on the held-out set
     export                            files, fidelity, push
@@ -41,6 +42,8 @@ def publish_manifest(manifest: Manifest, key_prefix: str = "data") -> None:
 
 def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 1) -> None:
     """`first_step`: the number the run's step 1 has along a lineage (continuous rounds)."""
+    from grpoflow.train.log import is_eval_record  # torch: imported when a run has trained, not with the flows
+
     warm = report.get("warmup") or {}
     rows = [{"metric": "steps", "value": report["steps"]},
             {"metric": "skipped steps (non-finite)", "value": report["skipped_steps"]},
@@ -52,7 +55,8 @@ def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 
                  {"metric": "format warm-up: strict format after", "value": warm["format_strict_after"]}]
     create_table_artifact(key="training", table=rows, description=f"GRPO run in {output_dir}")
     folder = Path(output_dir)
-    curve = _jsonl(folder / "metrics.jsonl")
+    records = _jsonl(folder / "metrics.jsonl")
+    curve = [r for r in records if not is_eval_record(r)]
     if curve:
         shift = first_step - 1
         table = [{k: (r.get(k) + shift if k == "step" else r.get(k)) for k in CURVE_KEYS} for r in curve]
@@ -61,6 +65,9 @@ def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 
         encoded = base64.b64encode(png.read_bytes()).decode()
         create_markdown_artifact(key="training-curves", markdown=f"![reward and loss per step](data:image/png;base64,{encoded})",
                                  description=f"reward and loss per step ({png})")
+    evals = [r for r in records if is_eval_record(r)]
+    if evals:
+        publish_training_eval(evals, report, folder, first_step)
     completions = _jsonl(folder / "completions.jsonl")
     if completions:
         last = max(c["step"] for c in completions)
@@ -70,6 +77,31 @@ def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 
              "advantage": c.get("advantage")}
             for c in completions if c["step"] == last], description=f"completions of step {last + first_step - 1} "
                                                                    f"with their rewards ({folder}/completions.jsonl)")
+
+
+def publish_training_eval(evals: list[dict[str, Any]], report: dict[str, Any], folder: Path, first_step: int) -> None:
+    """The held-out figures at each evaluation during training, and eval.png with the best checkpoint."""
+    shift, best = first_step - 1, report.get("best_global_step")
+    table = [{"step": r["step"] + shift, "accuracy": _pct_ci(r["eval_accuracy"], r["eval_accuracy_ci95"]),
+              "accuracy (last number)": _pct_ci(r["eval_accuracy_last_number"], r["eval_accuracy_last_number_ci95"]),
+              "strict format": r["eval_format_strict"], "reward": r["eval_reward"],
+              "best": "best" if r["step"] == best else ""} for r in evals]
+    chosen = (f"; best checkpoint: step {best + shift} ({report['metric_for_best_model']} {report['best_metric']:.4f}, "
+              f"{report['best_model_checkpoint']})" if best is not None else "")
+    create_table_artifact(key="training-eval", table=table,
+                          description=f"held-out figures during training, {evals[-1]['eval_scored']} questions, "
+                                      f"greedy; 95% intervals{chosen}; final/ is step "
+                                      f"{report.get('final_model_step', evals[-1]['step']) + shift}'s model")
+    plot = report.get("eval_plot")
+    if plot and Path(plot).is_file():
+        encoded = base64.b64encode(Path(plot).read_bytes()).decode()
+        create_markdown_artifact(key="training-eval-curve",
+                                 markdown=f"![held-out figures per evaluation](data:image/png;base64,{encoded})",
+                                 description=f"held-out accuracy (95% intervals), format and reward ({plot})")
+
+
+def _pct_ci(p: float, ci: list[float]) -> str:
+    return f"{100 * p:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def publish_evaluation(markdown: str, output_dir: str, title: str = "held-out evaluation, side by side") -> None:

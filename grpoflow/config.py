@@ -121,6 +121,8 @@ class ModelConfig(Section):
 
 
 ScaleRewards = Literal["group", "batch", "none"]
+# The held-out figures a checkpoint can be chosen by (grpoflow.evaluation.score_greedy's names): all better higher.
+BestMetric = Literal["accuracy", "accuracy_last_number", "format_strict", "format_soft", "reward"]
 
 
 class FormatWarmupConfig(Section):
@@ -200,6 +202,17 @@ class GRPOConfig(Section):
     logging_steps: int = Field(1, gt=0)
     log_completions_steps: int = Field(10, gt=0, description="sampled completions with their rewards every N steps")
     report_to: list[Literal["tensorboard", "wandb"]] = []
+    # Evaluation during training (transformers' names): the held-out figures of the evaluation stage
+    eval_strategy: Literal["no", "steps"] = Field(
+        "no", description="steps: every eval_steps optimizer steps and at the last one, the policy answers the first "
+                          "eval_prompts held-out questions greedily, scored as the evaluation stage scores them")
+    eval_steps: int | None = Field(None, gt=0, description="null: logging_steps, as in transformers")
+    eval_prompts: int = Field(32, gt=0, description="held-out questions (with a gold answer) scored at each evaluation")
+    metric_for_best_model: BestMetric | None = Field(
+        None, description="the held-out figure that picks the best checkpoint, kept from save_total_limit's pruning; "
+                          "null: no best checkpoint (accuracy when load_best_model_at_end)")
+    greater_is_better: bool | None = Field(None, description="null: true (every metric_for_best_model is better higher)")
+    load_best_model_at_end: bool = Field(False, description="final/ is the best checkpoint's model, not the last step's")
     warmup: FormatWarmupConfig = FormatWarmupConfig()
     output_dir: Path = Path("artifacts/train")
 
@@ -215,6 +228,11 @@ class GRPOConfig(Section):
             return "none"
         return v
 
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _eval_strategy_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads an unquoted `no` as false
+
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
         # batch geometry has one source of truth: the schedule the trainer follows
@@ -228,7 +246,27 @@ class GRPOConfig(Section):
             )
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
+        self._check_eval_keys()
         return self
+
+    def _check_eval_keys(self) -> None:
+        if self.eval_strategy == "no":
+            used = [f"{k}: {getattr(self, k)}" for k in ("eval_steps", "metric_for_best_model", "greater_is_better")
+                    if getattr(self, k) is not None] + (["load_best_model_at_end: true"] * self.load_best_model_at_end)
+            if used:
+                raise ValueError(f"{', '.join(used)} set, but eval_strategy is 'no': nothing is evaluated during "
+                                 f"training. Set eval_strategy: steps, or remove them")
+            return
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "accuracy"  # transformers picks its loss; the evaluation's headline here
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = True
+        every = self.eval_steps or self.logging_steps
+        if self.metric_for_best_model is not None and self.save_steps % every:
+            raise ValueError(f"save_steps ({self.save_steps}) must be a multiple of eval_steps ({every}"
+                             f"{'' if self.eval_steps else ', from logging_steps'}) to pick a best checkpoint "
+                             f"(metric_for_best_model): a checkpoint is a candidate when its step was evaluated, "
+                             f"as in transformers")
 
 
 class RolloutConfig(Section):

@@ -2,6 +2,9 @@
 
     for each model (base, trained, ...):
         generate greedy (pass@1) [+ k samples: pass@k, maj@k] -> verify -> score -> write
+
+Verifying and scoring the greedy completions is grpoflow.evaluation.score_greedy, which evaluation
+during training (grpo.eval_strategy) calls too.
     side-by-side table of every model on the same prompts and seeds
 
 Per-sample results go to <label>.samples.parquet, each model's figures to <label>.json,
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from collections import Counter
@@ -27,11 +29,12 @@ import pyarrow.parquet as pq
 from grpoflow.answer_format import ANSWER_CLOSE, ANSWER_OPEN
 from grpoflow.atomic import atomic_folder
 from grpoflow.config import EvalConfig, RolloutConfig
+from grpoflow.evaluation import score_greedy
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.load import make_engine
-from grpoflow.verifiers.verdicts import answer_correct, in_format, last_number_correct
+from grpoflow.verifiers.verdicts import answer_correct
 
 log = logging.getLogger("grpoflow.evaluate")
 
@@ -105,40 +108,14 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
     greedy = [c[0] for c in engine.generate(prompts, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0,
                                                                     seed=cfg.seed))]
     gen_seconds = time.perf_counter() - started
-    texts = [c.text for c in greedy]
-    golds = [r["answer"] for r in rows]
-    correct = [bool(answer_correct(t, g, answer_type)) for t, g in zip(texts, golds)]
-    lenient = [bool(last_number_correct(t, g)) for t, g in zip(texts, golds)]
-    strict = in_format(texts, strict=True)
-    soft = in_format(texts, strict=False)
-    rewards = RewardSet(cfg.reward_funcs)
-    columns = {k: [r.get(k) for r in rows] for k in ("answer", "question", "metadata")}
-    scores = rewards.score(prompts, texts, **columns)
-    lengths = [len(c.token_ids) for c in greedy]
-
-    figures: dict[str, Any] = {
-        "model": path, "scored": len(rows),
-        "accuracy": _mean(correct), "accuracy_ci95": wilson_interval(sum(correct), len(correct)),
-        "accuracy_last_number": _mean(lenient),
-        "accuracy_last_number_ci95": wilson_interval(sum(lenient), len(lenient)),
-        "format_strict": _mean(strict), "format_soft": _mean(soft),
-        "mean_completion_tokens": sum(lengths) / len(lengths),
-        "truncated": _mean([not c.finished for c in greedy]),
-        "rewards": {name: _mean_of(values) for name, values in scores.per_reward.items()},
-        "reward": sum(scores.totals) / len(scores.totals),
-        "reward_errors": scores.errors,
-        "generation_tokens_per_second": sum(lengths) / gen_seconds if gen_seconds else None,
-    }
-    table = {"id": [r["id"] for r in rows], "question": [r["question"] for r in rows], "answer": golds,
-             "completion": texts, "extracted": [extract_answer(t) for t in texts],
-             "completion_tokens": lengths, "finished": [c.finished for c in greedy],
-             "correct": correct, "correct_last_number": lenient, "format_strict": strict, "reward": scores.totals}
-    for name, values in scores.per_reward.items():
-        table[f"rewards/{name}"] = values
+    scored, table = score_greedy(rows, greedy, RewardSet(cfg.reward_funcs), answer_type)
+    tokens = sum(table["completion_tokens"])
+    figures: dict[str, Any] = {"model": path, **scored,
+                               "generation_tokens_per_second": tokens / gen_seconds if gen_seconds else None}
     pq.write_table(pa.table(table), out / "samples.parquet")
 
     if cfg.num_samples:
-        figures.update(_sampled(cfg, engine, label, prompts, golds, out, answer_type))
+        figures.update(_sampled(cfg, engine, label, prompts, table["answer"], out, answer_type))
     figures["seconds"] = round(time.perf_counter() - started, 1)
     log.info("%s: accuracy %.1f%% (last number %.1f%%), strict format %.1f%%, %.0f tokens on average",
              label, 100 * figures["accuracy"], 100 * figures["accuracy_last_number"],
@@ -180,17 +157,6 @@ def majority_correct(texts: list[str], gold: str, answer_type: str) -> bool:
     return bool(answer_correct(f"{ANSWER_OPEN}{winner}{ANSWER_CLOSE}", gold, answer_type))
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval: honest at 0% and 100%, where the normal one collapses."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
     labels = list(figures)
     rows = [("questions scored", lambda f: f"{f['scored']:,}"),
@@ -219,11 +185,6 @@ def _run_key(cfg: EvalConfig, heldout: Path, models: dict[str, str], rollout: Ro
 
 def _mean(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def _mean_of(values: list[float | None]) -> float | None:
-    applied = [v for v in values if v is not None]
-    return sum(applied) / len(applied) if applied else None
 
 
 def _pct_ci(p: float, ci: tuple[float, float]) -> str:

@@ -5,7 +5,8 @@
     train: for step in range(max_steps):
                micro_step x gradient_accumulation_steps   (next_generation when the current one is used up)
                optimizer_step                              (clip; skip if non-finite)
-               log, save_checkpoint
+               log, evaluate (grpo.eval_strategy), save_checkpoint (sparing the best one)
+           final/: the last step's model, or the best checkpoint's (grpo.load_best_model_at_end)
 
 Generation follows TRL's batching (grpoflow/batching.py, `grpoflow explain-batches`): one
 generation holds `unique_prompts` x `num_generations` completions, trained on as
@@ -33,7 +34,7 @@ import torch
 from grpoflow.atomic import atomic_folder
 from grpoflow.batching import BatchPlan
 from grpoflow.config import PipelineConfig
-from grpoflow.errors import TrainingDiverged
+from grpoflow.errors import ConfigError, TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
 from grpoflow.rollout.seeded import prompt_seed
@@ -58,6 +59,7 @@ from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import generate_batch
 from grpoflow.train.log import RunLogger, StepMeter, step_progress, warn_if_no_signal
 from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
+from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
@@ -119,6 +121,7 @@ class GRPORecipe:
         cfg, grpo, dist = self.cfg, self.grpo, self.dist
         seed_everything(grpo.seed)
         self.sharded = grpo.distributed == "fsdp" and dist.active  # one process has nothing to shard over
+        self._setup_eval()
         if grpo.distributed == "fsdp" and not dist.active:
             log.info("grpo.distributed: fsdp in one process: nothing to shard over, the policy trains whole "
                      "(start several processes with torchrun to shard it)")
@@ -184,6 +187,7 @@ class GRPORecipe:
                                  for i in range(grpo.gradient_accumulation_steps)]
                 grad_norm = self.optimizer_step(micro_metrics)
                 record = self._log_step(micro_metrics, grad_norm)
+                self.evaluate_if_due()
                 bar.update(task, completed=state.step, reward=f"{record.get('reward', float('nan')):.3f}")
                 if state.nonfinite_in_row >= grpo.max_nonfinite_steps:
                     raise TrainingDiverged(
@@ -204,6 +208,7 @@ class GRPORecipe:
                              state.step, grpo.max_steps, path)
                     return TrainResult(str(self.out), "", state.step, {"steps": state.step, "checkpoint": str(path)},
                                        finished=False)
+        self.load_best_model()
         return self.finish()
 
     def next_generation(self) -> None:
@@ -283,6 +288,7 @@ class GRPORecipe:
         """Every process calls it. The weights are replicas (or FSDP2's shards, gathered here);
         each process's unconsumed rows and RNGs are its own, so rank 0 saves them all."""
         state, dist, policy = self.state, self.dist, self.policy
+        self._keep_if_best()
         weights, optimizer_state = gather_trained(policy), gather_optimizer(policy, self.optimizer)
         state.sampler = self.sampler.state_dict()
         state.buffers, state.rng_by_rank = dist.all_gather(batch_to_state(self.buffer)), dist.all_gather(rng_state())
@@ -295,6 +301,59 @@ class GRPORecipe:
                             keep=self.grpo.save_total_limit)
         dist.barrier()
         return checkpoint_path(folder, state.step)
+
+    # -- evaluation during training (grpoflow/train/periodic_eval.py) ------------------------------
+
+    def _setup_eval(self) -> None:
+        grpo = self.grpo
+        if grpo.load_best_model_at_end and self.sharded:
+            raise ConfigError("grpo.load_best_model_at_end is not supported under grpo.distributed: fsdp on several "
+                              "processes yet (a checkpoint's weights load into a whole model); use grpo.distributed: "
+                              "ddp, or take the best checkpoint's model/ folder from the run's checkpoints/")
+        self.evaluator = (PeriodicEval(self.cfg, self.heldout_path, self.dist)
+                          if grpo.eval_strategy == "steps" else None)
+
+    def evaluate_if_due(self) -> None:
+        """Every process: the held-out figures of the policy as it is now, into metrics.jsonl."""
+        if self.evaluator is not None and self.evaluator.due(self.state.step):
+            self.logger.log_eval(self.state.step, self.evaluator.evaluate(self.policy, self.engine, self.state.step))
+
+    def _keep_if_best(self) -> None:
+        """Before a checkpoint is saved: is its step the best so far (it then survives pruning)?"""
+        if self.evaluator is None:
+            return
+        if self.evaluator.keep_if_best(self.state):
+            log.info("step %d: the best checkpoint so far (%s %.4f)", self.state.step,
+                     self.grpo.metric_for_best_model, self.state.best_metric)
+        self._eval_facts()
+
+    def _eval_facts(self) -> None:
+        """What report.json says of the evaluation during training: its plot and the best checkpoint."""
+        state, logger = self.state, self.logger
+        if not (self.dist.is_main and logger.eval_history):
+            return
+        logger.facts["eval_plot"] = str(plot_eval(logger.eval_history, self.out / "eval.png",
+                                                  best_step=state.best_global_step))
+        if state.best_global_step is not None:
+            logger.facts.update(metric_for_best_model=self.grpo.metric_for_best_model, best_metric=state.best_metric,
+                                best_global_step=state.best_global_step,
+                                best_model_checkpoint=str(checkpoint_path(self.out / "checkpoints",
+                                                                          state.best_global_step)))
+
+    def load_best_model(self) -> None:
+        """grpo.load_best_model_at_end: the best checkpoint's weights into the policy, which finish()
+        writes as final/. Every process loads them (DDP's replicas stay equal)."""
+        if self.evaluator is None:
+            return
+        self._eval_facts()
+        best = self.state.best_global_step
+        final_step = self.state.step
+        if self.grpo.load_best_model_at_end and best is not None and best != self.state.step:
+            load_trained(checkpoint_path(self.out / "checkpoints", best), self.policy)
+            log.info("load_best_model_at_end: final/ is step %d's model (%s %.4f), not step %d's", best,
+                     self.grpo.metric_for_best_model, self.state.best_metric, self.state.step)
+            final_step = best
+        self.logger.facts["final_model_step"] = final_step
 
     def finish(self) -> TrainResult:
         """The trained adapters (LoRA) or model (full) and report.json in final/, written once."""

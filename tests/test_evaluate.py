@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from grpoflow.config import DataConfig, EvalConfig
+from grpoflow.evaluation import wilson_interval
 from grpoflow.verifiers.verdicts import answer_correct, last_number_correct
-from stages.evaluate import comparison_table, majority_correct, run_evaluate, wilson_interval
+from stages.evaluate import comparison_table, majority_correct, run_evaluate
 from stages.prepare import run_prepare
 
 
@@ -61,7 +62,7 @@ def test_an_interrupted_model_evaluation_leaves_nothing_that_passes_for_done(tin
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(evaluate_stage, "wilson_interval", interrupted)  # after generation, before figures
+    monkeypatch.setattr(evaluate_stage, "score_greedy", interrupted)  # after generation, before figures
     with pytest.raises(KeyboardInterrupt):
         run_evaluate(cfg, heldout, {"base": str(tiny_model)})
     assert not list((tmp_path / "eval" / "models").glob("*/figures.json"))

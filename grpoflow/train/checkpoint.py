@@ -57,6 +57,9 @@ class TrainState:
     num_processes: int = 1
     at_generation_boundary: bool = True  # the generation was used up: resumable on any number of processes
     rows_reached: set[int] = field(default_factory=set)  # training rows a loss has seen (indices), all processes
+    # the best checkpoint so far by grpo.metric_for_best_model (transformers' TrainerState names)
+    best_metric: float | None = None
+    best_global_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict(): it would copy the tensors
@@ -101,15 +104,22 @@ def batch_from_state(state: dict[str, Any] | None, device) -> GenerationBatch | 
     return GenerationBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
 
 
+EVAL_KEYS = ("eval_strategy", "eval_steps", "eval_prompts", "metric_for_best_model", "greater_is_better",
+             "load_best_model_at_end")
+
+
 def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> str:
     """Same data, base model and training config: the same run, whose checkpoints it resumes. The
     batch counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
     global batch on another number of processes is the same run; with ddp or fsdp alike
-    (grpo.distributed), whose checkpoints are the same."""
+    (grpo.distributed), whose checkpoints are the same. Evaluation during training changes no weight
+    (it restores the RNGs it uses): its keys count only where final/ becomes the best checkpoint."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
                                                     "report_to", "save_steps", "save_total_limit",
-                                                    "resume_from_checkpoint", "distributed"})
+                                                    "resume_from_checkpoint", "distributed", *EVAL_KEYS})
     grpo["per_device_train_batch_size"] *= num_processes
+    if cfg.grpo.load_best_model_at_end:
+        grpo["best_model"] = [cfg.grpo.metric_for_best_model, cfg.grpo.greater_is_better]
     return cache_key({"data": file_sha256(Path(train_path)), "model": str(model_path),
                       "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}), "grpo": grpo})
 
@@ -120,7 +130,8 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, policy, weights: dict[str, torch.Tensor] | None,
                     optimizer_state: dict[str, Any], scheduler, scaler, state: TrainState, keep: int) -> Path:
-    """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's."""
+    """weights: gather_trained's (None: the model's own); optimizer_state: gather_optimizer's.
+    The newest `keep` checkpoints stay, and the best one (state.best_global_step) besides them."""
     final = checkpoint_path(folder, state.step)
     remove_temporaries(folder)  # of a save that was killed: one process writes a run's checkpoints
     with atomic_folder(final) as tmp:
@@ -131,8 +142,10 @@ def save_checkpoint(folder: Path, policy, weights: dict[str, torch.Tensor] | Non
             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(),
         }, tmp / "trainer_state.pt")
+    best = None if state.best_global_step is None else checkpoint_path(folder, state.best_global_step)
     for old in list_checkpoints(folder)[:-keep]:
-        _remove(old)
+        if old != best:
+            _remove(old)
     return final
 
 

@@ -30,7 +30,11 @@ ZERO_STD_ALARM = 0.9
 
 
 class RunLogger:
-    """write=False (every process but rank 0 of a data-parallel run): history in memory, no files."""
+    """write=False (every process but rank 0 of a data-parallel run): history in memory, no files.
+
+    metrics.jsonl holds a line per logged step (`history`) and, under grpo.eval_strategy, a line per
+    evaluation (`eval_history`), its keys prefixed `eval_` as transformers logs them. `facts` join
+    report.json (the best checkpoint, the evaluation plot)."""
 
     def __init__(self, folder: Path, *, resume_step: int, report_to: list[str], run_name: str, config: dict,
                  write: bool = True):
@@ -38,13 +42,16 @@ class RunLogger:
         self.write = write
         self.metrics_path = folder / "metrics.jsonl"
         self.completions_path = folder / "completions.jsonl"
-        self.history, self.sinks = [], []
+        self.history, self.eval_history, self.sinks = [], [], []
+        self.facts: dict[str, Any] = {}
         if not write:
             return
         # a resumed run redoes the steps after its checkpoint: drop their old lines (and a torn last line)
         for path in (self.metrics_path, self.completions_path):
             _truncate_after(path, resume_step)
-        self.history = read_records(self.metrics_path)
+        records = read_records(self.metrics_path)
+        self.history = [r for r in records if not is_eval_record(r)]
+        self.eval_history = [r for r in records if is_eval_record(r)]
         self.sinks = [_sink(name, folder, run_name, config) for name in report_to]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -56,6 +63,17 @@ class RunLogger:
         for sink in self.sinks:
             sink(step, metrics)
 
+    def log_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """metrics: `eval_`-prefixed figures; an interval is a [low, high] list (not sent to the sinks)."""
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.eval_history.append(record)
+        if not self.write:
+            return
+        append_records(self.metrics_path, [record])
+        scalars = {k: v for k, v in metrics.items() if _finite(v)}
+        for sink in self.sinks:
+            sink(step, scalars)
+
     def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
         if not self.write:
             return
@@ -66,7 +84,7 @@ class RunLogger:
         (means over the first and last 10 logged steps), the median step time, and where the logs are."""
         history = self.history
         plot = self.plot()
-        return {**facts, "reward_first_10": _mean_key(history[:10], "reward"),
+        return {**self.facts, **facts, "reward_first_10": _mean_key(history[:10], "reward"),
                 "reward_last_10": _mean_key(history[-10:], "reward"),
                 "step_seconds_median": float(np.median([r["step_seconds"] for r in history])) if history else None,
                 "metrics": str(self.metrics_path), "plot": str(plot) if plot else None}
@@ -148,6 +166,11 @@ def step_progress(*, enabled: bool) -> Progress:
     return Progress(TextColumn("GRPO"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
                     TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True), disable=not enabled)
+
+
+def is_eval_record(record: dict[str, Any]) -> bool:
+    """A line of metrics.jsonl that an evaluation during training wrote, not an optimizer step."""
+    return any(k.startswith("eval_") for k in record)
 
 
 def warn_if_no_signal(history: list[dict], step: int) -> None:
