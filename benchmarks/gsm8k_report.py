@@ -1,10 +1,11 @@
-"""Summarise a GSM8K recipe run (benchmarks/gsm8k_gpu.sh) into the figures RESULTS.md records.
+"""Summarise a recipe run (benchmarks/gsm8k_gpu.sh, any config) into the figures RESULTS.md records.
 
-    python benchmarks/gsm8k_report.py --run /tmp/run [--out $OUT]
+    python benchmarks/gsm8k_report.py --run /tmp/run [--out $OUT] [--name chain-sum]
 
-Reads the training folder (report.json, metrics.jsonl, reward.png) and the evaluation figures
-(eval/models/*/figures.json), prints one JSON summary and, with --out, copies the curve and the
-per-step metrics beside it so they come back from the GPU machine.
+Reads the training folder (report.json, metrics.jsonl with its evaluations during training,
+reward.png, eval.png) and the evaluation figures (eval/models/*/figures.json), prints one JSON
+summary and, with --out, writes it as <name>_summary.json and copies the curves and the per-step
+metrics beside it so they come back from the GPU machine.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def summarise(run: Path) -> dict:
     if not train:
         raise SystemExit(f"{run}/train/*/metrics.jsonl not found: has the train phase run?")
     folder = train[-1].parent
-    steps = [json.loads(line) for line in train[-1].read_text().splitlines()]
-    steps = [s for s in steps if not any(k.startswith("eval_") for k in s)]  # evaluations during training
+    records = [json.loads(line) for line in train[-1].read_text().splitlines()]
+    steps = [s for s in records if not any(k.startswith("eval_") for k in s)]
+    evals = [s for s in records if any(k.startswith("eval_") for k in s)]  # evaluations during training
     later = steps[1:] or steps  # step 1 holds one-off costs (kernel selection, allocator growth)
     final = folder / "final" / "report.json"
     summary = {
@@ -42,6 +44,9 @@ def summarise(run: Path) -> dict:
         "peak_memory_gib_max": max((s.get("memory/peak_gib", 0.0) for s in steps), default=None),
         "skipped_steps": steps[-1].get("skipped_steps"),
         "evaluations": {},
+        "eval_curve": [{k: e.get(k) for k in ("step", "eval_scored", "eval_accuracy", "eval_accuracy_ci95",
+                                               "eval_accuracy_last_number", "eval_accuracy_last_number_ci95",
+                                               "eval_format_strict", "eval_reward")} for e in evals],
     }
     for figures in sorted(run.glob("eval/models/*/figures.json")):
         f = json.loads(figures.read_text())
@@ -65,16 +70,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--name", default="gsm8k", help="the summary file's name: <name>_summary.json")
     args = parser.parse_args()
     summary = summarise(args.run)
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gsm8k_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (args.out / f"{args.name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         folder = Path(summary["train_folder"])
-        for name in ("metrics.jsonl", "reward.png"):
+        for name in ("metrics.jsonl", "reward.png", "eval.png"):
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, args.out / name)
+                shutil.copyfile(folder / name, args.out / f"{args.name}-{name}")
 
 
 if __name__ == "__main__":

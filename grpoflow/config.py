@@ -137,6 +137,9 @@ class FormatWarmupConfig(Section):
     batch_size: int = Field(8, gt=0)
     learning_rate: float = Field(1e-4, gt=0)
     eval_prompts: int = Field(8, gt=0, description="held-out prompts for the format rate before and after")
+    source: str | None = Field(None, description="take the worked solutions from this data source instead of the "
+                               "training data (same values as data.source, read as GSM8K-style 'solution #### answer'), "
+                               "for training data without solutions, e.g. source: gsm8k before a reasoning-gym task")
 
 
 class GRPOConfig(Section):

@@ -153,7 +153,8 @@ class GRPORecipe:
             self._resume(resume_from)
         elif grpo.warmup.enabled:
             heldout = pq.read_table(self.heldout_path).slice(0, grpo.warmup.eval_prompts).to_pylist()
-            self.state.warmup = run_format_warmup(policy, self.engine, self.rows, [r["prompt"] for r in heldout],
+            rows = self.rows if grpo.warmup.source is None else warmup_rows(cfg)
+            self.state.warmup = run_format_warmup(policy, self.engine, rows, [r["prompt"] for r in heldout],
                                                   grpo.warmup, max_tokens=grpo.max_completion_length,
                                                   max_prompt_length=grpo.max_prompt_length, seed=grpo.seed)
         if dist.active and not self.sharded:
@@ -179,6 +180,9 @@ class GRPORecipe:
                  "%d iteration(s)", grpo.max_steps, plan.unique_prompts, grpo.num_generations,
                  plan.steps_per_generation, grpo.per_device_train_batch_size, grpo.num_iterations)
         bar = step_progress(enabled=progress and self.dist.is_main)
+        if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
+            # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
+            self.logger.log_eval(0, self.evaluator.evaluate(self.policy, self.engine, 0))
         with bar:
             task = bar.add_task("train", total=grpo.max_steps, completed=state.step, reward="-")
             while state.step < grpo.max_steps:
@@ -382,6 +386,18 @@ class GRPORecipe:
     def result(self) -> TrainResult:
         report = json.loads((self.final_dir / "report.json").read_text())
         return TrainResult(str(self.out), str(self.final_dir), report["steps"], report)
+
+
+def warmup_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """grpo.warmup.source's prepared training rows (with their worked solutions), prompted as the
+    training data is: the same system prompt, the same chat template."""
+    from stages.prepare import run_prepare
+
+    data = cfg.data.model_copy(update={"source": cfg.grpo.warmup.source, "answer_format": "gsm8k",
+                                       "answer_type": "number", "max_train_rows": None, "max_heldout_rows": None})
+    manifest = run_prepare(data)
+    log.info("format warm-up rows from %s (%s)", cfg.grpo.warmup.source, manifest.train_path)
+    return pq.read_table(manifest.train_path).to_pylist()
 
 
 def _fmt(v: float | None) -> str:

@@ -44,7 +44,7 @@ def test_eval_every_n_steps_lands_in_metrics_with_intervals_and_changes_nothing_
     result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
     steps, evals = lines(result)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
-    assert [r["step"] for r in evals] == [2, 4, 5]  # every eval_steps, and the last step
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]  # where GRPO starts, every eval_steps, and the last step
     for r in evals:
         assert r["eval_scored"] == 4
         for key in ("accuracy", "accuracy_last_number"):
@@ -72,7 +72,7 @@ def test_best_checkpoint_is_spared_by_pruning_and_loaded_at_the_end(tiny_model, 
     """A metric made to peak at step 2 of 6 (a tiny random model cannot be made to peak on cue: the
     real evaluation runs, its reward is then overwritten): with save_total_limit 1 only step 6 and
     the best are kept, final/ holds step 2's weights, and the Prefect artifacts say so."""
-    peaks_at_two = {2: 0.9, 4: 0.5, 6: 0.7}
+    peaks_at_two = {0: 0.99, 2: 0.9, 4: 0.5, 6: 0.7}  # step 0 has no checkpoint: never the best
     real = PeriodicEval.evaluate
 
     def evaluate(self, policy, engine, step):
@@ -107,14 +107,14 @@ def test_best_checkpoint_is_spared_by_pruning_and_loaded_at_the_end(tiny_model, 
 
     artifacts = artifacts_of(publish(return_state=True).state_details.flow_run_id)
     table = json.loads(artifacts["training-eval"].data)
-    assert [(r["step"], r["reward"], r["best"]) for r in table] == [(2, 0.9, "best"), (4, 0.5, ""), (6, 0.7, "")]
+    assert [(r["step"], r["reward"], r["best"]) for r in table] == [(0, 0.99, ""), (2, 0.9, "best"), (4, 0.5, ""), (6, 0.7, "")]
     assert "final/ is step 2's model" in artifacts["training-eval"].description
     assert artifacts["training-eval-curve"].data.startswith("![held-out figures per evaluation](data:image/png;base64,")
     assert [r["step"] for r in json.loads(artifacts["training-curve"].data)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_greater_is_better_false_keeps_the_lowest(tiny_model, tmp_path, monkeypatch):
-    values = {1: 0.5, 2: 0.2, 3: 0.4}
+    values = {0: 0.0, 1: 0.5, 2: 0.2, 3: 0.4}
     real = PeriodicEval.evaluate
 
     def evaluate(self, policy, engine, step):
@@ -136,7 +136,7 @@ def test_greater_is_better_false_keeps_the_lowest(tiny_model, tmp_path, monkeypa
 def test_resume_keeps_the_best_so_far(tiny_model, tmp_path, monkeypatch):
     """Stopped after step 2 (the best), resumed: steps 4 and 6 are compared against step 2's figure,
     not against nothing, so step 2 stays the best and is still spared by pruning."""
-    values = {2: 0.8, 4: 0.3, 6: 0.6}
+    values = {0: 0.0, 2: 0.8, 4: 0.3, 6: 0.6}
     real = PeriodicEval.evaluate
 
     def evaluate(self, policy, engine, step):
@@ -163,7 +163,7 @@ def test_resume_keeps_the_best_so_far(tiny_model, tmp_path, monkeypatch):
     report = json.loads((Path(done.model_dir) / "report.json").read_text())
     assert (report["best_global_step"], report["best_metric"], report["final_model_step"]) == (2, 0.8, 2)
     _, evals = lines(done)
-    assert [(r["step"], r["eval_reward"]) for r in evals] == [(2, 0.8), (4, 0.3), (6, 0.6)]
+    assert [(r["step"], r["eval_reward"]) for r in evals] == [(0, 0.0), (2, 0.8), (4, 0.3), (6, 0.6)]
 
 
 @pytest.mark.parametrize("grpo, message", [
@@ -245,7 +245,7 @@ def test_two_processes_evaluate_as_one_under_fsdp(tiny_model, tmp_path):
     single = run_train(one, train, heldout, model, progress=False)
     double = launch(two, 2)
     evals = [lines(r)[1] for r in (single, double)]
-    assert [r["step"] for r in evals[1]] == [1, 2] and evals[1][0]["eval_scored"] == 3
+    assert [r["step"] for r in evals[1]] == [0, 1, 2] and evals[1][0]["eval_scored"] == 3
     for a, b in zip(*evals):
         for key in ("eval_accuracy", "eval_format_strict", "eval_reward", "eval_mean_completion_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key

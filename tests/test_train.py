@@ -201,6 +201,27 @@ def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
     assert {warm["format_soft_before"], warm["format_soft_after"]} <= {0.0, 0.5, 1.0}
 
 
+def test_format_warmup_takes_worked_solutions_from_another_source(tiny_model, tmp_path):
+    """Training rows without solutions (a reasoning-gym task) warm up on grpo.warmup.source's, prompted alike."""
+    train, heldout = data(tmp_path)
+    table = pq.read_table(train)
+    pq.write_table(table.drop(["solution"]), train)  # no worked solutions in the training data
+    source = tmp_path / "worked.jsonl"
+    source.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+                              + "\n" for i in range(12)))
+    warmup = {"rows": 8, "batch_size": 4, "eval_prompts": 2, "epochs": 1, "learning_rate": 1e-2}
+    skipped = run_train(config(tmp_path / "a", max_steps=1, warmup=warmup), train, heldout, str(tiny_model),
+                        progress=False)
+    assert skipped.report["warmup"] == {"skipped": "no worked solutions"}
+    cfg = config(tmp_path / "b", max_steps=1, warmup={**warmup, "source": str(source)})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"output_dir": tmp_path / "data"})})
+    warm = run_train(cfg, train, heldout, str(tiny_model), progress=False).report["warmup"]
+    assert warm["rows"] == 8 and warm["steps"] == 2
+    prepared = next((tmp_path / "data").glob("*/train.parquet"))
+    row = pq.read_table(prepared).to_pylist()[0]
+    assert row["solution"].startswith(row["question"].split()[2]) and row["prompt"][0]["role"] == "system"
+
+
 def test_the_policy_trains_in_train_mode_with_checkpointing(tiny_model, tmp_path):
     """eval mode silently turns gradient checkpointing off (5x the memory on the GPU, measured)."""
     from grpoflow.train.policy import load_policy
