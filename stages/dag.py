@@ -85,12 +85,13 @@ class StageOptions:
 
 def run_stage(stage: str, cfg: PipelineConfig, results: Results, options: StageOptions | None = None) -> Any:
     """Run one stage on the results of the stages before it; its result goes into `results` too."""
-    from grpoflow.verifiers.sandbox import allow_unsandboxed
+    from grpoflow.verifiers.sandbox import unsandboxed_allowed
 
     options = options or StageOptions()
-    # The code verifier runs inside rewards, which get no config: its one setting is the process's.
-    allow_unsandboxed(cfg.verifier.allow_unsandboxed)
-    result = _RUNNERS[stage](cfg, results, options)
+    # The code verifier runs inside rewards, which get no config: its one setting is the process's
+    # while the stage runs (and only then: a later stage or flow run with another config is not affected)
+    with unsandboxed_allowed(cfg.verifier.allow_unsandboxed):
+        result = _RUNNERS[stage](cfg, results, options)
     setattr(results, stage, result)
     return result
 
@@ -145,6 +146,8 @@ _RUNNERS = {"prepare": _prepare, "model": _model, "train": _train, "evaluate": _
 
 def summary_line(stage: str, result: dict[str, Any]) -> str:
     """One line of a run's summary table, from the stage's result as JSON."""
+    from grpoflow.train.log import fmt_value
+
     r = result
     if stage == "prepare":
         return (f"{r['rows']['train']:,} train / {r['rows']['heldout']:,} held-out rows, "
@@ -152,8 +155,8 @@ def summary_line(stage: str, result: dict[str, Any]) -> str:
     if stage == "model":
         return f"{r['description']} -> `{r['path']}`"
     if stage == "train":
-        return (f"{r['steps']} GRPO steps, reward {_fmt(r.get('reward_first_10'))} (first 10) -> "
-                f"{_fmt(r.get('reward_last_10'))} (last 10) -> `{r['model'] or r.get('checkpoint')}`")
+        return (f"{r['steps']} GRPO steps, reward {fmt_value(r.get('reward_first_10'))} (first 10) -> "
+                f"{fmt_value(r.get('reward_last_10'))} (last 10) -> `{r['model'] or r.get('checkpoint')}`")
     if stage == "evaluate":
         return "; ".join(f"{label}: accuracy {100 * f['accuracy']:.1f}%, last number "
                          f"{100 * f['accuracy_last_number']:.1f}%, strict format {100 * f['format_strict']:.1f}% "
@@ -162,5 +165,3 @@ def summary_line(stage: str, result: dict[str, Any]) -> str:
             + (f"; pushed to {r['push']['repo_url']}" if r["push"] else "") + f" -> `{r['output_dir']}`")
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

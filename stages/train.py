@@ -57,7 +57,7 @@ from grpoflow.train.checkpoint import (
 )
 from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import generate_batch
-from grpoflow.train.log import RunLogger, StepMeter, step_progress, warn_if_no_signal
+from grpoflow.train.log import RunLogger, StepMeter, fmt_value, step_progress, warn_if_no_signal
 from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
@@ -375,7 +375,7 @@ class GRPORecipe:
                 (tmp / TRAINED_IDS).write_text(json.dumps(ids) + "\n")
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             log.info("training done: %d steps, reward %s -> %s; model in %s", self.state.step,
-                     _fmt(report["reward_first_10"]), _fmt(report["reward_last_10"]), self.final_dir)
+                     fmt_value(report["reward_first_10"]), fmt_value(report["reward_last_10"]), self.final_dir)
         self.dist.barrier()
         return self.result()
 
@@ -400,5 +400,3 @@ def warmup_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
     return pq.read_table(manifest.train_path).to_pylist()
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"

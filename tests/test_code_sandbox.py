@@ -276,21 +276,25 @@ def test_without_any_isolation_candidates_run_only_when_allowed(tmp_path):
 
 
 def test_the_pipeline_takes_the_setting_from_verifier_allow_unsandboxed(tmp_path):
-    source = tmp_path / "train.jsonl"
-    source.write_text("".join(json.dumps({"question": f"{i} + {i}?", "answer": f"#### {2 * i}"}) + "\n" for i in range(20)))
+    """Inside a stage (where rewards score) the config's setting holds; after it, the process's own again."""
     run_a_stage = f"""
         from grpoflow.config import validate_config
         from grpoflow.verifiers import get_code_task, verify_code
-        from stages.dag import Results, run_stage
-        for allowed in (False, True):  # every stage sets it: a reward only scores inside one
-            data = {{"source": {str(source)!r}, "output_dir": {str(tmp_path / "data")!r}}}
-            run_stage("prepare", validate_config({{"data": data, "verifier": {{"allow_unsandboxed": allowed}}}}), Results())
+        from stages import dag
+
+        def verify():
             try:
-                print(verify_code({SELECTION_SORT!r}, get_code_task("sort_list")).passed)
+                return str(verify_code({SELECTION_SORT!r}, get_code_task("sort_list")).passed)
             except Exception as e:
-                print(type(e).__name__)
+                return type(e).__name__
+
+        dag._RUNNERS["prepare"] = lambda cfg, results, options: verify()  # a stage that scores
+        for allowed in (False, True):
+            cfg = validate_config({{"verifier": {{"allow_unsandboxed": allowed}}}})
+            print(dag.run_stage("prepare", cfg, dag.Results()), verify())
     """
-    assert run_python(run_a_stage, str(tmp_path / "no-tools")) == ["SandboxUnavailable", "True"]
+    assert run_python(run_a_stage, str(tmp_path / "no-tools")) == ["SandboxUnavailable SandboxUnavailable",
+                                                                  "True SandboxUnavailable"]
 
 
 def test_a_bubblewrap_that_cannot_start_is_passed_over_with_its_reason(tmp_path):

@@ -15,7 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
 from safetensors.torch import load_file
 
 from flows.continuous import continuous
@@ -25,14 +29,11 @@ from stages import continuous as continuous_stage
 from stages import export as export_stage
 from stages import train as train_stage
 from stages.continuous import gate
+from tests.drops import rows
 
 
 class Stop(BaseException):
     """A stop from outside (a killed worker, Ctrl-C): not an error any retry would catch."""
-
-
-def rows(numbers) -> list[dict]:
-    return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in numbers]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

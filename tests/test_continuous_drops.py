@@ -23,12 +23,9 @@ from grpoflow.reaper import descendants
 from grpoflow.rounds import Rounds
 from stages.continuous import intake, round_capacity
 from stages.continuous_status import INTAKE, continuous_status, describe
+from tests.drops import jsonl, rows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(numbers) -> list[dict]:
-    return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in numbers]
 
 
 def write(path: Path, text: str | bytes, age_s: float = 60) -> Path:
@@ -37,10 +34,6 @@ def write(path: Path, text: str | bytes, age_s: float = 60) -> Path:
     past = time.time() - age_s
     os.utime(path, (past, past))
     return path
-
-
-def jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def config(root: Path, **continuous) -> dict:

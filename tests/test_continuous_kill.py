@@ -20,13 +20,10 @@ from safetensors.torch import load_file
 
 from grpoflow.reaper import descendants
 from grpoflow.rounds import Rounds
+from tests.drops import rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("GRPOFLOW_KILL_SEED", "29"))
-
-
-def rows(numbers) -> list[dict]:
-    return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in numbers]
 
 
 def setup(root: Path, model: Path) -> Path:

@@ -18,12 +18,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.abandoned import OWNER, crash_abandoned_run
 from grpoflow.reaper import descendants
+from tests.drops import rows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(numbers) -> list[dict]:
-    return [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in numbers]
 
 
 def write_config(root: Path, model: Path) -> Path:

@@ -226,3 +226,8 @@ def _finite(v: Any) -> bool:
 def _truncate_after(path: Path, step: int) -> None:
     if path.is_file():
         rewrite_records(path, [r for r in read_records(path) if r["step"] <= step])
+
+
+def fmt_value(value: float | None) -> str:
+    """A report's figure for a log line: three decimals, or '-' when there is none."""
+    return "-" if value is None else f"{value:.3f}"

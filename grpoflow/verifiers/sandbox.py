@@ -40,6 +40,7 @@ time.perf_counter changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -54,6 +55,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +116,17 @@ def allow_unsandboxed(allowed: bool = True) -> None:
     config's verifier.allow_unsandboxed (run_stage in stages/dag.py)."""
     global _allow_unsandboxed
     _allow_unsandboxed = bool(allowed)
+
+
+@contextlib.contextmanager
+def unsandboxed_allowed(allowed: bool) -> Iterator[None]:
+    """allow_unsandboxed(allowed) for the duration of a block (a stage run), then as it was."""
+    global _allow_unsandboxed
+    before, _allow_unsandboxed = _allow_unsandboxed, bool(allowed)
+    try:
+        yield
+    finally:
+        _allow_unsandboxed = before
 
 
 def run_in_sandbox(job: dict, limits: SandboxLimits) -> SandboxRun:
