@@ -30,6 +30,13 @@ def format_rate(engine: RolloutEngine, prompts: list, max_tokens: int) -> dict[s
             for name, strict in (("strict_format", True), ("soft_format", False))}
 
 
+def warmup_learning_rate(cfg: FormatWarmupConfig, adapters: bool) -> float:
+    """grpo.warmup.learning_rate, or the rate for what trains: LoRA adapters 1e-3, a whole model 2e-5."""
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate
+    return 1e-3 if adapters else 2e-5
+
+
 def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
                       cfg: FormatWarmupConfig, *, max_tokens: int, max_prompt_length: int, seed: int) -> dict[str, Any]:
     rows = [r for r in train_rows if r.get("solution")][: cfg.rows]
@@ -41,7 +48,7 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
     log.info("format warm-up: %d rows x %d epoch(s); strict format before: %.0f%%", len(rows), cfg.epochs,
              100 * before["strict_format"])
     tokenizer = policy.tokenizer
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=warmup_learning_rate(cfg, policy.is_peft))
     scaler = make_scaler(policy)
     generator = torch.Generator().manual_seed(seed)
     losses = []
@@ -63,6 +70,7 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
     engine.sync_weights(policy, 0)  # an engine with its own copy of the weights (vLLM) samples the new ones
     after = format_rate(engine, heldout_prompts, max_tokens)
     report = {"rows": len(rows), "epochs": cfg.epochs, "steps": len(losses),
+              "learning_rate": warmup_learning_rate(cfg, policy.is_peft),
               "loss_first": losses[0], "loss_last": losses[-1],
               "format_strict_before": before["strict_format"], "format_strict_after": after["strict_format"],
               "format_soft_before": before["soft_format"], "format_soft_after": after["soft_format"],
