@@ -192,10 +192,20 @@ def _continuous(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     stop_on_sigterm()
     from flows.continuous import continuous
 
+    from grpoflow.errors import UserError
+
     try:
         while True:
-            result = continuous(config=cfg.model_dump(mode="json"))
-            stdout.print_json(json.dumps(result, default=str))
+            try:
+                result = continuous(config=cfg.model_dump(mode="json"))
+                stdout.print_json(json.dumps(result, default=str))
+            except UserError:
+                raise  # the config or the files: looking again changes nothing
+            except Exception as e:  # a look that failed (retries spent): the next one resumes where it stopped
+                if args.once:
+                    raise
+                console.print(f"[bold red]this look failed[/]: {escape(f'{type(e).__name__}: {e}')}; what "
+                              "finished is kept, the next look resumes", highlight=False, soft_wrap=True)
             if args.once:
                 return 0
             console.print(f"next look at {cfg.continuous.drop_dir} in {cfg.continuous.poll_seconds} s")

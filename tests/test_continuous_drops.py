@@ -188,3 +188,28 @@ def test_a_drop_being_written_waits_and_no_ready_drop_is_no_error(tmp_path):
     found = intake(cfg, Rounds(cfg.continuous.state_dir))
     assert found.waiting_rows == 0 and found.drops == [] and "d.jsonl" in found.scan.waiting
     assert not (tmp_path / "drops" / "rejected").exists()
+
+
+def test_the_poll_loop_outlives_a_failed_look_and_stops_when_asked(monkeypatch, capsys):
+    import flows.continuous
+    from grpoflow import reaper, stopping
+
+    looks = []
+
+    def look(config):
+        looks.append(config["continuous"]["poll_seconds"])
+        if len(looks) == 1:
+            raise OSError("No space left on device")
+        stopping.request_stop()  # as SIGTERM would, during the second look
+        return {"rounds": []}
+
+    monkeypatch.setattr(flows.continuous, "continuous", look)
+    monkeypatch.setattr(reaper, "watch_children", lambda: None)
+    monkeypatch.setattr(stopping, "stop_on_sigterm", lambda: None)
+    try:
+        assert main(["continuous", "--set", "continuous.poll_seconds=1"]) == 0
+    finally:
+        stopping.clear_stop()
+    assert looks == [1, 1]  # the failed look did not end the loop; the stop ended it between looks
+    err = capsys.readouterr().err
+    assert "this look failed: OSError: No space left on device" in err and "stopped between looks" in err
