@@ -150,3 +150,31 @@ def test_entropy_mask_drops_the_policy_term_but_not_the_kl_or_the_token_count():
     assert loss.item() == pytest.approx(1 / 5, rel=1e-12)
     (grad,) = torch.autograd.grad(loss, logps)
     assert grad.tolist() == [[0.0, -1 / 5, 0.0], [0.0, 2 / 5, 0.0]]
+
+
+def _gather_in_process(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from grpoflow.train.loss import all_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        values = torch.arange(3 + 2 * rank, dtype=torch.float32) + 10 * rank  # 3 values on rank 0, 5 on rank 1
+        torch.save(all_processes(values), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_processes_gathers_lists_of_different_lengths_in_rank_order(tmp_path):
+    # two real gloo processes: what the entropy threshold of top_entropy_quantile is taken over under torchrun
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_in_process, args=(port, str(tmp_path / "gathered")), nprocs=2)
+    expected = [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"gathered.{rank}").tolist() == expected

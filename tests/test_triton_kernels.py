@@ -277,8 +277,11 @@ def _tiny_lora_policy(vocab: int = 160):
                   is_peft=True)
 
 
-@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
-def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level):
+@pytest.mark.parametrize("loss_type, level, options", [
+    ("dapo", "token", {}), ("grpo", "sequence", {}),
+    ("cispo", "token", {"epsilon_high": 1.02, "top_entropy_quantile": 0.5}),
+    ("sapo", "sequence", {"top_entropy_quantile": 0.5, "sapo_temperature_neg": 3.0})])
+def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level, options):
     from grpoflow.config import GRPOConfig
     from grpoflow.kernels import triton_loss
     from grpoflow.train.generation import GenerationBatch
@@ -309,7 +312,7 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
     for kernels in ("triton", "naive"):
         # beta > 0: the reference log-probs go through the same path with the adapters switched off
         grpo = GRPOConfig(kernels=kernels, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
-                          delta=1.5, temperature=0.8)
+                          delta=1.5, temperature=0.8, **options)
         loss, metrics = micro_step_loss(policy, micro, buffer, grpo, ref_model=None)
         results[kernels] = loss, metrics, torch.autograd.grad(loss, adapters)
     (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results["triton"], results["naive"]
