@@ -240,7 +240,7 @@ def test_loss_options_match_the_reference(gen, level, options, loss_type):
 
 
 def test_a_batch_without_tokens_gives_zero_not_nan(gen):
-    logps, old_logps, _, advantages, mask, _ = _loss_inputs(gen, 3, 6)
+    logps, old_logps, _, advantages, mask, _, _ = _loss_inputs(gen, 3, 6)
     mask.zero_()
     logps.requires_grad_()
     for loss_type in ("grpo", "bnpo", "dapo", "cispo", "sapo"):
@@ -250,7 +250,7 @@ def test_a_batch_without_tokens_gives_zero_not_nan(gen):
 
 
 def test_wrong_inputs_get_the_references_messages(gen):
-    logps, old_logps, _, advantages, mask, _ = _loss_inputs(gen, 3, 6)
+    logps, old_logps, _, advantages, mask, _, _ = _loss_inputs(gen, 3, 6)
     with pytest.raises(ValueError, match="max_completion_length"):
         triton_grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="ref_logps"):
