@@ -51,7 +51,8 @@ def _run_name() -> str:
         return "invalid config"  # the flow fails at once and says why
     name = f"{_short(cfg.model.name_or_path)} on {_short(cfg.data.source)}"
     if "train" in cfg.orchestration.stages or "export" in cfg.orchestration.stages:
-        name += f", steps 1-{cfg.grpo.max_steps}"
+        grpo = cfg.grpo
+        name += f", steps 1-{grpo.max_steps}" if grpo.max_steps is not None else f", {grpo.num_train_epochs:g} epochs"
     return name
 
 

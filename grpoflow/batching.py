@@ -32,6 +32,7 @@ is the fraction micro_steps_per_generation / gradient_accumulation_steps (e.g. 4
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,21 @@ class BatchPlan:
         steps, rest = divmod(self.micro_steps_per_generation, self.gradient_accumulation_steps)
         return steps if rest == 0 else self.micro_steps_per_generation / self.gradient_accumulation_steps
 
+    def steps_per_epoch(self, num_rows: int) -> int:
+        """Optimizer steps in one epoch of num_rows training prompts, counted as TRL (transformers' Trainer
+        over TRL's RepeatSampler) counts them: the whole generations the rows fill (a last, partial one is
+        left out) times their micro-steps, over gradient_accumulation_steps, rounded up; at least 1."""
+        micro_steps = num_rows // self.unique_prompts * self.micro_steps_per_generation
+        return max(1, -(-micro_steps // self.gradient_accumulation_steps))
+
+    def max_steps(self, max_steps: int | None, num_train_epochs: float | None, num_rows: int) -> int:
+        """The steps a run takes: max_steps, or num_train_epochs' steps (rounded up, as TRL), whichever
+        is smaller where both are given."""
+        given = [] if max_steps is None else [max_steps]
+        if num_train_epochs is not None:
+            given.append(math.ceil(num_train_epochs * self.steps_per_epoch(num_rows)))
+        return min(given)
+
     def cycles(self, n: int) -> list[Cycle]:
         """The first n generation cycles of training."""
         B = self.per_device_train_batch_size
@@ -277,6 +293,20 @@ class BatchPlan:
             f"the generation batch is not a whole number of prompt groups: effective_batch_size = "
             f"steps_per_generation {self.steps_per_generation} x num_processes {P} x per_device_train_batch_size "
             f"{B} = {total} completions, not a multiple of num_generations ({G}). To fix, {fixes}.")
+
+
+def with_max_steps(cfg: Any, plan: BatchPlan, num_rows: int) -> Any:
+    """cfg (a PipelineConfig) with grpo.max_steps the steps the run takes, once num_rows (the training
+    set's size) is known: num_train_epochs' steps where they are fewer, or where max_steps is null."""
+    grpo = cfg.grpo
+    if grpo.num_train_epochs is None:
+        return cfg
+    steps = plan.max_steps(grpo.max_steps, grpo.num_train_epochs, num_rows)
+    logging.getLogger("grpoflow.train").info(
+        "num_train_epochs %g over %d rows: %d steps (%d an epoch); max_steps %s: training for %d steps",
+        grpo.num_train_epochs, num_rows, math.ceil(grpo.num_train_epochs * plan.steps_per_epoch(num_rows)),
+        plan.steps_per_epoch(num_rows), grpo.max_steps, steps)
+    return cfg.model_copy(update={"grpo": grpo.model_copy(update={"max_steps": steps})})
 
 
 def _divisors(n: int, max_trials: int = 1_000_000) -> list[int] | None:

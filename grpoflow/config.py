@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from grpoflow.answer_format import SYSTEM_PROMPT as DEFAULT_SYSTEM_PROMPT
 from grpoflow.errors import ConfigError  # noqa: F401  (re-exported: grpoflow.config.ConfigError)
+from grpoflow.trl_parity import NOT_TAKEN
 
 
 # The largest whole number a config takes: every count, size and seed fits (numpy seeds need < 2**32), and a
@@ -152,8 +153,12 @@ class GRPOConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0)
-    max_steps: int = Field(6, gt=0, description="6 keeps `make pipeline` under 15 minutes on 2 CPU cores; see "
-                                                 "configs/gsm8k-gpu.yaml")
+    max_steps: int | None = Field(6, gt=0, description="6 keeps `make pipeline` under 15 minutes on 2 CPU cores; see "
+                                  "configs/gsm8k-gpu.yaml. null: train for num_train_epochs")
+    num_train_epochs: float | None = Field(
+        None, gt=0, description="epochs over the train set, counted as TRL counts them (a generation's prompts once, "
+                                "with num_iterations); with max_steps the smaller wins. Given without max_steps, "
+                                "max_steps is null (TRL's -1)")
     seed: int = Field(42, ge=0)
     # Batching, with TRL's meaning: one generation batch feeds `steps_per_generation`
     # micro-batches of `per_device_train_batch_size` completions.
@@ -167,9 +172,17 @@ class GRPOConfig(Section):
     max_prompt_length: int = Field(512, gt=0)
     max_completion_length: int = Field(256, gt=0)
     # Loss
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = Field(
+        "dapo", description="kernels/reference.py has each formula. 'gspo' (the GRPO guide's) is taken as grpo with "
+                            "importance_sampling_level: sequence")
     epsilon: float = Field(0.2, gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0)
+    epsilon_high: float | None = Field(None, gt=0, description="null: epsilon. cispo: the cap on the ratio itself "
+                                                                "(ScaleRL's eps_max, 5.0 there), which cispo needs set")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="sapo's gate temperature where the advantage is > 0")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="sapo's gate temperature where the advantage is <= 0")
+    top_entropy_quantile: float = Field(1.0, ge=0, le=1, description="the policy loss trains on the top this share "
+                                        "of tokens by entropy, over all processes (0.2 in 'Beyond the 80/20 rule'); "
+                                        "1: every token")
     delta: float | None = Field(None, gt=1)
     beta: float = Field(0.0, ge=0)
     importance_sampling_level: Literal["token", "sequence"] = "token"
@@ -207,7 +220,8 @@ class GRPOConfig(Section):
     save_total_limit: int = Field(2, gt=0, description="checkpoints kept (the newest)")
     resume_from_checkpoint: bool = Field(True, description="continue from the newest checkpoint of the same run")
     logging_steps: int = Field(1, gt=0)
-    log_completions_steps: int = Field(10, gt=0, description="sampled completions with their rewards every N steps")
+    log_completions: bool = Field(True, description="log sampled completions with their rewards (TRL's default: false)")
+    log_completions_steps: int = Field(10, gt=0, description="every N steps, when log_completions")
     report_to: list[Literal["tensorboard", "wandb"]] = []
     # Evaluation during training (transformers' names): the held-out figures of the evaluation stage
     eval_strategy: Literal["no", "steps"] = Field(
@@ -240,6 +254,24 @@ class GRPOConfig(Section):
     def _eval_strategy_no(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML reads an unquoted `no` as false
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_spellings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("loss_type") == "gspo":  # the GRPO guide's; TRL and grpoflow spell GSPO as a level
+            if data.get("importance_sampling_level", "sequence") != "sequence":
+                raise ValueError(f"loss_type: gspo is importance_sampling_level: sequence, but "
+                                 f"importance_sampling_level is {data['importance_sampling_level']!r}; remove one")
+            data.update(loss_type="grpo", importance_sampling_level="sequence")
+            _warn_once("gspo", "grpo.loss_type: gspo is GSPO, sequence-level importance sampling: set "
+                               "loss_type: grpo (the GSPO paper's per-sequence mean) and importance_sampling_level: "
+                               "sequence")
+        if data.get("num_train_epochs") is not None and "max_steps" not in data:
+            data["max_steps"] = None  # as TRL's max_steps -1: the epochs decide
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "GRPOConfig":
         # batch geometry has one source of truth: the schedule the trainer follows
@@ -253,8 +285,22 @@ class GRPOConfig(Section):
             )
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
+        if self.max_steps is None and self.num_train_epochs is None:
+            raise ValueError("max_steps is null and num_train_epochs is not set: set one of them")
+        self._check_loss_keys()
         self._check_eval_keys()
         return self
+
+    def _check_loss_keys(self) -> None:
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ValueError(f"loss_type: cispo caps the ratio at epsilon_high itself (ScaleRL's eps_max), which "
+                             f"defaults to epsilon ({self.epsilon}): every token's gradient would be scaled by "
+                             f"{self.epsilon} or less. Set epsilon_high, e.g. 5.0 (ScaleRL's, TRL's advice)")
+        unused = [f"{k}: {getattr(self, k)}" for k in ("sapo_temperature_pos", "sapo_temperature_neg")
+                  if getattr(self, k) != type(self).model_fields[k].default]
+        if unused and self.loss_type != "sapo":
+            raise ValueError(f"{', '.join(unused)} set, but loss_type is {self.loss_type!r}: only sapo uses them. "
+                             f"Set loss_type: sapo, or remove them")
 
     def _check_eval_keys(self) -> None:
         if self.eval_strategy == "no":
@@ -610,7 +656,8 @@ def _describe_error(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return _unknown_key(loc)
     if kind == "literal_error":
-        return f"{key}: {_short(err['input'])} is not allowed; allowed values: {err['ctx']['expected']}"
+        hint = _LOSS_TYPE_HINTS.get(err["input"], _GSPO) if loc[-1] == "loss_type" else ""
+        return f"{key}: {_short(err['input'])} is not allowed; allowed values: {err['ctx']['expected']}{hint}"
     if kind == "value_error":
         # our cross-field checks: the section is the location, the message says the rest
         return f"{key}: {err['ctx']['error']}" if key != "(top level)" else str(err["ctx"]["error"])
@@ -619,6 +666,12 @@ def _describe_error(err: dict[str, Any]) -> str:
     msg = err["msg"]
     msg = msg[0].lower() + msg[1:] if msg else msg
     return f"{key}: {msg} (got {_short(err['input'])})"
+
+
+_GSPO = "; or 'gspo', the GRPO guide's: grpo with importance_sampling_level: sequence"
+# TRL 1.16's loss types grpoflow does not have
+_LOSS_TYPE_HINTS = {"luspo": " (luspo, TRL's, is not implemented: gspo is the closest)",
+                    "vespo": " (vespo, TRL's, is not implemented: sapo is the closest, a soft gate in place of the clip)"}
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -637,8 +690,10 @@ def _unknown_key(loc: list[str]) -> str:
         section = annotation
     valid = list(section.model_fields)
     bad = loc[-1]
-    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
     key = ".".join(loc)
+    if section is GRPOConfig and bad in NOT_TAKEN:  # a key of TRL's GRPOConfig: why not, and what instead
+        return f"{key}: TRL's key, not grpoflow's: {NOT_TAKEN[bad]}"
+    close = difflib.get_close_matches(bad, valid, n=1, cutoff=0.6)
     if close:
         return f"{key}: unknown key; did you mean '{close[0]}'?"
     return f"{key}: unknown key; valid keys here: {', '.join(valid)}"

@@ -2,6 +2,7 @@
 
     logps = selective_log_softmax(logits, completion_ids)            # [B, T]
     loss, metrics = grpo_loss(logps, old_logps, ref_logps, advantages, completion_mask, loss_type="dapo")
+    keep = high_entropy_mask(entropy, completion_mask, 0.2)   # top_entropy_quantile: entropy_mask=keep
 
 Written for clarity, not speed: one formula per line, in the order of the papers and of TRL's
 GRPOTrainer._compute_loss, so that a fused kernel which disagrees is the one that is wrong.
@@ -9,11 +10,15 @@ GRPOTrainer._compute_loss, so that a fused kernel which disagrees is the one tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+# divided by num_items_in_batch (the tokens of the whole generation); the others are micro-batch means
+GENERATION_NORMALISED = ("dapo", "cispo")
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,28 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     return torch.cat(chunks).reshape(logits.shape[:-1])
 
 
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, top_entropy_quantile: float,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The tokens whose entropy is in the top `top_entropy_quantile` of the batch's (Wang et al., "Beyond
+    the 80/20 rule"): the policy term trains on them only. entropies, mask [B, T] -> bool [B, T].
+
+        threshold = quantile(entropies of the tokens in mask, 1 - top_entropy_quantile)  # linear interpolation
+        keep      = mask & (entropies >= threshold)
+
+    1.0 keeps every token (threshold = the smallest entropy); 0.0 keeps the highest-entropy token(s).
+    gather: takes this process's [n] entropies and returns every process's, concatenated, so that all
+    processes use one threshold (as TRL does); None: this batch alone.
+    """
+    active = mask.bool()  # [B, T]
+    values = entropies[active].float()  # [n]
+    if gather is not None:
+        values = gather(values)  # [n over all processes]
+    if values.numel() == 0:
+        return torch.zeros_like(active)
+    threshold = torch.quantile(values, 1.0 - top_entropy_quantile)  # scalar
+    return active & (torch.where(active, entropies, 0.0) >= threshold)  # [B, T]
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor | None,
@@ -69,8 +96,11 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    entropy_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO surrogate (+ beta * k3 KL), normalised as `loss_type` says.
+    """The clipped GRPO surrogate, or CISPO's or SAPO's (+ beta * k3 KL), normalised as `loss_type` says.
 
     logps      [B, T]  log p(token) under the policy being trained (the only input with a gradient)
     old_logps  [B, T]  under the policy that sampled; None: the policy has not moved since sampling
@@ -81,29 +111,40 @@ def grpo_loss(
     importance_sampling_ratio [B, T] or [B]: truncated importance-sampling weights for rollouts from another engine,
                        min(exp(old_logps - sampler_logps), cap), computed by the caller. Constants: they
                        scale the policy term only, not the KL term, as in TRL.
+    entropy_mask [B, T] bool: the tokens the policy term keeps (high_entropy_mask's, for
+                       top_entropy_quantile < 1); the KL term keeps every token, as in TRL.
 
-    Per token: -min(min(r, delta) * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
     r = exp(logps - old_logps), or for importance_sampling_level="sequence" (GSPO) one r per sequence:
-    exp(masked mean over its tokens of logps - old_logps), the same for all its tokens.
+    exp(masked mean over its tokens of logps - old_logps), the same for all its tokens. Per token,
+    policy term + beta * k3, the policy term by loss_type:
+
+      grpo, bnpo, dr_grpo, dapo  -min(min(r, delta) * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)
+      cispo  -sg(min(r, epsilon_high)) * A * logps     (MiniMax-M1; sg = stop-gradient. The clipped ratio
+             only weights the log-prob, so every token keeps a gradient, -sg(min(r, eps_high)) * A.
+             epsilon_high is the cap itself here (ScaleRL's eps_max, 5.0 there), not 1 + a margin)
+      sapo   -(4 / tau) * sigmoid(tau * (r - 1)) * A,  tau = sapo_temperature_pos if A > 0 else _neg
+             (Soft Adaptive Policy Optimization: a smooth gate instead of the clip. The gradient is
+             -A * 4 s (1 - s) * r with s = sigmoid(tau * (r - 1)): -A at r = 1, fading as r leaves 1)
 
     Normalisation of the masked sum:
-      grpo     per sequence / its token count, then the mean over the B sequences (empty ones count, as 0)
-      bnpo     / tokens in this batch
-      dr_grpo  / (B * max_completion_length)
-      dapo     / num_items_in_batch: tokens in the whole generation batch (all micro-batches, all
-               processes), so micro-batch losses add up to the generation's token mean. Defaults to
-               this batch's tokens. Under DDP, whose all-reduce averages gradients, pass it divided
-               by the world size.
+      grpo, sapo    per sequence / its token count, then the mean over the B sequences (empty ones count, as 0)
+      bnpo          / tokens in this batch
+      dr_grpo       / (B * max_completion_length)
+      dapo, cispo   / num_items_in_batch: tokens in the whole generation batch (all micro-batches, all
+                    processes), so micro-batch losses add up to the generation's token mean. Defaults
+                    to this batch's tokens. Under DDP, whose all-reduce averages gradients, pass it
+                    divided by the world size.
 
     Metrics (floats, over active tokens; a sequence-level r counts once per token of its sequence):
       clip_ratio/low_mean     r < 1 - epsilon and A < 0 (the clip removed the gradient of a negative A)
       clip_ratio/high_mean    r > 1 + epsilon_high and A > 0
-      clip_ratio/region_mean  either
+      clip_ratio/region_mean  either                       (these three for the clipped loss types)
+      cispo_clip_ratio        r > epsilon_high and A > 0   (cispo; sapo has no clip)
       ratio/mean              mean r
       kl                      mean k3, when beta > 0
     """
     _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
-                  max_completion_length, importance_sampling_ratio)
+                  max_completion_length, importance_sampling_ratio, entropy_mask)
     epsilon_low = epsilon
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     # exp of a log-prob difference in bf16 has ~2 significant digits: compute in float32 at least
@@ -127,12 +168,23 @@ def grpo_loss(
         log_importance_weights = log_importance_weights.unsqueeze(-1)  # [B, 1], broadcast over T below
     ratio = torch.exp(log_importance_weights)  # [B, T] or [B, 1]
 
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [B, T] or [B, 1]
-    # Two-sided clipping (delta): with A < 0 the min picks the unclipped branch when r is large,
-    # which is unbounded; delta caps it
-    capped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)  # [B, T] or [B, 1]
-    per_token_loss = -torch.min(capped_ratio * advantages, clipped_ratio * advantages)  # [B, T] or [B, 1]
+    if loss_type == "cispo":
+        cispo_weight = torch.clamp(ratio, max=epsilon_high).detach()  # [B, T] or [B, 1]
+        # logps themselves, not a ratio: zeroed at padding, which may hold -inf
+        per_token_loss = -cispo_weight * advantages * torch.where(active, logps, 0.0)  # [B, T]
+    elif loss_type == "sapo":
+        tau = torch.full_like(advantages, sapo_temperature_neg).masked_fill(advantages > 0, sapo_temperature_pos)  # [B, 1]
+        gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau  # [B, T] or [B, 1]; r at r = 1, slope 1 there
+        per_token_loss = -gate * advantages  # [B, T] or [B, 1]
+    else:
+        clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [B, T] or [B, 1]
+        # Two-sided clipping (delta): with A < 0 the min picks the unclipped branch when r is large,
+        # which is unbounded; delta caps it
+        capped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)  # [B, T] or [B, 1]
+        per_token_loss = -torch.min(capped_ratio * advantages, clipped_ratio * advantages)  # [B, T] or [B, 1]
     per_token_loss = per_token_loss.expand_as(mask)  # [B, T]
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask.to(dtype)  # [B, T]
 
     if importance_sampling_ratio is not None:
         importance_sampling_ratio = importance_sampling_ratio.to(dtype)
@@ -149,13 +201,13 @@ def grpo_loss(
         per_token_loss = per_token_loss + beta * per_token_kl  # [B, T]
 
     masked_loss = per_token_loss * mask  # [B, T]
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (masked_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = masked_loss.sum() / token_count
     elif loss_type == "dr_grpo":
         loss = masked_loss.sum() / (mask.shape[0] * max_completion_length)
-    else:  # dapo
+    else:  # dapo, cispo
         if num_items_in_batch is None:
             num_items_in_batch = token_count
         normaliser = torch.as_tensor(num_items_in_batch, dtype=dtype, device=mask.device).clamp(min=1.0)
@@ -163,25 +215,27 @@ def grpo_loss(
 
     with torch.no_grad():
         ratio = ratio.expand_as(mask)  # [B, T]: metrics count tokens, at both levels
-        is_low_clipped = (ratio < 1 - epsilon_low) & (advantages < 0)  # [B, T]
-        is_high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)  # [B, T]
 
         def masked_mean(x: torch.Tensor) -> float:
             return ((x.to(dtype) * mask).sum() / token_count).item()
 
-        metrics = {
-            "clip_ratio/low_mean": masked_mean(is_low_clipped),
-            "clip_ratio/high_mean": masked_mean(is_high_clipped),
-            "clip_ratio/region_mean": masked_mean(is_low_clipped | is_high_clipped),
-            "ratio/mean": masked_mean(ratio),
-        }
+        metrics = {}
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = masked_mean((ratio > epsilon_high) & (advantages > 0))
+        elif loss_type != "sapo":
+            is_low_clipped = (ratio < 1 - epsilon_low) & (advantages < 0)  # [B, T]
+            is_high_clipped = (ratio > 1 + epsilon_high) & (advantages > 0)  # [B, T]
+            metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped)
+            metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped)
+            metrics["clip_ratio/region_mean"] = masked_mean(is_low_clipped | is_high_clipped)
+        metrics["ratio/mean"] = masked_mean(ratio)
         if per_token_kl is not None:
             metrics["kl"] = masked_mean(per_token_kl)
     return loss, metrics
 
 
 def _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, importance_sampling_level, beta,
-                  max_completion_length, importance_sampling_ratio) -> None:
+                  max_completion_length, importance_sampling_ratio, entropy_mask=None) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
     if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -190,7 +244,8 @@ def _check_inputs(logps, old_logps, ref_logps, advantages, mask, loss_type, impo
     if logps.dim() != 2:
         raise ValueError(f"logps must be [B, T]; got shape {tuple(logps.shape)}")
     B, T = logps.shape
-    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask),
+                         ("entropy_mask", entropy_mask)):
         if tensor is not None and tensor.shape != logps.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; logps has {(B, T)}, they must match")
     if advantages.shape != (B,):

@@ -57,6 +57,9 @@ def check(cfg: PipelineConfig) -> None:
         raise ConfigError(f"continuous.heldout: {cc.heldout} does not exist")
     if Path(cc.heldout).suffix not in FILE_SUFFIXES:
         raise ConfigError(f"continuous.heldout: {cc.heldout} is not one of {', '.join(FILE_SUFFIXES)}")
+    if cfg.grpo.max_steps is None:
+        raise ConfigError("grpo.max_steps: null, but the continuous flow needs it: a round trains that many steps on "
+                          "as many new rows as they reach (num_train_epochs alone would depend on how many arrived)")
     if not Path(cc.drop_dir).is_dir():
         raise ConfigError(f"continuous.drop_dir: {cc.drop_dir} is not a folder; create it, then drop data files "
                           f"({', '.join(FILE_SUFFIXES)}) in")

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from grpoflow.atomic import atomic_folder
-from grpoflow.batching import BatchPlan
+from grpoflow.batching import BatchPlan, with_max_steps
 from grpoflow.config import PipelineConfig
 from grpoflow.errors import ConfigError, TrainingDiverged
 from grpoflow.rewards import RewardSet
@@ -110,6 +110,8 @@ class GRPORecipe:
         self.plan.check_groups_stay_on_one_process()
         self.per_process = self.plan.unique_prompts // self.dist.world_size  # prompts this process generates
         self.rows = pq.read_table(train_path).to_pylist()
+        self.cfg = cfg = with_max_steps(cfg, self.plan, len(self.rows))  # grpo.num_train_epochs, in steps
+        self.grpo = cfg.grpo
         self.out = Path(self.grpo.output_dir) / run_key(cfg, train_path, model_path, self.dist.world_size)[:16]
         self.out.mkdir(parents=True, exist_ok=True)
         self.final_dir = self.out / "final"
@@ -231,7 +233,7 @@ class GRPORecipe:
         self.engine.sleep()  # vLLM: the KV cache is released while the trainer works
         self.meter.end("generation")
         self.state.next_micro = 0
-        if (self.state.step + 1) % grpo.log_completions_steps == 0:
+        if grpo.log_completions and (self.state.step + 1) % grpo.log_completions_steps == 0:
             self.logger.log_completions(self.state.step + 1,
                                         [s for part in dist.all_gather(self.buffer.samples) for s in part])
 

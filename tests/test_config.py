@@ -46,7 +46,8 @@ def test_unknown_key_without_a_close_name_lists_the_valid_ones():
 def test_bad_value_names_the_key_and_the_allowed_values():
     assert error_of({"grpo": {"loss_type": "ppo"}}) == (
         "invalid config (test.yaml):\n  - grpo.loss_type: 'ppo' is not allowed; "
-        "allowed values: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'")
+        "allowed values: 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo' or 'sapo'; or 'gspo', the GRPO guide's: grpo "
+        "with importance_sampling_level: sequence")
     assert error_of({"grpo": {"importance_sampling_level": "seq"}}) == (
         "invalid config (test.yaml):\n  - grpo.importance_sampling_level: 'seq' is not allowed; "
         "allowed values: 'token' or 'sequence'")
@@ -144,7 +145,8 @@ def test_a_bad_value_fails_before_any_model_is_loaded():
             "print(rc, 'transformers' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "2 False False", out.stderr
-    assert "grpo.loss_type: 'ppo' is not allowed; allowed values: 'grpo', 'bnpo', 'dr_grpo' or 'dapo'" in out.stderr
+    assert "grpo.loss_type: 'ppo' is not allowed; allowed values: 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo' or " \
+        "'sapo'; or 'gspo'" in out.stderr
 
 
 def test_reward_names_are_checked_with_the_config():

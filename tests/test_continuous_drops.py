@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from grpoflow.atomic import remove_stale_under
 from grpoflow.cli import main
@@ -213,3 +214,13 @@ def test_the_poll_loop_outlives_a_failed_look_and_stops_when_asked(monkeypatch, 
     assert looks == [1, 1]  # the failed look did not end the loop; the stop ended it between looks
     err = capsys.readouterr().err
     assert "this look failed: OSError: No space left on device" in err and "stopped between looks" in err
+
+
+def test_a_round_needs_max_steps(tmp_path):
+    from grpoflow.config import ConfigError
+    from stages.continuous import check
+
+    raw = config(tmp_path)
+    raw["grpo"] = {"max_steps": None, "num_train_epochs": 1}
+    with pytest.raises(ConfigError, match="grpo.max_steps: null, but the continuous flow needs it"):
+        check(validate_config(raw))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from grpoflow.kernels import triton_logps  # noqa: E402
-from grpoflow.kernels.reference import grpo_loss  # noqa: E402
+from grpoflow.kernels.reference import LOSS_TYPES, grpo_loss  # noqa: E402
 from grpoflow.kernels.triton_logps import triton_selective_logps  # noqa: E402
 from grpoflow.kernels.triton_loss import triton_grpo_loss  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_no_rows_and_targets_outside_the_vocabulary(gen):
 # The fused GRPO loss against kernels/reference.py's grpo_loss
 
 
-def _loss_inputs(gen, B, T, *, old=True, ref=False, importance_sampling_ratio=None):
+def _loss_inputs(gen, B, T, *, old=True, ref=False, importance_sampling_ratio=None, entropy_mask=False):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
@@ -187,19 +187,22 @@ def _loss_inputs(gen, B, T, *, old=True, ref=False, importance_sampling_ratio=No
     elif importance_sampling_ratio == "sequence":
         weights = torch.rand(B, generator=gen).float() * 2
     advantages = randn(B).float()
-    return [x.to(DEVICE) if x is not None else None for x in (logps, old_logps, ref_logps, advantages, mask, weights)]
+    keep = (torch.rand(B, T, generator=gen) > 0.5) & mask.bool() if entropy_mask else None
+    return [x.to(DEVICE) if x is not None else None
+            for x in (logps, old_logps, ref_logps, advantages, mask, weights, keep)]
 
 
 def _check_loss_matches_reference(inputs, **kwargs):
-    logps, old_logps, ref_logps, advantages, mask, weights = inputs
+    logps, old_logps, ref_logps, advantages, mask, weights, keep = inputs
     logps = logps.requires_grad_()
     loss, metrics = triton_grpo_loss(logps, old_logps, ref_logps, advantages, mask, importance_sampling_ratio=weights,
-                                     **kwargs)
+                                     entropy_mask=keep, **kwargs)
     (grad,) = torch.autograd.grad(loss, logps)
 
     logps64 = logps.detach().double().requires_grad_()
     as64 = [x.double() if x is not None else None for x in (old_logps, ref_logps, advantages, mask, weights)]
-    ref_loss, ref_metrics = grpo_loss(logps64, *as64[:4], importance_sampling_ratio=as64[4], **kwargs)
+    ref_loss, ref_metrics = grpo_loss(logps64, *as64[:4], importance_sampling_ratio=as64[4], entropy_mask=keep,
+                                      **kwargs)
     (ref_grad,) = torch.autograd.grad(ref_loss, logps64)
 
     assert loss.dtype == torch.float32 and grad.dtype == logps.dtype
@@ -210,14 +213,15 @@ def _check_loss_matches_reference(inputs, **kwargs):
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
 
 
-# every loss_type at both levels, with everything on (old, ref and beta, delta, token weights)...
-@pytest.mark.parametrize("loss_type, level", itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"],
-                                                                ["token", "sequence"]))
+# every loss_type at both levels, with everything on (old, ref and beta, delta, token weights, the entropy
+# mask; cispo's cap 1.3 and sapo's temperatures where the ratios of the inputs, up to ~1.8, reach past them)...
+@pytest.mark.parametrize("loss_type, level", itertools.product(LOSS_TYPES, ["token", "sequence"]))
 def test_loss_and_gradient_match_the_reference(gen, loss_type, level):
-    inputs = _loss_inputs(gen, 5, 23, ref=True, importance_sampling_ratio="token")
+    inputs = _loss_inputs(gen, 5, 23, ref=True, importance_sampling_ratio="token", entropy_mask=True)
     _check_loss_matches_reference(inputs, loss_type=loss_type, importance_sampling_level=level, epsilon=0.2,
-                                  epsilon_high=0.28, delta=1.4, beta=0.04, max_completion_length=30,
-                                  num_items_in_batch=70)
+                                  epsilon_high=1.3 if loss_type == "cispo" else 0.28, delta=1.4, beta=0.04,
+                                  max_completion_length=30, num_items_in_batch=70, sapo_temperature_pos=2.0,
+                                  sapo_temperature_neg=3.5)
 
 
 # ...and the options off or in their other forms
@@ -228,24 +232,25 @@ def test_loss_and_gradient_match_the_reference(gen, loss_type, level):
     dict(T=1),
     dict(B=1, T=1),  # the one row is fully masked: loss 0, gradient 0, no NaN
 ])
-def test_loss_options_match_the_reference(gen, level, options):
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo"])
+def test_loss_options_match_the_reference(gen, level, options, loss_type):
     B, T = options.pop("B", 4), options.pop("T", 17)
     inputs = _loss_inputs(gen, B, T, **options)
-    _check_loss_matches_reference(inputs, loss_type="dapo", importance_sampling_level=level)
+    _check_loss_matches_reference(inputs, loss_type=loss_type, importance_sampling_level=level)
 
 
 def test_a_batch_without_tokens_gives_zero_not_nan(gen):
-    logps, old_logps, _, advantages, mask, _ = _loss_inputs(gen, 3, 6)
+    logps, old_logps, _, advantages, mask, _, _ = _loss_inputs(gen, 3, 6)
     mask.zero_()
     logps.requires_grad_()
-    for loss_type in ("grpo", "bnpo", "dapo"):
+    for loss_type in ("grpo", "bnpo", "dapo", "cispo", "sapo"):
         loss, metrics = triton_grpo_loss(logps, old_logps, None, advantages, mask, loss_type=loss_type)
         (grad,) = torch.autograd.grad(loss, logps)
         assert loss.item() == 0.0 and (grad == 0).all() and metrics["ratio/mean"] == 0.0
 
 
 def test_wrong_inputs_get_the_references_messages(gen):
-    logps, old_logps, _, advantages, mask, _ = _loss_inputs(gen, 3, 6)
+    logps, old_logps, _, advantages, mask, _, _ = _loss_inputs(gen, 3, 6)
     with pytest.raises(ValueError, match="max_completion_length"):
         triton_grpo_loss(logps, old_logps, None, advantages, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="ref_logps"):
@@ -272,8 +277,11 @@ def _tiny_lora_policy(vocab: int = 160):
                   is_peft=True)
 
 
-@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "sequence")])
-def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level):
+@pytest.mark.parametrize("loss_type, level, options", [
+    ("dapo", "token", {}), ("grpo", "sequence", {}),
+    ("cispo", "token", {"epsilon_high": 1.02, "top_entropy_quantile": 0.5}),
+    ("sapo", "sequence", {"top_entropy_quantile": 0.5, "sapo_temperature_neg": 3.0})])
+def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type, level, options):
     from grpoflow.config import GRPOConfig
     from grpoflow.kernels import triton_loss
     from grpoflow.train.generation import GenerationBatch
@@ -304,7 +312,7 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
     for kernels in ("triton", "naive"):
         # beta > 0: the reference log-probs go through the same path with the adapters switched off
         grpo = GRPOConfig(kernels=kernels, loss_type=loss_type, importance_sampling_level=level, beta=0.04,
-                          delta=1.5, temperature=0.8)
+                          delta=1.5, temperature=0.8, **options)
         loss, metrics = micro_step_loss(policy, micro, buffer, grpo, ref_model=None)
         results[kernels] = loss, metrics, torch.autograd.grad(loss, adapters)
     (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results["triton"], results["naive"]

@@ -108,6 +108,11 @@ EVAL_KEYS = ("eval_strategy", "eval_steps", "eval_prompts", "metric_for_best_mod
              "load_best_model_at_end")
 
 
+# grpo keys added by issue #27, at the values that train as before them
+KEYS_OF_ISSUE_27 = {"num_train_epochs": None, "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05,
+                    "top_entropy_quantile": 1.0}
+
+
 def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> str:
     """Same data, base model and training config: the same run, whose checkpoints it resumes. The
     batch counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
@@ -115,8 +120,12 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
     (grpo.distributed), whose checkpoints are the same. Evaluation during training changes no weight
     (it restores the RNGs it uses): its keys count only where final/ becomes the best checkpoint."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
-                                                    "report_to", "save_steps", "save_total_limit",
-                                                    "resume_from_checkpoint", "distributed", *EVAL_KEYS})
+                                                    "log_completions", "report_to", "save_steps",
+                                                    "save_total_limit", "resume_from_checkpoint", "distributed",
+                                                    *EVAL_KEYS})
+    for key, default in KEYS_OF_ISSUE_27.items():  # at their defaults, the runs from before them resume
+        if grpo[key] == default:
+            del grpo[key]
     grpo["per_device_train_batch_size"] *= num_processes
     if cfg.grpo.load_best_model_at_end:
         grpo["best_model"] = [cfg.grpo.metric_for_best_model, cfg.grpo.greater_is_better]

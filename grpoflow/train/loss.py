@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from grpoflow.config import GRPOConfig
+from grpoflow.kernels.reference import GENERATION_NORMALISED, high_entropy_mask
 from grpoflow.train.distributed import Distributed, shard_fsdp
 from grpoflow.train.generation import GenerationBatch, importance_weights
 from grpoflow.train.logps import completion_logps, loss_function
@@ -37,6 +38,9 @@ def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBat
     if micro["sampling_logps"] is not None:  # on-policy samples of another engine: this pass is the trainer's view
         importance_sampling_ratio, is_metrics = importance_weights(logps, micro["sampling_logps"], mask,
                                                     grpo.vllm_importance_sampling_cap)
+    entropy_mask = None
+    if grpo.top_entropy_quantile < 1.0:  # one threshold over every process's tokens, as TRL
+        entropy_mask = high_entropy_mask(entropy, mask, grpo.top_entropy_quantile, gather=all_processes)
     grpo_loss = loss_function(grpo.kernels, logps.device)
     loss, metrics = grpo_loss(
         logps.float(), micro["old_logps"], ref_logps, micro["advantages"], mask,
@@ -44,13 +48,30 @@ def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBat
         beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
         max_completion_length=grpo.max_completion_length,
         # DDP averages the processes' gradients: each divides by its share of the generation's tokens
-        num_items_in_batch=buffer.num_items / buffer.num_processes, importance_sampling_ratio=importance_sampling_ratio)
-    if grpo.loss_type != "dapo":
-        # dapo already divides by the tokens of the whole generation; the others are per micro-batch means
+        num_items_in_batch=buffer.num_items / buffer.num_processes, importance_sampling_ratio=importance_sampling_ratio,
+        sapo_temperature_pos=grpo.sapo_temperature_pos, sapo_temperature_neg=grpo.sapo_temperature_neg,
+        entropy_mask=entropy_mask)
+    if grpo.loss_type not in GENERATION_NORMALISED:
+        # dapo and cispo already divide by the tokens of the whole generation; the others are micro-batch means
         loss = loss / grpo.gradient_accumulation_steps
     active = mask.sum()
     metrics["entropy"] = ((entropy * mask).sum() / active.clamp(min=1)).item()
     return loss, {**{k: float(v) for k, v in metrics.items()}, **is_metrics}
+
+
+def all_processes(values: torch.Tensor) -> torch.Tensor:
+    """[n] values of this process -> every process's, concatenated in rank order (n may differ)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    world = torch.distributed.get_world_size()
+    sizes = [torch.zeros((), dtype=torch.long, device=values.device) for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor(values.numel(), device=values.device))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)  # all_gather takes equal shapes
+    padded[:values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
 
 
 def reference_model(policy: Policy, model_path: str, dist: Distributed) -> Policy:
