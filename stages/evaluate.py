@@ -162,8 +162,8 @@ def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
     rows = [("questions scored", lambda f: f"{f['scored']:,}"),
             ("accuracy (`<answer>`)", lambda f: _pct_ci(f["accuracy"], f["accuracy_ci95"])),
             ("accuracy (last number)", lambda f: _pct_ci(f["accuracy_last_number"], f["accuracy_last_number_ci95"])),
-            ("strict format", lambda f: f"{100 * f['format_strict']:.1f}%"),
-            ("soft format", lambda f: f"{100 * f['format_soft']:.1f}%"),
+            ("strict format", lambda f: _pct_ci(f["format_strict"], f.get("format_strict_ci95"))),
+            ("soft format", lambda f: _pct_ci(f["format_soft"], f.get("format_soft_ci95"))),
             ("mean completion tokens", lambda f: f"{f['mean_completion_tokens']:.0f}"),
             ("cut at max tokens", lambda f: f"{100 * f['truncated']:.1f}%"),
             ("reward (sum)", lambda f: f"{f['reward']:.3f}")]
@@ -187,8 +187,9 @@ def _mean(values: list[bool]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _pct_ci(p: float, ci: tuple[float, float]) -> str:
-    return f"{100 * p:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+def _pct_ci(p: float, ci: tuple[float, float] | None) -> str:
+    """'53.1% [36.4, 69.2]'; without an interval (figures kept from before it was computed) the rate alone."""
+    return f"{100 * p:.1f}%" + ("" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
 
 
 def _num(value: float | None) -> str:

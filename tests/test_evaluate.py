@@ -117,8 +117,11 @@ def test_comparison_table_side_by_side():
                for label, acc, fmt in (("base", 0.0, 0.0), ("trained", 0.3, 0.9))}
     table = comparison_table(figures).splitlines()
     assert table[0] == "| metric | base | trained |"
-    assert "| strict format | 0.0% | 90.0% |" in table
+    assert "| strict format | 0.0% | 90.0% |" in table  # figures kept from before the format had intervals
     assert "| rewards/correctness | 0.000 | 0.600 |" in table
+    for label, fmt in (("base", 0), ("trained", 17)):
+        figures[label]["format_strict_ci95"] = wilson_interval(fmt, 32)
+    assert "| strict format | 0.0% [0.0, 10.7] | 90.0% [36.4, 69.1] |" in comparison_table(figures).splitlines()
 
 
 @pytest.mark.slow
