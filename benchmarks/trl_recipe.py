@@ -6,8 +6,9 @@ two learning curves can stand side by side (issue #20).
     python -m grpoflow.cli evaluate -c configs/chain-sum-gpu.yaml --model trl=/tmp/trl-chain/final
 
 The recipe's grpo keys that TRL shares go over as they are (learning_rate, lr_scheduler_type,
-warmup_ratio, max_steps, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
-max_completion_length, max_prompt_length, loss_type, beta, epsilon, temperature, seed), the rewards are
+max_steps, num_generations, per_device_train_batch_size, gradient_accumulation_steps,
+max_completion_length, loss_type, beta, epsilon, temperature, seed; warmup_ratio as
+transformers 5's fractional warmup_steps), the rewards are
 the recipe's reward_funcs (grpoflow's own functions, handed to TRL), and everything else keeps TRL's
 default: in particular TRL has no format warm-up, so it starts from --model as it is. Writes
 <out>/trl_metrics.jsonl (TRL's log history, a line a step) and <out>/final (the trained model).
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 # the grpo keys that mean the same in TRL's GRPOConfig
-SHARED = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "max_steps", "num_generations",
+SHARED = ("learning_rate", "lr_scheduler_type", "max_steps", "num_generations",
           "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length", "loss_type",
           "beta", "epsilon", "temperature", "seed")
 
@@ -60,11 +61,12 @@ def main() -> None:
 
     grpo = load_config(args.config).grpo
     shared = {key: getattr(grpo, key) for key in SHARED}
+    shared["warmup_steps"] = grpo.warmup_ratio  # transformers 5: a float in [0, 1) is the share of the steps
     if args.steps:
         shared["max_steps"] = args.steps
     bf16 = torch.cuda.is_available()
     trl_args = GRPOConfig(
-        output_dir=str(args.out / "trl"), **shared, max_prompt_length=grpo.max_prompt_length, bf16=bf16,
+        output_dir=str(args.out / "trl"), **shared, bf16=bf16,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
         use_vllm=args.engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
     columns = ["prompt", "answer"]
