@@ -5,7 +5,6 @@ champion), and no process the killed one started is left running."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -20,31 +19,18 @@ from safetensors.torch import load_file
 
 from grpoflow.reaper import descendants
 from grpoflow.rounds import Rounds
-from tests.drops import rows
+from tests.drops import continuous_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("GRPOFLOW_KILL_SEED", "29"))
 
 
 def setup(root: Path, model: Path) -> Path:
-    (root / "drops").mkdir(parents=True)
-    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(range(500, 504))))
-    (root / "drops" / "d1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(range(12))))
-    config = {"data": {"answer_format": "gsm8k"},
-              "model": {"name_or_path": str(model), "finetune": "lora", "dtype": "float32",
-                        "lora": {"target_modules": ["q_proj", "v_proj"]}},
-              # 3 steps of 4 prompts reach 12 rows: one round; generations of 2 prompts, so a step spans two
-              "grpo": {"max_steps": 3, "num_generations": 4, "per_device_train_batch_size": 8,
-                       "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_completion_length": 8,
-                       "gradient_checkpointing": False, "save_steps": 1, "warmup": {"enabled": False}},
-              "eval": {"max_samples": 3, "max_new_tokens": 8},
-              "export": {"quantizations": []},
-              "orchestration": {"retries": 0, "retry_delay_seconds": 0},
-              "continuous": {"drop_dir": str(root / "drops"), "heldout": str(root / "heldout.jsonl"),
-                             "min_new_rows": 8, "state_dir": str(root / "state"), "settle_seconds": 0}}
-    path = root / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
+    # 3 steps of 4 prompts reach 12 rows: one round; generations of 2 prompts, so a step spans two
+    return continuous_setup(root, model, drop_rows=12, grpo={
+        "max_steps": 3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-2},
+        eval={"max_samples": 3, "max_new_tokens": 8}, orchestration={"retries": 0, "retry_delay_seconds": 0},
+        min_new_rows=8)
 
 
 def start(config: Path, api_url: str | None, home: Path) -> subprocess.Popen:

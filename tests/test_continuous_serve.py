@@ -18,29 +18,15 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.abandoned import OWNER, crash_abandoned_run
 from grpoflow.reaper import descendants
-from tests.drops import rows
+from tests.drops import continuous_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_config(root: Path, model: Path) -> Path:
-    (root / "drops").mkdir(parents=True)
-    (root / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(range(500, 504))))
-    (root / "drops" / "d1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(range(8))))
-    config = {"data": {"answer_format": "gsm8k"},
-              "model": {"name_or_path": str(model), "finetune": "lora", "dtype": "float32",
-                        "lora": {"target_modules": ["q_proj", "v_proj"]}},
-              "grpo": {"max_steps": 200, "num_generations": 4, "per_device_train_batch_size": 4,
-                       "max_completion_length": 8, "gradient_checkpointing": False, "save_steps": 1,
-                       "warmup": {"enabled": False}},
-              "eval": {"max_samples": 2, "max_new_tokens": 4},
-              "export": {"quantizations": []},
-              "continuous": {"drop_dir": str(root / "drops"), "heldout": str(root / "heldout.jsonl"),
-                             "min_new_rows": 1, "state_dir": str(root / "state"), "settle_seconds": 0,
-                             "poll_seconds": 3600}}
-    path = root / "config.yaml"
-    path.write_text(json.dumps(config))
-    return path
+    # 200 steps: a run still in its GRPO steps when it is killed
+    return continuous_setup(root, model, drop_rows=8, grpo={"max_steps": 200, "per_device_train_batch_size": 4},
+                            eval={"max_samples": 2, "max_new_tokens": 4}, min_new_rows=1, poll_seconds=3600)
 
 
 def runs(api_url: str) -> list:

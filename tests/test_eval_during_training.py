@@ -67,20 +67,27 @@ def test_eval_every_n_steps_lands_in_metrics_with_intervals_and_changes_nothing_
         assert evals[-1][f"eval_{key}"] == pytest.approx(stage[key]), key
 
 
+def metric_by_step(monkeypatch, key: str, values: dict[int, float]):
+    """The real evaluation runs; then its `key` figure is `values[step]`, so a tiny random model's best
+    checkpoint can be placed on cue. Returns the patched evaluate (to wrap further)."""
+    real = PeriodicEval.evaluate
+
+    def evaluate(self, policy, engine, step):
+        metrics = real(self, policy, engine, step)
+        metrics[key] = self.last[key] = values[step]
+        return metrics
+
+    monkeypatch.setattr(PeriodicEval, "evaluate", evaluate)
+    return evaluate
+
+
 def test_best_checkpoint_is_spared_by_pruning_and_loaded_at_the_end(tiny_model, tmp_path, monkeypatch,
                                                                      prefect_server):
     """A metric made to peak at step 2 of 6 (a tiny random model cannot be made to peak on cue: the
     real evaluation runs, its reward is then overwritten): with save_total_limit 1 only step 6 and
     the best are kept, final/ holds step 2's weights, and the Prefect artifacts say so."""
     peaks_at_two = {0: 0.99, 2: 0.9, 4: 0.5, 6: 0.7}  # step 0 has no checkpoint: never the best
-    real = PeriodicEval.evaluate
-
-    def evaluate(self, policy, engine, step):
-        metrics = real(self, policy, engine, step)
-        metrics["eval_reward"] = self.last["eval_reward"] = peaks_at_two[step]
-        return metrics
-
-    monkeypatch.setattr(PeriodicEval, "evaluate", evaluate)
+    metric_by_step(monkeypatch, "eval_reward", peaks_at_two)
     train, heldout = data(tmp_path)
     cfg = eval_config(tmp_path, max_steps=6, save_steps=2, save_total_limit=1, metric_for_best_model="reward",
                       load_best_model_at_end=True)
@@ -115,14 +122,7 @@ def test_best_checkpoint_is_spared_by_pruning_and_loaded_at_the_end(tiny_model, 
 
 def test_greater_is_better_false_keeps_the_lowest(tiny_model, tmp_path, monkeypatch):
     values = {0: 0.0, 1: 0.5, 2: 0.2, 3: 0.4}
-    real = PeriodicEval.evaluate
-
-    def evaluate(self, policy, engine, step):
-        metrics = real(self, policy, engine, step)
-        metrics["eval_accuracy"] = self.last["eval_accuracy"] = values[step]
-        return metrics
-
-    monkeypatch.setattr(PeriodicEval, "evaluate", evaluate)
+    metric_by_step(monkeypatch, "eval_accuracy", values)
     train, heldout = data(tmp_path)
     cfg = eval_config(tmp_path, max_steps=3, eval_steps=1, save_steps=1, save_total_limit=1,
                       metric_for_best_model="accuracy", greater_is_better=False)
@@ -137,14 +137,7 @@ def test_resume_keeps_the_best_so_far(tiny_model, tmp_path, monkeypatch):
     """Stopped after step 2 (the best), resumed: steps 4 and 6 are compared against step 2's figure,
     not against nothing, so step 2 stays the best and is still spared by pruning."""
     values = {0: 0.0, 2: 0.8, 4: 0.3, 6: 0.6}
-    real = PeriodicEval.evaluate
-
-    def evaluate(self, policy, engine, step):
-        metrics = real(self, policy, engine, step)
-        metrics["eval_reward"] = self.last["eval_reward"] = values[step]
-        return metrics
-
-    monkeypatch.setattr(PeriodicEval, "evaluate", evaluate)
+    evaluate = metric_by_step(monkeypatch, "eval_reward", values)
     train, heldout = data(tmp_path)
     cfg = eval_config(tmp_path, max_steps=6, save_steps=2, save_total_limit=1, metric_for_best_model="reward",
                       load_best_model_at_end=True)
