@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -25,6 +24,7 @@ from prefect.states import Crashed
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from grpoflow.atomic import process_alive, write_atomic
+from grpoflow.clock import now_iso
 
 log = logging.getLogger("grpoflow.continuous")
 
@@ -33,7 +33,7 @@ OWNER = "owner.json"
 
 def claim_state_dir(state: Path) -> None:
     owner = {"flow_run_id": str(flow_run.id), "host": socket.gethostname(), "pid": os.getpid(),
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+             "started": now_iso()}
     write_atomic(state / OWNER, json.dumps(owner) + "\n")
 
 

@@ -20,7 +20,6 @@ continuous.poll_seconds, one run at a time.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from flows.retry import retry_options, retry_unless_user_error
 from flows.secrets import hub_token
 from grpoflow.atomic import remove_stale_under, write_atomic
 from grpoflow.base_model import ResolvedModel
+from grpoflow.clock import now_iso
 from grpoflow.config import PipelineConfig, validate_config
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from flows.abandoned import claim_state_dir
@@ -106,7 +106,7 @@ def intake_drops(cfg: PipelineConfig, base: str) -> dict[str, Any]:
     else:
         logger.info("%d new row(s), a round needs %d: waiting for more drops", n, needed)
     write_atomic(Path(cfg.continuous.state_dir) / INTAKE, json.dumps(
-        {**status, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rejects": str(found.manifest.rejects_path) if found.manifest else None},
+        {**status, "at": now_iso(), "rejects": str(found.manifest.rejects_path) if found.manifest else None},
         indent=2) + "\n")
     return status
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grpoflow.atomic import atomic_file, atomic_folder, write_atomic
+from grpoflow.clock import now_iso
 
 STATUSES = ("open", "decided", "done")
 
@@ -118,7 +118,7 @@ class Rounds:
         rounds = self.all()
         number = rounds[-1].round + 1 if rounds else 1
         r = Round(round=number, id=row_id, rows=train.num_rows, champion=champion,
-                  steps=(champion.steps + 1, champion.steps + steps), created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                  steps=(champion.steps + 1, champion.steps + steps), created_at=now_iso())
         final = self.folder / f"{number:04d}-{row_id[:16]}"
         with atomic_folder(final) as tmp:
             pq.write_table(train, tmp / "train.parquet")

@@ -12,6 +12,7 @@ Nothing here runs a stage or changes the state: it only reads what the flow wrot
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,7 @@ def continuous_status(cfg: PipelineConfig) -> dict[str, Any]:
     state = Path(cc.state_dir)
     rounds = Rounds(state)
     every = rounds.all()
-    promoted = [r for r in every if r.status == "done" and r.decision and r.decision["promoted"]]
-    champion = ({"round": promoted[-1].round, "model": promoted[-1].promoted_model, "steps": promoted[-1].steps[1]}
-                if promoted else {"round": 0, "model": "the base model", "steps": 0})
+    champion = asdict(rounds.champion("the base model"))
     intake = json.loads((state / INTAKE).read_text()) if (state / INTAKE).is_file() else None
     ledger = state / "ledger.parquet"
     trained = pq.read_metadata(ledger).num_rows if ledger.is_file() else 0

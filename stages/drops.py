@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoflow.atomic import write_atomic
+from grpoflow.clock import now_iso
 from grpoflow.config import PipelineConfig
 from grpoflow.data_files import FILE_SUFFIXES, SourceError, read_file
 
@@ -69,12 +70,12 @@ def scan_drops(cfg: PipelineConfig, now: float | None = None) -> DropScan:
         problem = drop_problem(path, cfg)
         if problem is None:
             record["drops"][name] = {"status": "ready", "size": stat.st_size, "mtime": stat.st_mtime_ns,
-                                     "checked_at": _now()}
+                                     "checked_at": now_iso()}
             scan.ready.append(path)
         else:
             moved = quarantine(path, problem)
             record["drops"][name] = {"status": "quarantined", "reason": problem, "moved_to": str(moved),
-                                     "checked_at": _now()}
+                                     "checked_at": now_iso()}
             scan.quarantined[name] = problem
             log.warning("drop %s set aside in %s: %s", path, moved.parent, problem)
     for name, why in scan.ignored.items():
@@ -122,7 +123,3 @@ def read_record(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return empty
     return {**empty, **json.loads(path.read_text())}
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

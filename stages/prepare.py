@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpoflow.atomic import process_alive, remove_stale, replace_folder, temporary_name
+from grpoflow.clock import now_iso
 from grpoflow.config import DataConfig
 from grpoflow.hashing import cache_key, file_sha256
 from grpoflow.prep_rows import (DataError, Example, Reject, dedupe, drop_overlap, limit_rows, parse_split,
@@ -200,7 +201,7 @@ def run_prepare(cfg: DataConfig) -> Manifest:
         rejected={"total": len(rejects), "by_reason": by_reason, "by_split": by_split},
         heldout_from=heldout_from,
         config=cfg.model_dump(mode="json"),
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created_at=now_iso(),
         seconds=round(time.perf_counter() - started, 2),
         files=files,
     )
