@@ -9,8 +9,10 @@ process can clean up, so a watchdog does it from outside:
 The watchdog holds the read end of a pipe whose write end only this process has. While the pipe is
 open it notes, every POLL_S, every process descending from this one (by /proc's parent links, with
 each one's start time, so a reused pid is never mistaken for ours). When the pipe closes (this
-process exited or was killed), it sends SIGTERM to every noted process still running and to their
-children, then SIGKILL to whatever is left after GRACE_S. Linux only (/proc); elsewhere a no-op.
+process exited or was killed), it adds every process whose environment carries this one's mark
+(GRPOFLOW_WATCHED_BY, set here and inherited: it finds a child started just before the kill, already
+orphaned and not yet noted), sends SIGTERM to all of them still running and to their children, then
+SIGKILL to whatever is left after GRACE_S. Linux only (/proc); elsewhere a no-op.
 """
 
 from __future__ import annotations
@@ -36,14 +38,42 @@ def watch_children() -> None:
         return
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, False)  # only this process holds it: its death closes the pipe
-    watchdog = subprocess.Popen([sys.executable, "-m", "grpoflow.reaper", str(pid)], stdin=read_end,
-                                start_new_session=True, close_fds=True, cwd=Path(__file__).resolve().parents[1])
+    mark = _mark(pid)
+    watchdog = subprocess.Popen([sys.executable, "-m", "grpoflow.reaper", str(pid), mark], stdin=read_end,
+                                start_new_session=True, close_fds=True, cwd=Path(__file__).resolve().parents[1],
+                                env={k: v for k, v in os.environ.items() if k != MARK})
+    # every process started from here on inherits the mark: one started in the last moments before a
+    # kill, not yet noted and orphaned at once, is still found by it
+    os.environ[MARK] = mark
     os.close(read_end)
     _watching[pid] = watchdog
     _keep_open.append(write_end)
 
 
 _keep_open: list[int] = []  # write ends, never closed by us: the kernel closes them when we die
+
+MARK = "GRPOFLOW_WATCHED_BY"  # environment variable: the watched process, as "<pid>-<start time>"
+
+
+def _mark(pid: int) -> str:
+    info = _stat(pid)
+    return f"{pid}-{info[1] if info else 0}"
+
+
+def marked(mark: str) -> dict[int, int]:
+    """The running processes whose environment carries `mark` (as they were started), as pid -> start time."""
+    needle = f"{MARK}={mark}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if needle in environ.split(b"\0") and (info := _stat(int(entry))) is not None:
+            found[int(entry)] = info[1]
+    return found
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -87,7 +117,7 @@ def _signal_all(pids: dict[int, int], sig: int) -> None:
             pass
 
 
-def watch(parent: int) -> None:
+def watch(parent: int, mark: str) -> None:
     me, born = os.getpid(), _stat(parent)
     noted: dict[int, int] = {}
     while True:
@@ -98,6 +128,8 @@ def watch(parent: int) -> None:
             break
         noted.update({pid: start for pid, start in descendants(parent).items() if pid != me})
         noted = {pid: start for pid, start in noted.items() if (info := _stat(pid)) is not None and info[1] == start}
+    noted.update(marked(mark))
+    noted.pop(me, None)
     left = _still_ours(noted)
     _signal_all(left, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
@@ -108,4 +140,4 @@ def watch(parent: int) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the terminal is for the parent, not for us
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), sys.argv[2])

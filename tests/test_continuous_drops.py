@@ -20,7 +20,7 @@ import pytest
 from grpoflow.atomic import remove_stale_under
 from grpoflow.cli import main
 from grpoflow.config import validate_config
-from grpoflow.reaper import descendants
+from grpoflow.reaper import MARK, descendants, marked
 from grpoflow.rounds import Rounds
 from stages.continuous import intake, round_capacity
 from stages.continuous_status import INTAKE, continuous_status, describe
@@ -171,10 +171,11 @@ def test_children_die_with_a_killed_parent(tmp_path):
               "time.sleep(300)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert parent.stdout.readline().strip() == "ready"
-    time.sleep(0.5)  # the watchdog notes them
-    below = descendants(parent.pid)
-    sleeps = [pid for pid in below if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep")]
-    assert len(sleeps) == 3  # the one in a session of its own and the grandchild too
+    deadline = time.monotonic() + 10
+    while len(sleeps := [pid for pid in descendants(parent.pid)
+                         if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep")]) < 3:
+        assert time.monotonic() < deadline  # the one in a session of its own and the grandchild too
+    # killed at once: the watchdog may not have noted them yet; the mark they inherited finds them
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
@@ -224,3 +225,15 @@ def test_a_round_needs_max_steps(tmp_path):
     raw["grpo"] = {"max_steps": None, "num_train_epochs": 1}
     with pytest.raises(ConfigError, match="grpo.max_steps: null, but the continuous flow needs it"):
         check(validate_config(raw))
+
+
+def test_the_mark_finds_a_child_that_was_never_noted(tmp_path):
+    """A process started just before the kill and orphaned at once has no parent link to follow."""
+    orphan = subprocess.Popen(["sleep", "300"], env={**os.environ, MARK: "4242-1"}, start_new_session=True)
+    other = subprocess.Popen(["sleep", "300"], env={k: v for k, v in os.environ.items() if k != MARK})
+    try:
+        found = marked("4242-1")
+        assert orphan.pid in found and other.pid not in found
+    finally:
+        orphan.kill()
+        other.kill()
