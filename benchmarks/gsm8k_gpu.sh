@@ -7,7 +7,8 @@
 #   env: CONFIG (default configs/gsm8k-gpu.yaml; a config whose data.source is not gsm8k keeps its
 #        own), GSM8K, MODEL, RUN, BUDGET_S (train: checkpoint and stop after the step that ends past
 #        this many seconds; the next call resumes there), OUT and NAME (report: where the summary
-#        and curves go, and their name)
+#        and curves go, and their name), SETS (more --set KEY=VALUE words for every phase, e.g.
+#        "--set rollout.gpu_memory_utilization=0.15" when several runs share the card)
 # Each model is evaluated once (stages/evaluate.py keeps figures per model), so eval-base can
 # run beside training, and eval-trained reuses the base figures for the side-by-side table.
 set -euo pipefail
@@ -19,7 +20,7 @@ source=(--set "data.source=$GSM8K")
 grep -q '^  source: reasoning_gym' "$CONFIG" && source=(--set "grpo.warmup.source=$GSM8K")
 common=(-c "$CONFIG" "${source[@]}" --set "model.name_or_path=$MODEL"
         --set "data.output_dir=$RUN/data" --set "grpo.output_dir=$RUN/train" --set "eval.output_dir=$RUN/eval"
-        --set grpo.save_steps=25)
+        --set grpo.save_steps=25 ${SETS:-})
 case "${1:-}" in
   train)        python -m grpoflow.cli train "${common[@]}" --stop-after "$BUDGET_S" > "$RUN/train.json" \
                   2>> "$RUN/train.log"

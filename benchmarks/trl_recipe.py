@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="TRL's rollouts: generate or vLLM")
     parser.add_argument("--steps", type=int, help="override the recipe's max_steps (a smoke test)")
+    parser.add_argument("--vllm-memory", type=float, default=0.3,
+                        help="the colocated vLLM's gpu_memory_utilization (lower it when runs share the card)")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -68,7 +70,7 @@ def main() -> None:
     trl_args = GRPOConfig(
         output_dir=str(args.out / "trl"), **shared, bf16=bf16,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-        use_vllm=args.engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
+        use_vllm=args.engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=args.vllm_memory)
     columns = ["prompt", "answer"]
     dataset = Dataset.from_list(pq.read_table(args.data / "train.parquet", columns=columns).to_pylist())
     trainer = GRPOTrainer(model=args.model, reward_funcs=trl_rewards(grpo.reward_funcs), args=trl_args,

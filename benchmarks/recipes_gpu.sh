@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue #20's GPU recipes, side by side on one card, in calls of at most 10 minutes that each pick up
+# where the last one stopped (send the same command again until it prints "all done"):
+#   lane chain: configs/chain-sum-gpu.yaml, train -> eval-trained -> report  (RUN=/tmp/chain)
+#   lane gsm8k: configs/gsm8k-gpu.yaml,     train -> eval-trained -> report  (RUN=/tmp/gsm8k-run)
+#   lane base:  both base models evaluated once (eval-trained reuses the figures)
+#   lane trl:   TRL 1.16 on chain_sum, same data and step budget, then evaluated beside ours
+# A 135M model leaves an H100 or H200 mostly idle, so the four lanes share it: each vLLM engine gets
+# rollout.gpu_memory_utilization=$MEMORY, and each lane waits for the engines started before it (vLLM
+# measures free memory while it starts). Each phase's files are copied to $OUT as it ends.
+#   OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
+set -uo pipefail
+DEADLINE_S=${DEADLINE_S:-540} MEMORY=${MEMORY:-0.12} OUT=${OUT:-/tmp/recipes-out}
+MODEL=${MODEL:-/tmp/smollm2} CHAIN=/tmp/chain GSM=/tmp/gsm8k-run TRL=/tmp/trl-chain
+started=$SECONDS
+mkdir -p "$OUT" "$CHAIN" "$GSM" "$TRL"
+export SETS="--set rollout.gpu_memory_utilization=$MEMORY"
+left() { echo $((DEADLINE_S - (SECONDS - started))); }
+save() { mkdir -p "$OUT/$2"; cp -r "$1"/*.json "$1"/*.log "$OUT/$2/" 2>/dev/null
+         find "$1" -name metrics.jsonl -o -name 'eval*.jsonl' -o -name '*.png' -o -name 'summary*' \
+           | while read -r f; do cp "$f" "$OUT/$2/$(echo "${f#"$1"/}" | tr / _)"; done; true; }
+engines() { cat "$CHAIN"/*.log "$GSM"/*.log 2>/dev/null | grep -c "rollout engine: vLLM" ; }
+# waits until $1 engines have started (or 180 s, or the deadline)
+await_engines() { local t=$SECONDS; while [ "$(engines)" -lt "$1" ] && [ $((SECONDS - t)) -lt 180 ] && [ "$(left)" -gt 60 ]; do sleep 3; done; }
+finished() { grep -q '"finished": true' "$1/train.json" 2>/dev/null; }
+
+lane_recipe() {  # RUN CONFIG NAME
+  local run=$1 config=$2 name=$3
+  if ! finished "$run"; then
+    RUN=$run CONFIG=$config BUDGET_S=$(( $(left) - 100 )) timeout $(( $(left) - 10 )) bash benchmarks/gsm8k_gpu.sh train
+    save "$run" "$name"
+  fi
+  finished "$run" || { echo "$name: training goes on next call ($(left) s left)"; return; }
+  [ -s "$run/eval-trained.json" ] || { RUN=$run CONFIG=$config timeout $(( $(left) - 5 )) bash benchmarks/gsm8k_gpu.sh eval-trained; save "$run" "$name"; }
+  [ -s "$run/eval-trained.json" ] && RUN=$run CONFIG=$config NAME=$name OUT=$OUT/$name bash benchmarks/gsm8k_gpu.sh report
+  echo "$name: done"
+}
+lane_base() {
+  for pair in "$CHAIN configs/chain-sum-gpu.yaml chain-sum" "$GSM configs/gsm8k-gpu.yaml gsm8k"; do
+    set -- $pair
+    [ -s "$1/eval-base.json" ] || { RUN=$1 CONFIG=$2 timeout $(( $(left) - 5 )) bash benchmarks/gsm8k_gpu.sh eval-base; save "$1" "$3"; }
+  done
+  echo "base: done"
+}
+lane_trl() {
+  local t=$SECONDS
+  until ls "$CHAIN"/data/*/train.parquet >/dev/null 2>&1 || [ $((SECONDS - t)) -gt 300 ]; do sleep 5; done
+  if [ ! -d "$TRL/final" ]; then
+    [ "$(left)" -gt 420 ] || { echo "trl: too little time left this call ($(left) s)"; return; }
+    timeout $(( $(left) - 10 )) python benchmarks/trl_recipe.py -c configs/chain-sum-gpu.yaml \
+      --data "$(ls -d "$CHAIN"/data/*/ | head -1)" --model "$MODEL" --out "$TRL" --engine vllm \
+      --vllm-memory "$MEMORY" > "$TRL/trl.json" 2> "$TRL/trl.log"
+    cp "$TRL"/trl.json "$TRL"/trl.log "$TRL"/trl_metrics.jsonl "$OUT/" 2>/dev/null
+  fi
+  [ -d "$TRL/final" ] || { echo "trl: not finished"; return; }
+  [ -s "$TRL/eval.json" ] || timeout $(( $(left) - 5 )) python -m grpoflow.cli evaluate -c configs/chain-sum-gpu.yaml \
+      --set "grpo.warmup.source=/tmp/gsm8k" --set "model.name_or_path=$MODEL" \
+      --set "data.output_dir=$CHAIN/data" --set "eval.output_dir=$CHAIN/eval" $SETS \
+      --model "base=$MODEL" --model "trl=$TRL/final" > "$TRL/eval.json" 2>> "$TRL/trl.log"
+  cp "$TRL"/eval.json "$TRL"/trl.log "$OUT/" 2>/dev/null
+  echo "trl: done"
+}
+
+n0=$(engines)
+lane_recipe "$CHAIN" configs/chain-sum-gpu.yaml chain-sum > "$OUT/lane-chain.txt" 2>&1 &
+await_engines $((n0 + 1))
+lane_recipe "$GSM" configs/gsm8k-gpu.yaml gsm8k > "$OUT/lane-gsm8k.txt" 2>&1 &
+await_engines $((n0 + 2))
+lane_base > "$OUT/lane-base.txt" 2>&1 &
+await_engines $((n0 + 3))
+lane_trl > "$OUT/lane-trl.txt" 2>&1 &
+wait
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt"
+tail -n 3 "$OUT"/lane-*.txt
+grep -q "done" "$OUT/lane-chain.txt" && grep -q "done" "$OUT/lane-gsm8k.txt" && grep -q "done" "$OUT/lane-base.txt" \
+  && grep -q "done" "$OUT/lane-trl.txt" && echo "all done"
