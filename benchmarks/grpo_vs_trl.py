@@ -107,7 +107,12 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
             "generation_tokens_per_second": [r["generation/tokens_per_second"] for r in records],
             "time": {k: [r[k] for r in records] for k in ("time/weight_sync_seconds", "time/train_seconds",
                                                             "time/optimizer_seconds")},
-            "train_tokens_per_second": [r["train/tokens_per_second"] for r in records]}
+            "train_tokens_per_second": [r["train/tokens_per_second"] for r in records],
+            # rollout.mode async: how long each step waited for its generation, and how old its weights were
+            "rollout_wait_seconds": [r.get("rollout/wait_seconds") for r in records],
+            "rollout_staleness": [r.get("rollout/staleness") for r in records],
+            "dynamic_sampling_groups_dropped": [r.get("dynamic_sampling/groups_dropped") for r in records],
+            "frac_reward_zero_std": [r.get("frac_reward_zero_std") for r in records]}
 
 
 def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf", finetune: str = "full",

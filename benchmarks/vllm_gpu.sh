@@ -12,6 +12,8 @@
 #   bash benchmarks/vllm_gpu.sh repeat     # grpoflow and TRL (SmolLM2, full) twice each, interleaved
 #   bash benchmarks/vllm_gpu.sh interleaved  # grpoflow, TRL, grpoflow (SmolLM2, full): a ratio with its spread
 #   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each
+#   bash benchmarks/vllm_gpu.sh async      # issue #21: ours sync, TRL, ours async, ours async + dynamic sampling,
+#                                          # on SmolLM2 and on the Qwen3-0.6B shape
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -20,7 +22,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -51,6 +53,17 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|tests}" in
     bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-1
     bench --model /tmp/smollm2 --engine vllm --only trl --tag smollm2-full
     bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-2
+    ;;
+  async)
+    for model in /tmp/smollm2 /tmp/qwen3r; do
+      name=$(basename "$model") && extra=()
+      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-sync"
+      bench --model "$model" --engine vllm --only trl --tag "$name"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async \
+        --set grpo.dynamic_sampling=true --tag "$name-async-dynamic"
+    done
     ;;
   tests)
     failed=0

@@ -194,9 +194,16 @@ class GRPOConfig(Section):
     top_k: int = Field(0, ge=0, description="0 = off")
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    # Rollouts from another engine (vLLM): truncated importance sampling
+    # Rollouts from another engine (vLLM), or from older weights (rollout.mode: async): truncated importance sampling
     vllm_importance_sampling_correction: bool = True
     vllm_importance_sampling_cap: float = Field(2.0, gt=0)
+    # DAPO's dynamic sampling: groups whose rewards all tie carry no gradient; they are dropped and
+    # replaced by groups of further prompts
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards all tie and refill the generation "
+                                                      "from further prompts (DAPO)")
+    dynamic_sampling_max_draws: int = Field(
+        4, ge=1, description="generate calls one generation may take, the first included; groups still missing "
+                             "after them are filled with tied groups masked out of the loss")
     # Rewards
     reward_funcs: list[str] = ["correctness", "int", "strict_format", "soft_format", "xmlcount"]
     reward_weights: list[float] | None = None
@@ -341,6 +348,11 @@ class RolloutConfig(Section):
         False, description="vLLM: each prompt's completions from a seed of its own, so the same on any number of "
                            "processes (the transformers engine always does this); costs vLLM one random draw per "
                            "request at every decoding step. Off: each process's engine draws from seed + rank")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="async: the next generation is sampled while the trainer trains on this one, from "
+                            "weights at most max_staleness optimizer steps old (docs/async-rollouts.md)")
+    max_staleness: int = Field(1, ge=1, description="async: optimizer steps the sampling weights may lag the "
+                                                    "trained ones (1: one-step-off-policy)")
 
 
 class EvalConfig(Section):

@@ -37,7 +37,6 @@ from grpoflow.config import PipelineConfig
 from grpoflow.errors import ConfigError, TrainingDiverged
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
-from grpoflow.rollout.seeded import prompt_seed
 from grpoflow.stopping import StopRequested, stop_requested
 from grpoflow.train.checkpoint import (
     TrainState,
@@ -56,11 +55,12 @@ from grpoflow.train.checkpoint import (
     set_rng_state,
 )
 from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
-from grpoflow.train.generation import generate_batch
+from grpoflow.train.generation import build_batch
 from grpoflow.train.log import RunLogger, StepMeter, fmt_value, step_progress, warn_if_no_signal
 from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
+from grpoflow.train.rollouts import Rollouts
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
 
@@ -146,6 +146,7 @@ class GRPORecipe:
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
             completions_per_call=self.per_process * grpo.num_generations)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
+        self.rollouts = Rollouts(self.engine, policy, self.rows, self.rewards, cfg, self.plan, dist, self.sampler)
         self.ref_model = (reference_model(policy, self.model_path, dist)
                           if grpo.beta > 0 and not policy.is_peft else None)
         # old log-probs are needed once the policy moves between sampling and training on a row
@@ -169,6 +170,7 @@ class GRPORecipe:
         dist = self.dist
         self.state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler, self.scaler)
         self.sampler.load_state_dict(self.state.sampler)
+        self.rollouts.load_state_dict(self.state.rollouts_ahead_of(path, dist.rank, dist.world_size))
         self.buffer = batch_from_state(self.state.buffer_of(path, dist.rank, dist.world_size), self.policy.device)
         if len(self.state.rng_by_rank) == dist.world_size:  # load_checkpoint set rank 0's
             set_rng_state(self.state.rng_by_rank[dist.rank])
@@ -177,10 +179,17 @@ class GRPORecipe:
     # -- the loop ----------------------------------------------------------------------------------
 
     def train(self, *, progress: bool = True, stop_at: float | None = None) -> TrainResult:
-        grpo, plan, state = self.grpo, self.plan, self.state
+        grpo, plan = self.grpo, self.plan
         log.info("GRPO: %d steps; each generation %d prompts x %d completions, %d micro-batches of %d, "
                  "%d iteration(s)", grpo.max_steps, plan.unique_prompts, grpo.num_generations,
                  plan.steps_per_generation, grpo.per_device_train_batch_size, grpo.num_iterations)
+        try:
+            return self._train(progress=progress, stop_at=stop_at)
+        finally:
+            self.rollouts.close()  # a generation sampled ahead that no step will train on is dropped
+
+    def _train(self, *, progress: bool, stop_at: float | None) -> TrainResult:
+        grpo, state = self.grpo, self.state
         bar = step_progress(enabled=progress and self.dist.is_main)
         if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
             # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
@@ -189,11 +198,11 @@ class GRPORecipe:
             task = bar.add_task("train", total=grpo.max_steps, completed=state.step, reward="-")
             while state.step < grpo.max_steps:
                 self.meter = StepMeter(self.policy.device)
-                micro_metrics = [self.micro_step(last=i == grpo.gradient_accumulation_steps - 1)
-                                 for i in range(grpo.gradient_accumulation_steps)]
+                micro_metrics = [self.micro_step(i) for i in range(grpo.gradient_accumulation_steps)]
                 grad_norm = self.optimizer_step(micro_metrics)
                 record = self._log_step(micro_metrics, grad_norm)
                 self.evaluate_if_due()
+                self.rollouts.after_step(state.step)  # async: the generation ahead starts once its weights are here
                 bar.update(task, completed=state.step, reward=f"{record.get('reward', float('nan')):.3f}")
                 if state.nonfinite_in_row >= grpo.max_nonfinite_steps:
                     raise TrainingDiverged(
@@ -217,34 +226,37 @@ class GRPORecipe:
         self.load_best_model()
         return self.finish()
 
-    def next_generation(self) -> None:
-        """Sample the next generation from the policy as it is now: every process draws the whole
-        generation's prompts and generates and scores its block of them."""
-        grpo, dist, n = self.grpo, self.dist, self.per_process
-        first, drawn = dist.rank * n, self.sampler.drawn
-        prompts = self.sampler.take(self.plan.unique_prompts)[first:first + n]
-        seeds = [prompt_seed(grpo.seed, drawn + first + i) for i in range(n)]
-        with self.meter.timed("sync"):
-            self.engine.sync_weights(self.policy, self.state.step)  # vLLM: sample from the policy as it is now
-        self.buffer = generate_batch(self.engine, self.policy, [self.rows[i] for i in prompts], self.rewards, grpo,
-                                     need_old_logps=self.need_old_logps, micro_batch=grpo.per_device_train_batch_size,
-                                     seeds=seeds, dist=dist)
-        self.buffer.rows = [i for i in prompts for _ in range(grpo.num_generations)]
-        self.engine.sleep()  # vLLM: the KV cache is released while the trainer works
+    def next_generation(self, micro_index: int) -> None:
+        """The next generation, from grpoflow/train/rollouts.py (sampled now, or ahead in rollout.mode
+        async): every process draws the whole generation's prompts and generates and scores its
+        block of them; here it becomes training tensors, advantages over every process's groups."""
+        grpo, dist, step = self.grpo, self.dist, self.state.step
+        # the step the generation after this one is first trained at: micro-steps run in order
+        next_at = step + (micro_index + self.plan.micro_steps_per_generation) // grpo.gradient_accumulation_steps
+        self.rollouts.timed = self.meter.timed
+        sampled = self.rollouts.next(step, next_at)
+        self.buffer = build_batch(sampled, [self.rows[i] for i in sampled.rows], self.policy, self.rewards, grpo,
+                                  need_old_logps=self.need_old_logps, micro_batch=grpo.per_device_train_batch_size,
+                                  dist=dist, correct=self.rollouts.logprobs)
+        # a group masked out of the loss (dynamic sampling came up short) is not a row trained on
+        self.buffer.rows = [None if m else i for i, m in zip(sampled.rows, sampled.masked)
+                            for _ in range(grpo.num_generations)]
         self.meter.end("generation")
         self.state.next_micro = 0
         if grpo.log_completions and (self.state.step + 1) % grpo.log_completions_steps == 0:
             self.logger.log_completions(self.state.step + 1,
                                         [s for part in dist.all_gather(self.buffer.samples) for s in part])
 
-    def micro_step(self, *, last: bool) -> dict[str, float]:
-        """Loss and backward on the next micro-batch; gradients are all-reduced on the `last` one."""
+    def micro_step(self, index: int) -> dict[str, float]:
+        """Loss and backward on the next micro-batch (`index` of the optimizer step's); gradients are
+        all-reduced on the step's last one."""
+        last = index == self.grpo.gradient_accumulation_steps - 1
         if self.buffer is None or self.state.next_micro == self.plan.micro_steps_per_generation:
-            self.next_generation()
+            self.next_generation(index)
         size = self.grpo.per_device_train_batch_size
         chunk = self.state.next_micro % self.plan.steps_per_generation
         micro = self.buffer.slice(chunk * size, (chunk + 1) * size)
-        self.state.rows_reached.update(self.buffer.rows[chunk * size:(chunk + 1) * size])
+        self.state.rows_reached.update(r for r in self.buffer.rows[chunk * size:(chunk + 1) * size] if r is not None)
         self.state.next_micro += 1
         with self.meter.timed("train"):
             with self.policy.no_sync(skip=not last):
@@ -284,6 +296,11 @@ class GRPORecipe:
                   **self.meter.metrics()}
         record = self.dist.reduce_metrics(record)  # one record for all processes
         step = self.state.step
+        version = record.pop("rollout/version", step - 1)
+        if self.rollouts.ahead_mode:  # how many optimizer steps older than the trained ones the sampling weights were
+            record["rollout/staleness"] = step - 1 - version
+        else:
+            record.pop("rollout/wait_seconds", None)
         if step % self.grpo.logging_steps == 0 or step == self.grpo.max_steps:
             self.logger.log(step, record)
         if self.dist.is_main:
@@ -296,6 +313,7 @@ class GRPORecipe:
         state, dist, policy = self.state, self.dist, self.policy
         self._keep_if_best()
         weights, optimizer_state = gather_trained(policy), gather_optimizer(policy, self.optimizer)
+        state.rollouts_ahead = dist.all_gather(self.rollouts.state_dict())  # waits for it: it draws prompts
         state.sampler = self.sampler.state_dict()
         state.buffers, state.rng_by_rank = dist.all_gather(batch_to_state(self.buffer)), dist.all_gather(rng_state())
         state.at_generation_boundary = self.buffer is None or state.next_micro == self.plan.micro_steps_per_generation
@@ -322,6 +340,7 @@ class GRPORecipe:
     def evaluate_if_due(self) -> None:
         """Every process: the held-out figures of the policy as it is now, into metrics.jsonl."""
         if self.evaluator is not None and self.evaluator.due(self.state.step):
+            self.rollouts.idle()  # vLLM: the engine answers the held-out prompts once the generation ahead is done
             self.logger.log_eval(self.state.step, self.evaluator.evaluate(self.policy, self.engine, self.state.step))
 
     def _keep_if_best(self) -> None:

@@ -23,6 +23,7 @@ from grpoflow.config import ConfigError
 from grpoflow.launch import launch_train
 from grpoflow.train.checkpoint import TrainState, trained_weights
 from stages.train import TrainResult, run_train
+from tests.test_async_rollouts import HALF_TIED
 from tests.test_train import config, metrics
 
 WEIGHTS_ATOL = 2e-6  # lr 3e-3: a wrong normaliser or a missing all-reduce moves weights by ~1e-3
@@ -107,6 +108,33 @@ def test_two_processes_step_as_one_full_finetuning_dapo_and_resume_on_one(tiny_m
     resumed = run_train(one, train, heldout, model, progress=False)
     assert resumed.steps == 2
     assert_same_weights(trained(single.output_dir, 2), trained(resumed.output_dir, 2))
+
+
+def test_two_processes_sample_ahead_as_one_and_refill_together(tiny_model, tmp_path):
+    """rollout.mode async under torchrun: each process samples its block of the next generation in a
+    thread while it trains, and the steps are one process's. With dynamic sampling the processes
+    agree on each refill over a gloo group of the threads' own, beside the trainer's collectives."""
+    one, two = two_configs(tmp_path, "full", max_steps=3, loss_type="dapo")
+    for cfg in (one, two):
+        cfg.rollout.mode = "async"
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    single = run_train(one, train, heldout, model, progress=False)
+    double = launch(two, 2)
+    for step in (2, 3):  # the two newest checkpoints stay
+        assert_same_weights(trained(single.output_dir, step), trained(double.output_dir, step))
+    assert_same_metrics(metrics(single), metrics(double))
+    assert [m["rollout/staleness"] for m in metrics(double)] == [0, 1, 1]
+
+    dynamic = two.model_copy(deep=True)
+    reward = tmp_path / "half_tied.py"
+    reward.write_text(HALF_TIED)
+    dynamic.grpo.reward_funcs, dynamic.grpo.output_dir = [f"{reward}:half_tied"], tmp_path / "dynamic"
+    dynamic.grpo.dynamic_sampling, dynamic.grpo.dynamic_sampling_max_draws = True, 16
+    steps = metrics(launch(dynamic, 2))
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["dynamic_sampling/frac_reward_zero_std_trained"] == 0 and m["dynamic_sampling/groups_masked"] == 0
+    assert sum(m["dynamic_sampling/groups_dropped"] for m in steps) > 0
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,8 @@ class TrainState:
     num_processes: int = 1
     at_generation_boundary: bool = True  # the generation was used up: resumable on any number of processes
     rows_reached: set[int] = field(default_factory=set)  # training rows a loss has seen (indices), all processes
+    # rollout.mode async: each process's generation sampled ahead, and the step the next one starts at
+    rollouts_ahead: list[dict[str, Any] | None] = field(default_factory=lambda: [None])
     # the best checkpoint so far by grpo.metric_for_best_model (transformers' TrainerState names)
     best_metric: float | None = None
     best_global_step: int | None = None
@@ -89,6 +91,18 @@ class TrainState:
             f"see `grpoflow explain-batches`), or set grpo.resume_from_checkpoint: false to start over.")
 
 
+    def rollouts_ahead_of(self, path: Path, rank: int, world_size: int) -> dict[str, Any] | None:
+        """This process's generation sampled ahead (rollout.mode async), if the run had one."""
+        if len(self.rollouts_ahead) == world_size:
+            return self.rollouts_ahead[rank]
+        if all(a is None for a in self.rollouts_ahead):
+            return None
+        raise ConfigError(
+            f"{path} holds a generation sampled ahead (rollout.mode: async) by {len(self.rollouts_ahead)} "
+            f"process(es); this run has {world_size}. Resume it on {len(self.rollouts_ahead)} process(es), or set "
+            f"grpo.resume_from_checkpoint: false to start over.")
+
+
 def batch_to_state(batch: GenerationBatch | None) -> dict[str, Any] | None:
     """A generation's rows as plain values on the host, for a checkpoint."""
     if batch is None:
@@ -108,24 +122,27 @@ EVAL_KEYS = ("eval_strategy", "eval_steps", "eval_prompts", "metric_for_best_mod
              "load_best_model_at_end")
 
 
-# grpo keys added by issue #27, at the values that train as before them
-KEYS_OF_ISSUE_27 = {"num_train_epochs": None, "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05,
-                    "top_entropy_quantile": 1.0}
+# grpo keys added since runs were first keyed (issues #27 and #21), at the values that train as before them
+KEYS_ADDED_LATER = {"num_train_epochs": None, "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05,
+                    "top_entropy_quantile": 1.0, "dynamic_sampling": False, "dynamic_sampling_max_draws": 4}
 
 
 def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> str:
     """Same data, base model and training config: the same run, whose checkpoints it resumes. The
     batch counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
     global batch on another number of processes is the same run; with ddp or fsdp alike
-    (grpo.distributed), whose checkpoints are the same. Evaluation during training changes no weight
-    (it restores the RNGs it uses): its keys count only where final/ becomes the best checkpoint."""
+    (grpo.distributed), whose checkpoints are the same. rollout.mode: async counts, with its staleness.
+    Evaluation during training changes no weight (it restores the RNGs it uses): its keys count only
+    where final/ becomes the best checkpoint."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
                                                     "log_completions", "report_to", "save_steps",
                                                     "save_total_limit", "resume_from_checkpoint", "distributed",
                                                     *EVAL_KEYS})
-    for key, default in KEYS_OF_ISSUE_27.items():  # at their defaults, the runs from before them resume
+    for key, default in KEYS_ADDED_LATER.items():  # at their defaults, the runs from before them resume
         if grpo[key] == default:
             del grpo[key]
+    if cfg.rollout.mode == "async":  # which weights sample each generation: another run
+        grpo["rollout"] = ["async", cfg.rollout.max_staleness]
     grpo["per_device_train_batch_size"] *= num_processes
     if cfg.grpo.load_best_model_at_end:
         grpo["best_model"] = [cfg.grpo.metric_for_best_model, cfg.grpo.greater_is_better]

@@ -21,7 +21,7 @@ import contextlib
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -44,6 +44,7 @@ class Distributed:
     world_size: int
     local_rank: int
     device: torch.device
+    group: Any = None  # the process group the collectives go over; None: the default one
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +59,7 @@ class Distributed:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        torch_dist.all_gather_object(out, obj)
+        torch_dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_true(self, flag: bool) -> bool:
@@ -66,7 +67,7 @@ class Distributed:
         if not self.active:
             return flag
         t = torch.tensor([1 if flag else 0], device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
     def any_true(self, flag: bool) -> bool:
@@ -74,7 +75,15 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.active:
-            torch_dist.barrier()
+            torch_dist.barrier(group=self.group)
+
+    def side_channel(self) -> Distributed:
+        """The same processes over a gloo group of their own, for collectives from another thread
+        (the rollouts sampled ahead) while the trainer's go over the default group. Every process
+        must call it, in the same order."""
+        if not self.active:
+            return self
+        return replace(self, group=torch_dist.new_group(backend="gloo"), device=torch.device("cpu"))
 
     def reduce_metrics(self, record: dict[str, float]) -> dict[str, float]:
         """One record for the whole step: sums, maxima, minima or means over the processes."""

@@ -12,7 +12,7 @@ from grpoflow.advantages import compute_advantages
 from grpoflow.config import GRPOConfig
 from grpoflow.rewards import RewardSet
 from grpoflow.rewards.reward_set import Scores
-from grpoflow.rollout import RolloutEngine, SamplingParams
+from grpoflow.rollout import Completion, RolloutEngine, SamplingParams
 from grpoflow.rollout.hf import left_pad
 from grpoflow.train.distributed import Distributed
 from grpoflow.train.logps import completion_logps
@@ -37,7 +37,7 @@ class GenerationBatch:
     metrics: dict[str, float]  # of the whole generation, all processes
     samples: list[dict[str, Any]] = field(default_factory=list)  # this process's, for the completions log
     num_processes: int = 1  # that made the generation; each holds its share of the rows
-    rows: list[int] = field(default_factory=list)  # each completion's row of the training set (its index)
+    rows: list[int | None] = field(default_factory=list)  # each completion's training row (index); None: masked out
 
     @property
     def completion_len(self) -> int:
@@ -52,37 +52,91 @@ class GenerationBatch:
                 "sampling_logps": None if self.sampling_logps is None else self.sampling_logps[start:stop]}
 
 
+@dataclass
+class Sampled:
+    """One process's share of a generation as the engine gave it, scored: what the rollouts hand the
+    trainer (grpoflow/train/rollouts.py), and what a checkpoint keeps of a generation sampled ahead.
+    Groups are whole: a prompt's G completions are consecutive."""
+    rows: list[int]  # the training row of each group
+    groups: list[list[Completion]]  # [groups][G]
+    scores: Scores  # of the groups' completions, flattened in group order
+    seconds: float  # generating them (every generate call of the generation)
+    phases: dict[str, float] = field(default_factory=dict)  # the engine's last call (vLLM: wake_up, sample ...)
+    version: int = 0  # optimizer steps of the weights that sampled them
+    masked: list[bool] = field(default_factory=list)  # [groups]: tied groups that train masked out (dynamic sampling)
+    drawn: Scores | None = None  # every group drawn, dropped ones too (dynamic sampling): the reward metrics
+    dynamic: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts, this process's
+    wait_seconds: float = 0.0  # how long the trainer waited for it (rollout.mode async)
+
+
+def sampling_params(grpo: GRPOConfig, *, logprobs: bool) -> SamplingParams:
+    return SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
+                          top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty,
+                          n=grpo.num_generations, truncate_prompt_tokens=grpo.max_prompt_length, logprobs=logprobs)
+
+
+def needs_sampling_logps(engine: RolloutEngine, grpo: GRPOConfig, *, stale: bool = False) -> bool:
+    """Another engine (vLLM) samples from its own copy of the weights, computed its own way, and
+    older weights (rollout.mode async) sample another distribution: their per-token log-probs against
+    the trainer's give the truncated importance-sampling weights."""
+    return (engine.name != "hf" or stale) and grpo.vllm_importance_sampling_correction
+
+
+def sample_groups(engine: RolloutEngine, rows: list[dict[str, Any]], indices: list[int], rewards: RewardSet,
+                  grpo: GRPOConfig, *, seeds: list[int] | None = None, logprobs: bool = False) -> Sampled:
+    """Generate num_generations completions for each row and score them: no collective, no
+    tensor for the trainer (the rollout thread runs it in rollout.mode async)."""
+    G = grpo.num_generations
+    started = time.perf_counter()
+    groups = engine.generate([r["prompt"] for r in rows], sampling_params(grpo, logprobs=logprobs), seeds=seeds)
+    seconds = time.perf_counter() - started
+    texts = [c.text for group in groups for c in group]
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
+    scores = rewards.score(prompts, texts, **columns)
+    return Sampled(list(indices), groups, scores, seconds, dict(getattr(engine, "timings", {})),
+                   masked=[False] * len(groups))
+
+
 def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
                    *, need_old_logps: bool, micro_batch: int, seeds: list[int] | None = None,
                    dist: Distributed | None = None) -> GenerationBatch:
-    """rows: this process's prompts of the generation (all of them with one process). Rewards are
-    scored here, where the completions are; advantages and metrics are over the whole generation,
-    every process's groups together, as one process would compute them."""
+    """rows: this process's prompts of the generation (all of them with one process), sampled and
+    made into training tensors at once (the synchronous path, one generate call)."""
+    correct = needs_sampling_logps(engine, grpo)
+    sampled = sample_groups(engine, rows, list(range(len(rows))), rewards, grpo, seeds=seeds, logprobs=correct)
+    return build_batch(sampled, rows, policy, rewards, grpo, need_old_logps=need_old_logps, micro_batch=micro_batch,
+                       dist=dist, correct=correct)
+
+
+def build_batch(sampled: Sampled, rows: list[dict[str, Any]], policy, rewards: RewardSet, grpo: GRPOConfig, *,
+                need_old_logps: bool, micro_batch: int, dist: Distributed | None = None,
+                correct: bool = False) -> GenerationBatch:
+    """rows: the dataset rows of sampled's groups. Advantages and metrics are over the whole
+    generation, every process's groups together, as one process would compute them; a masked
+    group (dynamic sampling came up short) keeps its place with a completion mask of zeros."""
     dist = dist or Distributed(0, 1, 0, policy.device)
     G = grpo.num_generations
-    started = time.perf_counter()
-    # another engine (vLLM) samples from its own copy of the weights, computed its own way: its
-    # per-token log-probs against the trainer's give the truncated importance-sampling weights
-    correct = engine.name != "hf" and grpo.vllm_importance_sampling_correction
-    params = SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
-                            top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty, n=G,
-                            truncate_prompt_tokens=grpo.max_prompt_length, logprobs=correct)
-    groups = engine.generate([r["prompt"] for r in rows], params, seeds=seeds)
-    gen_seconds = time.perf_counter() - started
+    groups, scores = sampled.groups, sampled.scores
     completions = [c for group in groups for c in group]  # [N], group order
     texts = [c.text for c in completions]
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
-    scores = rewards.score(prompts, texts, **columns)
+    masked = [m for m in (sampled.masked or [False] * len(groups)) for _ in range(G)]  # [N]
     # a few numbers per completion cross processes; the completions stay where they are
-    mine = {"scores": scores, "seconds": gen_seconds, "phases": dict(getattr(engine, "timings", {})),
+    mine = {"scores": scores, "drawn": sampled.drawn or scores, "seconds": sampled.seconds, "phases": sampled.phases,
             "lengths": [len(c.token_ids) for c in completions],
             "finished": [c.finished for c in completions], "prompts_truncated": sum(g[0].prompt_truncated for g in groups),
-            "num_items": sum(len(c.token_ids) for c in completions if c.finished or not grpo.mask_truncated_completions)}
+            "num_items": sum(len(c.token_ids) for c, m in zip(completions, masked)
+                             if not m and (c.finished or not grpo.mask_truncated_completions)),
+            "dynamic": sampled.dynamic, "version": sampled.version, "wait": sampled.wait_seconds}
     everyone = dist.all_gather(mine)
     every_score = Scores({n: [v for e in everyone for v in e["scores"].per_reward[n]] for n in rewards.names},
                          [t for e in everyone for t in e["scores"].totals],
                          {n: sum(e["scores"].errors[n] for e in everyone) for n in rewards.names})
+    every_drawn = Scores({n: [v for e in everyone for v in e["drawn"].per_reward[n]] for n in rewards.names},
+                         [t for e in everyone for t in e["drawn"].totals],
+                         {n: sum(e["drawn"].errors[n] for e in everyone) for n in rewards.names})
 
     totals = torch.tensor(every_score.totals, dtype=torch.float32)  # [W*N], rank order = generation order
     applied = torch.tensor([any(every_score.per_reward[n][i] is not None for n in rewards.names)
@@ -99,7 +153,7 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     completion_mask = torch.zeros((len(completions), width), dtype=torch.float32, device=device)  # [N, T]
     for i, c in enumerate(completions):
         completion_ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, device=device)
-        if c.finished or not grpo.mask_truncated_completions:
+        if not masked[i] and (c.finished or not grpo.mask_truncated_completions):
             completion_mask[i, :len(c.token_ids)] = 1.0
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
@@ -123,8 +177,14 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     finished = torch.tensor([f for e in everyone for f in e["finished"]])  # [W*N]
     slowest = max(everyone, key=lambda e: e["seconds"])  # the generation is done when the slowest process is
     gen_seconds = slowest["seconds"]
+    dynamic = any(e["dynamic"] for e in everyone)
+    # with dynamic sampling, the reward figures are those of every group drawn (as without it); the
+    # groups trained on are all informative, unless the draws came up short
+    reward_stats = ({**adv_stats, **every_drawn.metrics(G),
+                     "dynamic_sampling/frac_reward_zero_std_trained": adv_stats["frac_reward_zero_std"]}
+                    if dynamic else {**every_score.metrics(G), **adv_stats})
     metrics = {
-        **every_score.metrics(G), **adv_stats,
+        **reward_stats,
         "completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": 1.0 - finished.float().mean().item(),
@@ -137,6 +197,7 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
         # the slowest process's engine phases (vLLM: wake_up, prepare, sample, decode)
         **{f"time/rollout_{k}_seconds": v for k, v in slowest["phases"].items()},
         **is_metrics,
+        **_rollout_metrics(everyone),
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
                 "reward": scores.totals[i], "advantage": advantages[i].item(),
@@ -145,6 +206,16 @@ def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], re
     return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,
                            importance_sampling_ratio,
                            sampling_logps, sum(e["num_items"] for e in everyone), metrics, samples, dist.world_size)
+
+
+def _rollout_metrics(everyone: list[dict[str, Any]]) -> dict[str, float]:
+    """Staleness and waiting (rollout.mode async), dynamic sampling's counts: over every process."""
+    out = {"rollout/version": float(min(e["version"] for e in everyone)),
+           "rollout/wait_seconds": max(e["wait"] for e in everyone)}
+    for key in dict.fromkeys(k for e in everyone for k in e["dynamic"]):
+        values = [e["dynamic"].get(key, 0.0) for e in everyone]
+        out[f"dynamic_sampling/{key}"] = max(values) if key == "draws" else float(sum(values))
+    return out
 
 
 def importance_weights(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
