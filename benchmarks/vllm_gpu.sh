@@ -11,7 +11,8 @@
 #   bash benchmarks/vllm_gpu.sh qwen3      # the same on the Qwen3-0.6B shape
 #   bash benchmarks/vllm_gpu.sh repeat     # grpoflow and TRL (SmolLM2, full) twice each, interleaved
 #   bash benchmarks/vllm_gpu.sh interleaved  # grpoflow, TRL, grpoflow (SmolLM2, full): a ratio with its spread
-#   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each
+#   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each (K=async: those
+#                                          # whose names match, as pytest -k)
 #   bash benchmarks/vllm_gpu.sh async      # issue #21: ours sync, TRL, ours async, ours async + dynamic sampling,
 #                                          # on SmolLM2 and on the Qwen3-0.6B shape
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
@@ -67,7 +68,7 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
     ;;
   tests)
     failed=0
-    for t in $(python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py -p no:cacheprovider | grep '::'); do
+    for t in $(python -m pytest -q --collect-only -m gpu tests/test_vllm_gpu.py -k "${K:-}" -p no:cacheprovider | grep '::'); do
       python -m pytest -m gpu -q -s -p no:cacheprovider "$t" >> "$OUT/test-gpu.log" 2>&1 || failed=1
       grep -E "^[0-9]+ (passed|failed)" "$OUT/test-gpu.log" | tail -1
     done
