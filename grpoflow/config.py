@@ -210,6 +210,10 @@ class GRPOConfig(Section):
     # Memory and numerics
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     gradient_checkpointing: bool = True
+    offload_activations: bool = Field(
+        False, description="gradient checkpointing's saved layer inputs wait in pinned host memory and come back for "
+                           "the backward, the copies overlapped with compute (grpoflow/train/offload.py); for long "
+                           "completions. Needs gradient_checkpointing; not with distributed: fsdp on several processes")
     kernels: Literal["triton", "chunked", "naive"] = Field(
         "chunked", description="log-probs and loss: chunked never makes the [B, T, V] logits (kernels/chunked.py, "
                                "plain torch); triton fuses the lm_head, log-softmax and GRPO loss in Triton kernels "
@@ -294,6 +298,9 @@ class GRPOConfig(Section):
             raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
         if self.max_steps is None and self.num_train_epochs is None:
             raise ValueError("max_steps is null and num_train_epochs is not set: set one of them")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations: true moves gradient checkpointing's saved layer inputs to the host, "
+                             "and gradient_checkpointing is false; set gradient_checkpointing: true")
         self._check_loss_keys()
         self._check_eval_keys()
         return self

@@ -12,6 +12,7 @@ import torch
 from grpoflow.config import ConfigError, GRPOConfig, ModelConfig
 from grpoflow.train.distributed import whole_weights
 from grpoflow.train.logps import completion_logps
+from grpoflow.train.offload import ActivationOffload, enable_offload
 
 log = logging.getLogger("grpoflow.train")
 
@@ -140,6 +141,13 @@ def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, devic
         lora = model_cfg.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if grpo.offload_activations:  # after peft, whose k-bit preparation sets the checkpointing function again
+        if grpo.distributed == "fsdp" and not to_device:
+            raise ConfigError("grpo.offload_activations is not supported with grpo.distributed: fsdp on several "
+                              "processes (FSDP2 gathers a layer's weights around its call, which the recompute in "
+                              "the backward skips); use ddp, or offload_activations: false")
+        layers = enable_offload(model, ActivationOffload())
+        log.info("activation offload: the inputs of %d checkpointed layers wait in host memory", layers)
     # from_pretrained returns eval mode, where gradient checkpointing is off: train mode, or the
     # whole forward's activations stay alive for the backward (16.7 GiB instead of 3 here, measured)
     model.train()

@@ -1,0 +1,88 @@
+"""grpo.offload_activations on CPU: the gradients are those of plain gradient checkpointing (full
+fine-tuning and LoRA with dropout, whose masks the recompute must draw again), and a run trains."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpoflow.config import validate_config
+from grpoflow.train import offload
+from grpoflow.train.checkpoint import run_key
+from grpoflow.train.logps import completion_logps
+from grpoflow.train.policy import load_policy
+from stages.train import run_train
+from tests.test_train import config, data, metrics
+
+
+def gradients(tiny_model: Path, finetune: str, offload_activations: bool) -> dict[str, torch.Tensor]:
+    cfg = validate_config({"model": {"finetune": finetune, "dtype": "float32",
+                                     "lora": {"dropout": 0.5, "target_modules": ["q_proj", "v_proj", "up_proj"]}},
+                           "grpo": {"gradient_checkpointing": True, "offload_activations": offload_activations}})
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model, cfg.grpo, str(tiny_model), torch.device("cpu"))
+    if finetune == "lora":  # adapters that are not zero, so that dropout changes the output
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on one row
+    torch.manual_seed(2)  # the dropout masks of the forward
+    logps, _ = completion_logps(policy.model, ids, mask, 12, temperature=1.0, kernels="chunked")
+    (logps * torch.linspace(-1, 1, 12)).sum().backward()
+    return {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_gradients_equal_plain_checkpointing(tiny_model, finetune, monkeypatch):
+    pushed = []
+    real = offload.ActivationOffload.push
+    monkeypatch.setattr(offload.ActivationOffload, "push", lambda self, t: (pushed.append(t.shape), real(self, t))[1])
+    plain = gradients(tiny_model, finetune, offload_activations=False)
+    assert not pushed
+    offloaded = gradients(tiny_model, finetune, offload_activations=True)
+    assert len(pushed) == 2 and all(s == (3, 24, 32) for s in pushed)  # each layer's input, [B, T, H]
+    assert plain.keys() == offloaded.keys() and plain
+    for name in plain:
+        assert torch.allclose(plain[name], offloaded[name], rtol=1e-5, atol=1e-7), name
+    assert any(g.abs().sum() > 0 for g in offloaded.values())
+
+
+def test_pinned_buffers_are_reused_from_step_to_step(tiny_model):
+    cfg = validate_config({"model": {"finetune": "full", "dtype": "float32"},
+                           "grpo": {"gradient_checkpointing": True, "offload_activations": True}})
+    policy = load_policy(cfg.model, cfg.grpo, str(tiny_model), torch.device("cpu"))
+    offloader = next(m._gradient_checkpointing_func.args[0] for m in policy.model.modules()
+                     if hasattr(m, "_gradient_checkpointing_func"))
+    ids = torch.randint(0, 1000, (2, 16))
+    buffers = []
+    for _ in range(2):
+        logps, _ = completion_logps(policy.model, ids, torch.ones_like(ids), 8, temperature=1.0, kernels="chunked")
+        buffers.append({id(s.host) for s in offloader.slots})
+        logps.sum().backward()
+        assert offloader.slots == []  # the backward took every layer input back
+    assert buffers[0] == buffers[1]
+
+
+def test_a_run_with_offload_trains_as_one_without(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    plain = run_train(config(tmp_path / "plain", max_steps=2, gradient_checkpointing=True), train, heldout,
+                      str(tiny_model), progress=False)
+    offloaded = run_train(config(tmp_path / "offload", max_steps=2, gradient_checkpointing=True,
+                                 offload_activations=True), train, heldout, str(tiny_model), progress=False)
+    cfg = config(tmp_path / "plain", max_steps=2, gradient_checkpointing=True)
+    other = cfg.model_copy(deep=True)
+    other.grpo.offload_activations = True
+    assert run_key(cfg, train, str(tiny_model)) == run_key(other, train, str(tiny_model))  # a memory setting
+    for a, b in zip(metrics(plain), metrics(offloaded)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert json.loads((Path(offloaded.model_dir) / "report.json").read_text())["steps"] == 2
+
+
+def test_offload_needs_gradient_checkpointing():
+    with pytest.raises(Exception, match="gradient_checkpointing: true"):
+        validate_config({"grpo": {"gradient_checkpointing": False, "offload_activations": True}})
