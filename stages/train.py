@@ -20,13 +20,14 @@ same global batch: grpoflow/train/distributed.py says how.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 import torch
@@ -58,6 +59,7 @@ from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import build_batch
 from grpoflow.train.log import RunLogger, StepMeter, fmt_value, step_progress, warn_if_no_signal
 from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
+from grpoflow.train.memory import breakdown as memory_breakdown, check_fits, out_of_memory
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.rollouts import Rollouts
@@ -190,6 +192,9 @@ class GRPORecipe:
 
     def _train(self, *, progress: bool, stop_at: float | None) -> TrainResult:
         grpo, state = self.grpo, self.state
+        if not self.rollouts.ahead_mode:
+            self.engine.sleep()  # vLLM: the KV cache is not there while the trainer works; nor in what is measured
+        check_fits(self.policy, grpo, self.plan)  # CUDA: refuse a micro-batch whose layer inputs cannot fit
         bar = step_progress(enabled=progress and self.dist.is_main)
         if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
             # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
@@ -234,7 +239,8 @@ class GRPORecipe:
         # the step the generation after this one is first trained at: micro-steps run in order
         next_at = step + (micro_index + self.plan.micro_steps_per_generation) // grpo.gradient_accumulation_steps
         self.rollouts.timed = self.meter.timed
-        sampled = self.rollouts.next(step, next_at)
+        with self._explain_out_of_memory("generation"):
+            sampled = self.rollouts.next(step, next_at)
         self.buffer = build_batch(sampled, [self.rows[i] for i in sampled.rows], self.policy, self.rewards, grpo,
                                   need_old_logps=self.need_old_logps, micro_batch=grpo.per_device_train_batch_size,
                                   dist=dist, correct=self.rollouts.logprobs)
@@ -258,7 +264,8 @@ class GRPORecipe:
         micro = self.buffer.slice(chunk * size, (chunk + 1) * size)
         self.state.rows_reached.update(r for r in self.buffer.rows[chunk * size:(chunk + 1) * size] if r is not None)
         self.state.next_micro += 1
-        with self.meter.timed("train"):
+        self.meter.training_starts()
+        with self.meter.timed("train"), self._explain_out_of_memory("training pass"):
             with self.policy.no_sync(skip=not last):
                 loss, metrics = micro_step_loss(self.policy, micro, self.buffer, self.grpo, self.ref_model)
                 self.scaler.scale(loss).backward()
@@ -266,6 +273,14 @@ class GRPORecipe:
         self.meter.train_tokens += int(micro["attention_mask"].sum())  # prompt + completion tokens
         self.meter.end("train")
         return metrics
+
+    @contextlib.contextmanager
+    def _explain_out_of_memory(self, phase: str) -> Iterator[None]:
+        """A CUDA out-of-memory becomes an error that names the settings needing less (memory.knobs)."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as e:
+            raise out_of_memory(e, self.grpo, self.state.step, phase, self.plan) from e
 
     def optimizer_step(self, micro_metrics: list[dict[str, float]]) -> float:
         """Clip, then step, or skip a step whose loss or gradient is not finite. The gradient norm."""
@@ -293,7 +308,7 @@ class GRPORecipe:
         # several steps), as TRL logs them
         record = {**mean_metrics(micro_metrics), **self.buffer.metrics, "grad_norm": grad_norm,
                   "learning_rate": self.scheduler.get_last_lr()[0], "skipped_steps": self.state.skipped_steps,
-                  **self.meter.metrics()}
+                  **self.meter.metrics(), **memory_breakdown(self.policy, self.optimizer, self.engine)}
         record = self.dist.reduce_metrics(record)  # one record for all processes
         step = self.state.step
         version = record.pop("rollout/version", step - 1)

@@ -86,3 +86,52 @@ def test_a_run_with_offload_trains_as_one_without(tiny_model, tmp_path):
 def test_offload_needs_gradient_checkpointing():
     with pytest.raises(Exception, match="gradient_checkpointing: true"):
         validate_config({"grpo": {"gradient_checkpointing": False, "offload_activations": True}})
+
+
+def test_metrics_break_the_memory_down(tiny_model, tmp_path):
+    train, heldout = data(tmp_path)
+    result = run_train(config(tmp_path, max_steps=1), train, heldout, str(tiny_model), progress=False)
+    step = metrics(result)[0]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    weights = sum(p.numel() for p in model.parameters()) * 4 / 2**30  # float32, the tied head counted once
+    assert step["memory/weights_gib"] == pytest.approx(weights) and step["memory/trainable_gib"] == pytest.approx(weights)
+    assert step["memory/optimizer_gib"] == pytest.approx(2 * weights, rel=1e-3)  # AdamW: two moments (and its steps)
+
+
+def test_an_out_of_memory_names_the_settings_that_need_less(tiny_model, tmp_path, monkeypatch):
+    from grpoflow.train.memory import OutOfMemory
+    from stages import train as train_stage
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_stage, "micro_step_loss", oom)
+    train, heldout = data(tmp_path)
+    with pytest.raises(OutOfMemory) as caught:
+        run_train(config(tmp_path, max_steps=1, gradient_checkpointing=True), train, heldout, str(tiny_model),
+                  progress=False)
+    message = str(caught.value)
+    assert "training pass of step 1" in message and "Tried to allocate 20.00 GiB" in message
+    assert "grpo.offload_activations: true" in message and "grpo.max_completion_length (8)" in message
+
+
+def test_a_micro_batch_whose_layer_inputs_cannot_fit_is_refused_before_a_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from grpoflow.batching import BatchPlan
+    from grpoflow.errors import ConfigError
+    from grpoflow.train.memory import check_fits, checkpointed_inputs_bytes
+
+    grpo = validate_config({"grpo": {"per_device_train_batch_size": 8, "max_completion_length": 20_000,
+                                     "max_prompt_length": 512}}).grpo
+    shape = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)  # Llama-3.1-8B
+    need = checkpointed_inputs_bytes(shape, grpo, torch.bfloat16)
+    assert need == 32 * 8 * 20_512 * 4096 * 2  # 40 GiB
+    policy = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, model=SimpleNamespace(config=shape))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * 2**30, 80 * 2**30))
+    with pytest.raises(ConfigError, match=r"keeps 40.1 GiB of layer inputs.*offload_activations: true"):
+        check_fits(policy, grpo, BatchPlan.from_config(grpo))
+    grpo.offload_activations = True
+    check_fits(policy, grpo, BatchPlan.from_config(grpo))  # on the host: nothing to refuse

@@ -132,6 +132,7 @@ class StepMeter:
         self.seconds: dict[str, float] = defaultdict(float)
         self.train_tokens = 0
         self.peaks: dict[str, float] = {}
+        self.train_base: float | None = None  # GiB allocated when the step's training pass began
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -142,6 +143,12 @@ class StepMeter:
         if part == "optimizer" and self.cuda:
             torch.cuda.synchronize()  # the optimizer's kernels are queued: time them here, not in the next phase
         self.seconds[part] += time.perf_counter() - started
+
+    def training_starts(self) -> None:
+        """Before a micro-batch's training pass: what is allocated already (weights, optimizer,
+        the generation's tensors), so that what the pass adds is known."""
+        if self.cuda and self.train_base is None:
+            self.train_base = torch.cuda.memory_allocated() / 2**30
 
     def end(self, phase: str) -> None:
         if self.cuda:
@@ -158,6 +165,9 @@ class StepMeter:
         if self.peaks:
             out["memory/peak_gib"] = max(self.peaks.values())
             out.update({f"memory/{phase}_peak_gib": peak for phase, peak in self.peaks.items()})
+        if "train" in self.peaks and self.train_base is not None:
+            # activations, the loss path and the gradients: the training pass's peak above its start
+            out["memory/train_transient_gib"] = self.peaks["train"] - self.train_base
         return out
 
 
