@@ -210,6 +210,11 @@ class GRPOConfig(Section):
     # Memory and numerics
     optim: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     gradient_checkpointing: bool = True
+    max_tokens_per_forward: int | None = Field(
+        None, gt=0, description="a micro-batch's rows go through the training forward and backward in groups of at "
+                                "most this many tokens, padding included (rows of like length together), each "
+                                "trimmed to its own width; the loss and gradient are the micro-batch's. For long "
+                                "completions of uneven length. null: the micro-batch in one forward")
     offload_activations: bool = Field(
         False, description="gradient checkpointing's saved layer inputs wait in pinned host memory and come back for "
                            "the backward, the copies overlapped with compute (grpoflow/train/offload.py); for long "
@@ -298,6 +303,10 @@ class GRPOConfig(Section):
             raise ValueError(f"epsilon_high ({self.epsilon_high}) must be >= epsilon ({self.epsilon})")
         if self.max_steps is None and self.num_train_epochs is None:
             raise ValueError("max_steps is null and num_train_epochs is not set: set one of them")
+        if self.max_tokens_per_forward is not None and self.top_entropy_quantile < 1.0:
+            raise ValueError("max_tokens_per_forward splits a micro-batch into several forwards, and "
+                             "top_entropy_quantile < 1 takes its entropy threshold over the whole micro-batch; "
+                             "use one of them")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations: true moves gradient checkpointing's saved layer inputs to the host, "
                              "and gradient_checkpointing is false; set gradient_checkpointing: true")

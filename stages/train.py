@@ -58,7 +58,7 @@ from grpoflow.train.checkpoint import (
 from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import build_batch
 from grpoflow.train.log import RunLogger, StepMeter, fmt_value, step_progress, warn_if_no_signal
-from grpoflow.train.loss import mean_metrics, micro_step_loss, reference_model
+from grpoflow.train.loss import forward_share, mean_metrics, micro_step_loss, reference_model, token_weighted
 from grpoflow.train.memory import breakdown as memory_breakdown, check_fits, out_of_memory
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
@@ -259,20 +259,29 @@ class GRPORecipe:
         last = index == self.grpo.gradient_accumulation_steps - 1
         if self.buffer is None or self.state.next_micro == self.plan.micro_steps_per_generation:
             self.next_generation(index)
-        size = self.grpo.per_device_train_batch_size
-        chunk = self.state.next_micro % self.plan.steps_per_generation
-        micro = self.buffer.slice(chunk * size, (chunk + 1) * size)
-        self.state.rows_reached.update(r for r in self.buffer.rows[chunk * size:(chunk + 1) * size] if r is not None)
+        grpo, buffer = self.grpo, self.buffer
+        size = grpo.per_device_train_batch_size
+        start = (self.state.next_micro % self.plan.steps_per_generation) * size
+        self.state.rows_reached.update(r for r in buffer.rows[start:start + size] if r is not None)
         self.state.next_micro += 1
+        # one forward, or several of at most grpo.max_tokens_per_forward tokens, each as wide as its rows
+        parts = buffer.forward_chunks(start, start + size, grpo.max_tokens_per_forward)
+        micro_mask = buffer.completion_mask[start:start + size]
         self.meter.training_starts()
+        loss_sum, records = 0.0, []
         with self.meter.timed("train"), self._explain_out_of_memory("training pass"):
-            with self.policy.no_sync(skip=not last):
-                loss, metrics = micro_step_loss(self.policy, micro, self.buffer, self.grpo, self.ref_model)
-                self.scaler.scale(loss).backward()
-            metrics = {"loss": loss.item(), **metrics}  # .item() waits for the GPU
-        self.meter.train_tokens += int(micro["attention_mask"].sum())  # prompt + completion tokens
+            for j, rows in enumerate(parts):
+                part = buffer.rows_of(rows)
+                share = forward_share(grpo.loss_type, part["completion_mask"], micro_mask)
+                # gradients are all-reduced once, on the step's last backward
+                with self.policy.no_sync(skip=not (last and j == len(parts) - 1)):
+                    loss, metrics = micro_step_loss(self.policy, part, buffer, grpo, self.ref_model)
+                    self.scaler.scale(loss * share).backward()
+                loss_sum += loss.item() * share  # .item() waits for the GPU
+                records.append((float(part["completion_mask"].sum()), metrics))
+                self.meter.train_tokens += int(part["attention_mask"].sum())  # prompt + completion tokens
         self.meter.end("train")
-        return metrics
+        return {"loss": loss_sum, **token_weighted(records)}
 
     @contextlib.contextmanager
     def _explain_out_of_memory(self, phase: str) -> Iterator[None]:

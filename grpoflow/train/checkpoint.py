@@ -137,7 +137,7 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
                                                     "log_completions", "report_to", "save_steps",
                                                     "save_total_limit", "resume_from_checkpoint", "distributed",
-                                                    "offload_activations",
+                                                    "offload_activations", "max_tokens_per_forward",
                                                     *EVAL_KEYS})
     for key, default in KEYS_ADDED_LATER.items():  # at their defaults, the runs from before them resume
         if grpo[key] == default:

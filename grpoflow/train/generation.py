@@ -44,12 +44,47 @@ class GenerationBatch:
         return self.completion_mask.shape[1]
 
     def slice(self, start: int, stop: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop],
-                "completion_mask": self.completion_mask[start:stop], "advantages": self.advantages[start:stop],
-                "old_logps": None if self.old_logps is None else self.old_logps[start:stop],
-                "importance_sampling_ratio": (None if self.importance_sampling_ratio is None
-                                              else self.importance_sampling_ratio[start:stop]),
-                "sampling_logps": None if self.sampling_logps is None else self.sampling_logps[start:stop]}
+        return self.rows_of(list(range(start, min(stop, len(self.advantages)))))
+
+    def rows_of(self, index: list[int]) -> dict[str, Any]:
+        """These rows, without the padding none of them needs: the prompt columns that are padding
+        in every row (prompts are left-padded) and the completion columns after the longest one.
+        Rotary positions are relative, so dropping shared left padding changes no log-prob."""
+        at = torch.tensor(index, device=self.input_ids.device)
+        T = self.completion_len
+        P = self.input_ids.shape[1] - T
+        attention = self.attention_mask[at]  # [b, P + T]
+        used = attention[:, :P].sum(0).nonzero()
+        first = int(used[0]) if len(used) else P  # the first prompt column some row uses
+        width = max(1, int(attention[:, P:].sum(1).max()))  # completions are written from column 0 on
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[at, :width]
+
+        return {"input_ids": self.input_ids[at, first:P + width], "attention_mask": attention[:, first:P + width],
+                "completion_mask": self.completion_mask[at, :width], "advantages": self.advantages[at],
+                "old_logps": cut(self.old_logps), "importance_sampling_ratio": cut(self.importance_sampling_ratio),
+                "sampling_logps": cut(self.sampling_logps)}
+
+    def forward_chunks(self, start: int, stop: int, max_tokens: int | None) -> list[list[int]]:
+        """Rows start..stop in groups whose padded length x rows stays within max_tokens (None:
+        one group), longest completions first, so that rows of like length share a forward."""
+        rows = list(range(start, min(stop, len(self.advantages))))
+        if max_tokens is None:
+            return [rows]
+        P = self.input_ids.shape[1] - self.completion_len
+        prompt = self.attention_mask[rows, :P].sum(1).tolist()
+        written = self.attention_mask[rows, P:].sum(1).tolist()
+        order = sorted(range(len(rows)), key=lambda i: -(prompt[i] + written[i]))
+        chunks, current, widest = [], [], (0, 0)  # the chunk's longest prompt and longest completion
+        for i in order:
+            wider = (max(widest[0], prompt[i]), max(widest[1], written[i]))
+            if current and sum(wider) * (len(current) + 1) > max_tokens:
+                chunks.append(current)
+                current, wider = [], (prompt[i], written[i])
+            current.append(rows[i])
+            widest = wider
+        return chunks + [current]
 
 
 @dataclass

@@ -18,7 +18,7 @@ def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBat
                     ref_model: Policy | None) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to backpropagate for `micro` (a slice of `buffer`, the generation it comes from)
     and its metrics: the loss's own, the entropy, and the importance-sampling figures."""
-    T = buffer.completion_len
+    T = micro["completion_mask"].shape[1]  # the micro-batch's own width (GenerationBatch.rows_of)
     ref_logps = None
     if grpo.beta > 0:  # before the training forward: a sharded policy gives its gathered weights back after this
         with torch.no_grad(), policy.autocast():
@@ -59,6 +59,16 @@ def micro_step_loss(policy: Policy, micro: dict[str, Any], buffer: GenerationBat
     return loss, {**{k: float(v) for k, v in metrics.items()}, **is_metrics}
 
 
+def forward_share(loss_type: str, part_mask: torch.Tensor, micro_mask: torch.Tensor) -> float:
+    """The weight of a part of a micro-batch's rows (grpo.max_tokens_per_forward) in its loss: the
+    part's loss, so weighted and summed over the parts, is the micro-batch's. Masks [rows, T]."""
+    if loss_type in GENERATION_NORMALISED:  # a sum over tokens divided by the generation's count: additive
+        return 1.0
+    if loss_type == "bnpo":  # a mean over the micro-batch's tokens
+        return float(part_mask.sum() / micro_mask.sum().clamp(min=1))
+    return part_mask.shape[0] / micro_mask.shape[0]  # grpo, sapo, dr_grpo: a mean over rows
+
+
 def all_processes(values: torch.Tensor) -> torch.Tensor:
     """[n] values of this process -> every process's, concatenated in rank order (n may differ)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -95,3 +105,18 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     importance-sampling figures)."""
     keys = dict.fromkeys(k for r in records for k in r)
     return {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+
+
+def token_weighted(records: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """The metrics of a micro-batch's parts (tokens, metrics) as the whole micro-batch's: each
+    part's mean weighted by its tokens (one part: its metrics as they are)."""
+    if len(records) == 1:
+        return records[0][1]
+    out = {}
+    for key in dict.fromkeys(k for _, m in records for k in m):
+        have = [(max(w, 1e-9), m[key]) for w, m in records if key in m]
+        if key.endswith("/max") or key.endswith("/min"):
+            out[key] = (max if key.endswith("/max") else min)(v for _, v in have)
+        else:
+            out[key] = sum(w * v for w, v in have) / sum(w for w, _ in have)
+    return out
