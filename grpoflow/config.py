@@ -364,6 +364,8 @@ class RolloutConfig(Section):
         False, description="vLLM: each prompt's completions from a seed of its own, so the same on any number of "
                            "processes (the transformers engine always does this); costs vLLM one random draw per "
                            "request at every decoding step. Off: each process's engine draws from seed + rank")
+    ignore_eos: bool = Field(False, description="every training completion runs to grpo.max_completion_length, "
+                                                "past the end-of-sequence token: for benchmarks of long completions")
     mode: Literal["sync", "async"] = Field(
         "sync", description="async: the next generation is sampled while the trainer trains on this one, from "
                             "weights at most max_staleness optimizer steps old (docs/async-rollouts.md)")

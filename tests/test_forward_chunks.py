@@ -76,3 +76,26 @@ def test_parts_train_as_the_whole_micro_batch(tiny_model, tmp_path, loss_type):
     wb = trained_weights(next(Path(parts.output_dir).glob("checkpoints/step-000002")))
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 2e-5, worst  # lr 3e-3: a wrong share would move weights by ~1e-3
+
+
+def test_ignore_eos_runs_every_completion_to_its_length(tiny_model, tmp_path):
+    """rollout.ignore_eos (benchmarks): no completion stops early, even where the model would end at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpoflow.rollout import HFEngine, SamplingParams
+    from grpoflow.train.checkpoint import run_key
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    engine = HFEngine(model, AutoTokenizer.from_pretrained(tiny_model), progress=False)
+    prompt = [[{"role": "user", "content": "Say something."}]]
+    first = engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0))[0][0].token_ids[0]
+    model.generation_config.eos_token_id = first  # greedy decoding now ends at its first token
+    for ignore_eos, length in ((False, 1), (True, 12)):
+        (completion,), = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=ignore_eos))
+        assert len(completion.token_ids) == length and completion.finished == (not ignore_eos), ignore_eos
+
+    train, _ = data(tmp_path)
+    cfg = config(tmp_path, max_steps=1)
+    with_eos = cfg.model_copy(deep=True)
+    cfg.rollout.ignore_eos = True
+    assert run_key(cfg, train, str(tiny_model)) != run_key(with_eos, train, str(tiny_model))

@@ -20,6 +20,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False  # return the sampler's per-token log-probs (costs [B, V] floats a step)
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (max_prompt_length)
+    ignore_eos: bool = False  # every completion runs to max_tokens (benchmarks of long completions)
 
     @property
     def greedy(self) -> bool:

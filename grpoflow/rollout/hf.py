@@ -75,6 +75,7 @@ class HFEngine:
             out = self._generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=params.max_tokens,
                 num_return_sequences=copies, repetition_penalty=params.repetition_penalty,
+                min_new_tokens=params.max_tokens if params.ignore_eos else None,
                 pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
                 output_scores=params.logprobs and seeded is None, return_dict_in_generate=True, **sampling)
         generated = out.sequences[:, input_ids.shape[1]:]  # [B*n, T]

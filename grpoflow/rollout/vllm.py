@@ -159,7 +159,7 @@ class VLLMEngine:
         sampling = [VLLMSamplingParams(
             n=params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty, seed=seeds[i],
+            repetition_penalty=params.repetition_penalty, seed=seeds[i], ignore_eos=params.ignore_eos,
             logprobs=0 if params.logprobs else None,  # 0: the sampled token's log-prob only
             # a few flat lists a completion, not a dict and a Logprob object a token: less work for
             # vLLM's output loop and the garbage collector at every decoding step

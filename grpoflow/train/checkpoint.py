@@ -144,6 +144,8 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
             del grpo[key]
     if cfg.rollout.mode == "async":  # which weights sample each generation: another run
         grpo["rollout"] = ["async", cfg.rollout.max_staleness]
+    if cfg.rollout.ignore_eos:  # completions that run past their end: another run
+        grpo["ignore_eos"] = True
     grpo["per_device_train_batch_size"] *= num_processes
     if cfg.grpo.load_best_model_at_end:
         grpo["best_model"] = [cfg.grpo.metric_for_best_model, cfg.grpo.greater_is_better]

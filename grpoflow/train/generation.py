@@ -104,10 +104,11 @@ class Sampled:
     wait_seconds: float = 0.0  # how long the trainer waited for it (rollout.mode async)
 
 
-def sampling_params(grpo: GRPOConfig, *, logprobs: bool) -> SamplingParams:
+def sampling_params(grpo: GRPOConfig, *, logprobs: bool, ignore_eos: bool = False) -> SamplingParams:
     return SamplingParams(max_tokens=grpo.max_completion_length, temperature=grpo.temperature, top_p=grpo.top_p,
                           top_k=grpo.top_k, min_p=grpo.min_p, repetition_penalty=grpo.repetition_penalty,
-                          n=grpo.num_generations, truncate_prompt_tokens=grpo.max_prompt_length, logprobs=logprobs)
+                          n=grpo.num_generations, truncate_prompt_tokens=grpo.max_prompt_length, logprobs=logprobs,
+                          ignore_eos=ignore_eos)
 
 
 def needs_sampling_logps(engine: RolloutEngine, grpo: GRPOConfig, *, stale: bool = False) -> bool:
@@ -118,12 +119,14 @@ def needs_sampling_logps(engine: RolloutEngine, grpo: GRPOConfig, *, stale: bool
 
 
 def sample_groups(engine: RolloutEngine, rows: list[dict[str, Any]], indices: list[int], rewards: RewardSet,
-                  grpo: GRPOConfig, *, seeds: list[int] | None = None, logprobs: bool = False) -> Sampled:
+                  grpo: GRPOConfig, *, seeds: list[int] | None = None, logprobs: bool = False,
+                  ignore_eos: bool = False) -> Sampled:
     """Generate num_generations completions for each row and score them: no collective, no
     tensor for the trainer (the rollout thread runs it in rollout.mode async)."""
     G = grpo.num_generations
     started = time.perf_counter()
-    groups = engine.generate([r["prompt"] for r in rows], sampling_params(grpo, logprobs=logprobs), seeds=seeds)
+    groups = engine.generate([r["prompt"] for r in rows], sampling_params(grpo, logprobs=logprobs, ignore_eos=ignore_eos),
+                             seeds=seeds)
     seconds = time.perf_counter() - started
     texts = [c.text for group in groups for c in group]
     prompts = [r["prompt"] for r in rows for _ in range(G)]

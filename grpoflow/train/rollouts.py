@@ -72,6 +72,7 @@ class Rollouts:
         self.ahead_mode = cfg.rollout.mode == "async"
         self.max_staleness = cfg.rollout.max_staleness
         self.logprobs = needs_sampling_logps(engine, self.grpo, stale=self.ahead_mode)
+        self.ignore_eos = cfg.rollout.ignore_eos
         self.engine = engine
         self.timed = lambda part: contextlib.nullcontext()  # the trainer's StepMeter.timed: where sync time goes
         self._future: Future | None = None  # the generation being sampled ahead
@@ -178,7 +179,7 @@ class Rollouts:
             if len(kept) < n:
                 seeds = [prompt_seed(grpo.seed, first + dist.rank * per + i) for i in range(per)]
                 part = sample_groups(self.engine, [self.rows[i] for i in mine], mine, self.rewards, grpo,
-                                     seeds=seeds, logprobs=self.logprobs)
+                                     seeds=seeds, logprobs=self.logprobs, ignore_eos=self.ignore_eos)
                 seconds, phases, calls, generated = seconds + part.seconds, part.phases, calls + 1, generated + len(mine)
                 parts.append(part.scores)
                 if not dynamic:
