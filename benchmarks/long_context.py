@@ -1,0 +1,309 @@
+"""Long completions end to end: one prompt x 8 completions of L tokens, whole GRPO steps (generation,
+sync, log-probs, loss, backward, optimizer), the device memory of the whole process (issue #22).
+
+    python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b
+    python benchmarks/long_context.py run --model /tmp/llama8b --finetune lora --length 20000 --out $OUT
+    python benchmarks/long_context.py run --model /tmp/llama8b --finetune lora --length 20000 --trainer trl --out $OUT
+    python benchmarks/long_context.py bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 \\
+        --low 32768 --high 65536 --out $OUT
+    python benchmarks/long_context.py smoke --out /tmp/long-context      # a tiny shape on the CPU, same code
+
+`model` saves a randomly initialised model of a real shape (the Hub is out of reach; random weights
+are what speed and memory need) with another model's tokenizer: sampled ids above its vocabulary
+decode to nothing, and lengths are what count. Completions are forced to L tokens
+(rollout.ignore_eos), so every step does the same work.
+
+Memory is the card's, as cudaMemGetInfo sees it, polled every 20 ms through the whole run: vLLM's
+pool, the CUDA context and torch's allocator together, not torch's statistics alone. --cap-gib
+holds the process to less than the card: vLLM's share (rollout.gpu_memory_utilization) is sized
+against the cap, torch's allocator gets the cap's remainder as its memory fraction, and a run whose
+peak passes the cap counts as not fitting. Each run is a process of its own (one vLLM engine per
+process); `bisect` starts them and keeps every try in <out>/long_context-bisect-<tag>.json.
+
+Ours: LoRA r16 on every linear of the blocks (or QLoRA nf4, or full), bf16, gradient checkpointing,
+grpo.kernels triton, loss dapo, beta 0, grpo.max_tokens_per_forward and grpo.offload_activations as
+given. TRL 1.16 (--trainer trl): GRPOTrainer, vLLM colocate at the same share, the same LoRA,
+gradient checkpointing, bf16, ignore_eos through its generation_kwargs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
+
+from benchmarks.common import QWEN3_0_6B, versions  # noqa: E402
+from benchmarks.grpo_vs_trl import DevicePeak  # noqa: E402
+
+GIB = 2**30
+# the shapes the issue names; vocabulary as the real models have it (the loss path's width)
+SHAPES = {
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32, num_attention_heads=32,
+                                num_key_value_heads=8, head_dim=128, vocab_size=128_256, tie_word_embeddings=False,
+                                rope_theta=500_000.0, max_position_embeddings=131_072)),
+    "qwen3-32b": ("qwen3", dict(hidden_size=5120, intermediate_size=25_600, num_hidden_layers=64, num_attention_heads=64,
+                                num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=False,
+                                rope_theta=1_000_000.0, max_position_embeddings=131_072)),
+    "qwen3-0.6b": ("qwen3", dict(QWEN3_0_6B, rope_theta=1_000_000.0, max_position_embeddings=131_072)),
+    "tiny": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, vocab_size=49_152, tie_word_embeddings=True,
+                           max_position_embeddings=4096)),
+}
+PROMPT = "Think about this for as long as you can, then answer."
+GENERATIONS = 8
+
+
+def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
+    """A random model of `shape` in bfloat16, with the tokenizer of `tokenizer_dir`, made on the GPU if any."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    family, dims = SHAPES[shape]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config, cls = ((LlamaConfig(**dims, **ids), LlamaForCausalLM) if family == "llama"
+                   else (Qwen3Config(**dims, **ids), Qwen3ForCausalLM))
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{out}: {shape}, {n / 1e9:.2f}B parameters, random weights, saved in {time.perf_counter() - started:.0f} s")
+
+
+def write_data(folder: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"{PROMPT} ({i})"}], "question": PROMPT,
+             "answer": "1", "solution": None, "origin": f"bench:{i}", "metadata": None} for i in range(64)]
+    for name in ("train", "heldout"):
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{name}.parquet")
+    return folder
+
+
+def shares(cap_gib: float | None, vllm_gib: float) -> tuple[float, float | None]:
+    """vLLM's gpu_memory_utilization for vllm_gib, and torch's memory fraction under the cap (None: no cap)."""
+    total = torch.cuda.mem_get_info()[1] / GIB if torch.cuda.is_available() else 80.0
+    utilization = vllm_gib / total
+    return utilization, (None if cap_gib is None else max(0.05, (cap_gib - vllm_gib) / total))
+
+
+def run_ours(args, data: Path) -> dict:
+    from grpoflow.config import _apply_override, validate_config
+    from stages.train import run_train
+
+    cuda = torch.cuda.is_available()
+    utilization, fraction = shares(args.cap_gib, args.vllm_gib)
+    if fraction is not None and cuda:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    raw = {
+        "model": {"finetune": args.finetune, "dtype": "bfloat16" if cuda else "float32"},
+        "rollout": {"engine": "vllm" if cuda and not args.hf else "hf", "gpu_memory_utilization": utilization,
+                    "ignore_eos": True, "max_model_len": 64 + args.length + 64},
+        "grpo": {"max_steps": args.steps, "num_generations": GENERATIONS, "per_device_train_batch_size": GENERATIONS,
+                 "max_completion_length": args.length, "max_prompt_length": 64, "learning_rate": 1e-6,
+                 "loss_type": "dapo", "beta": 0.0, "gradient_checkpointing": True,
+                 "kernels": "triton" if cuda else "chunked", "reward_funcs": ["xmlcount"],
+                 "warmup": {"enabled": False}, "save_steps": 100_000, "max_nonfinite_steps": 100,
+                 "offload_activations": args.offload, "max_tokens_per_forward": args.max_tokens_per_forward,
+                 "output_dir": str(args.out / f"ours-{args.tag}")}}
+    for item in args.set:
+        _apply_override(raw, item)
+    cfg = validate_config(raw, "long-context benchmark")
+    result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", args.model, progress=False)
+    records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()
+               if '"step"' in line and '"loss"' in line]
+    keep = ("step_seconds", "generation/seconds", "time/weight_sync_seconds", "time/train_seconds",
+            "time/optimizer_seconds", "completions/mean_length", "memory/peak_gib", "memory/generation_peak_gib",
+            "memory/train_peak_gib", "memory/train_transient_gib", "memory/weights_gib", "memory/trainable_gib",
+            "memory/optimizer_gib", "memory/vllm_gib")
+    return {"steps": [{k: r.get(k) for k in keep} for r in records],
+            "config": {"vllm_utilization": utilization, "torch_fraction": fraction}}
+
+
+def run_trl(args, data: Path) -> dict:
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    utilization, fraction = shares(args.cap_gib, args.vllm_gib)
+    if fraction is not None and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    dataset = Dataset.from_list(pq.read_table(data / "train.parquet", columns=["prompt"]).to_pylist())
+    config = GRPOConfig(
+        output_dir=str(args.out / f"trl-{args.tag}"), max_steps=args.steps, per_device_train_batch_size=GENERATIONS,
+        num_generations=GENERATIONS, max_completion_length=args.length, learning_rate=1e-6, beta=0.0,
+        loss_type="dapo", bf16=True, gradient_checkpointing=True, logging_steps=1, save_strategy="no",
+        report_to="none", use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=utilization,
+        vllm_enable_sleep_mode=True, vllm_max_model_length=64 + args.length + 64,
+        generation_kwargs={"ignore_eos": True})
+    lora = None if args.finetune == "full" else LoraConfig(
+        r=16, lora_alpha=32, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model_kwargs = {}
+    if args.finetune == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                 bnb_4bit_compute_dtype=torch.bfloat16)
+    config.model_init_kwargs = {"dtype": torch.bfloat16, **model_kwargs}
+    times = []
+
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    def length_reward(completions, **_):
+        return [float(len(c[0]["content"] if isinstance(c, list) else c)) for c in completions]
+
+    trainer = GRPOTrainer(model=args.model, reward_funcs=[length_reward], args=config, train_dataset=dataset,
+                          peft_config=lora, callbacks=[Timer()])
+    trainer.train()
+    return {"steps": [{"step_seconds": t} for t in times]}
+
+
+def run(args) -> dict:
+    """One process, one trainer, one length; the result whatever happens (an out-of-memory included)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = write_data(args.out / "data")
+    record = {"trainer": args.trainer, "model": args.model, "finetune": args.finetune, "length": args.length,
+              "generations": GENERATIONS, "steps_asked": args.steps, "cap_gib": args.cap_gib, "vllm_gib": args.vllm_gib,
+              "offload_activations": args.offload, "max_tokens_per_forward": args.max_tokens_per_forward,
+              "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "versions": versions("transformers", "peft", "vllm", "trl")}
+    started = time.perf_counter()
+    with DevicePeak() as device:
+        try:
+            record.update(run_ours(args, data) if args.trainer == "ours" else run_trl(args, data))
+            record["status"] = "ok"
+        except Exception as e:  # an out-of-memory or a refusal is a result here, said as it came
+            record["status"] = "out_of_memory" if "out of" in str(e).lower() and "memory" in str(e).lower() else "error"
+            record["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"
+    record["device_peak_gib"] = device.gib
+    record["seconds"] = time.perf_counter() - started
+    if record["status"] == "ok" and args.cap_gib is not None and device.gib > args.cap_gib:
+        record["status"] = "over_cap"
+    path = args.out / f"long_context-{args.trainer}-{args.tag}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record.get(k) for k in ("trainer", "finetune", "length", "status", "device_peak_gib",
+                                                 "seconds", "error")}))
+    return record
+
+
+def bisect(args) -> None:
+    """The longest length in [low, high] that runs within the cap, to --resolution tokens; every try
+    is a process of its own, and is kept."""
+    tries, low, high = [], args.low, args.high
+    out = args.out / f"long_context-bisect-{args.trainer}-{args.tag}.json"
+    fits = None
+    while high - low > args.resolution or fits is None:
+        length = high if fits is None else (low + high) // 2
+        command = [sys.executable, __file__, "run", "--model", args.model, "--finetune", args.finetune,
+                   "--trainer", args.trainer, "--length", str(length), "--steps", str(args.steps),
+                   "--vllm-gib", str(args.vllm_gib), "--out", str(args.out), "--tag", f"{args.tag}-{length}"]
+        command += ["--cap-gib", str(args.cap_gib)] if args.cap_gib is not None else []
+        command += ["--offload"] if args.offload else []
+        command += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)] if args.max_tokens_per_forward else []
+        subprocess.run(command, check=False)
+        result_file = args.out / f"long_context-{args.trainer}-{args.tag}-{length}.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "crashed"}
+        tries.append({"length": length, "status": result["status"], "device_peak_gib": result.get("device_peak_gib")})
+        out.write_text(json.dumps({"low": low, "high": high, "tries": tries}, indent=2) + "\n")
+        if fits is None and result["status"] == "ok":  # the top of the range fits: nothing to bisect
+            low = high
+            break
+        fits = False if fits is None else fits
+        if result["status"] == "ok":
+            low = length
+        else:
+            high = length
+    print(f"{args.trainer} {args.finetune}: fits {low} tokens x {GENERATIONS}; {high} does not"
+          if low < high else f"{args.trainer} {args.finetune}: {high} fits (the top of the range)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("model", help="save a random model of a real shape")
+    make.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    make.add_argument("--tokenizer", required=True)
+    make.add_argument("--out", type=Path, required=True)
+    for name in ("run", "bisect", "smoke"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, required=True)
+        if name == "smoke":
+            continue
+        p.add_argument("--model", required=True)
+        p.add_argument("--finetune", choices=["lora", "qlora", "full"], default="lora")
+        p.add_argument("--trainer", choices=["ours", "trl"], default="ours")
+        p.add_argument("--steps", type=int, default=3)
+        p.add_argument("--vllm-gib", type=float, default=24.0,
+                       help="vLLM's share of the card: weights (LoRA: shared with the trainer) and KV cache")
+        p.add_argument("--cap-gib", type=float, help="hold the process to this much of the card (80: an H100)")
+        p.add_argument("--offload", action="store_true", help="grpo.offload_activations")
+        p.add_argument("--max-tokens-per-forward", type=int, help="grpo.max_tokens_per_forward")
+        p.add_argument("--tag", default="")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more grpoflow config")
+        p.add_argument("--hf", action="store_true", help="the transformers engine instead of vLLM")
+        if name == "run":
+            p.add_argument("--length", type=int, required=True)
+        else:
+            p.add_argument("--low", type=int, required=True)
+            p.add_argument("--high", type=int, required=True)
+            p.add_argument("--resolution", type=int, default=1024)
+    args = parser.parse_args()
+    if args.command == "model":
+        save_model(args.shape, args.tokenizer, args.out)
+    elif args.command == "run":
+        args.tag = args.tag or f"{args.finetune}-{args.length}"
+        run(args)
+    elif args.command == "bisect":
+        args.tag = args.tag or args.finetune
+        bisect(args)
+    else:  # the same code on a tiny shape with the transformers engine: what a CPU can check
+        tokenizer = smoke_tokenizer()
+        save_model("tiny", tokenizer, args.out / "tiny-model")
+        smoke = argparse.Namespace(model=str(args.out / "tiny-model"), finetune="lora", trainer="ours", steps=2,
+                                   vllm_gib=1.0, cap_gib=None, offload=True, max_tokens_per_forward=96, tag="smoke",
+                                   set=[], hf=True, length=40, out=args.out)
+        record = run(smoke)
+        if record["status"] != "ok" or any(s["completions/mean_length"] != 40 for s in record["steps"]):
+            sys.exit(f"smoke run failed: {record}")
+
+
+def smoke_tokenizer() -> str:
+    """SmolLM2's tokenizer from the embedded GGUF, saved as a folder (what `model` copies)."""
+    import importlib.util
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from grpoflow.base_model import PACKAGED_MODELS
+
+    packaged = PACKAGED_MODELS["smollm2-135m-instruct"]
+    folder = importlib.util.find_spec(packaged.package).submodule_search_locations[0]
+    out = tempfile.mkdtemp(prefix="grpoflow-tokenizer-")
+    AutoTokenizer.from_pretrained(folder, gguf_file=packaged.gguf_file).save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
