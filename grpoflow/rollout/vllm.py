@@ -118,7 +118,8 @@ class VLLMEngine:
         started = time.perf_counter()
         import torch
 
-        free_before = torch.cuda.mem_get_info()[0]
+        cuda = torch.cuda.is_available()
+        free_before = torch.cuda.mem_get_info()[0] if cuda else 0
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # vLLM raises ValueError / RuntimeError / torch.OutOfMemoryError here
@@ -130,7 +131,7 @@ class VLLMEngine:
                     f"({gpu_memory_utilization}) if the card has room; lower it if training runs out of memory") from e
             raise
         # what vLLM took on the card: its weights, KV cache and CUDA graphs (memory/vllm_gib)
-        self.device_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+        self.device_bytes = max(0, free_before - torch.cuda.mem_get_info()[0]) if cuda else 0
         log.info("rollout engine: vLLM %s in process, %s, gpu_memory_utilization %s, max_model_len %d, started in %.0fs",
                  vllm.__version__, dtype, gpu_memory_utilization, max_model_len, time.perf_counter() - started)
 
