@@ -14,7 +14,7 @@
 #   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each (K=async: those
 #                                          # whose names match, as pytest -k)
 #   bash benchmarks/vllm_gpu.sh async      # issue #21: ours sync, TRL, ours async, ours async + dynamic sampling,
-#                                          # on SmolLM2 and on the Qwen3-0.6B shape
+#                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them)
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -56,7 +56,7 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
     bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-2
     ;;
   async)
-    for model in /tmp/smollm2 /tmp/qwen3r; do
+    for model in ${MODELS:-/tmp/smollm2 /tmp/qwen3r}; do
       name=$(basename "$model") && extra=()
       [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-sync"
