@@ -260,12 +260,33 @@ def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _log_to_console(level: int = logging.INFO) -> None:
+    """On a terminal, rich's handler (beside the bars); elsewhere (a pipe, a log file, a job's output)
+    one plain line per record with its time, which rich would wrap at 80 columns."""
     from rich.logging import RichHandler
 
     logger = logging.getLogger("grpoflow")
     logger.setLevel(level)
-    if not any(getattr(h, "console", None) is console for h in logger.handlers):  # main() may run twice a process
-        logger.addHandler(RichHandler(console=console, show_path=False))
+    if any(getattr(h, "grpoflow_cli", False) for h in logger.handlers):  # main() may run twice a process
+        return
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+    else:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.grpoflow_cli = True
+    logger.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at each record (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 if __name__ == "__main__":
