@@ -79,7 +79,7 @@ def _transformers(path: Path) -> Callable[[Messages, int], Iterator[str]]:
 def _gguf(path: Path) -> Callable[[Messages, int], Iterator[str]]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=2048, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=0, verbose=False)  # 0: the context the model was trained with
 
     def stream(msgs: Messages, max_new_tokens: int) -> Iterator[str]:
         for chunk in llm.create_chat_completion(msgs, max_tokens=max_new_tokens, temperature=0.0, stream=True):

@@ -121,3 +121,21 @@ def test_chat_without_a_question_reads_them_from_the_prompt(tiny_model):
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("[answer: ") == 2 and done.stdout.count("> ") >= 2
+
+
+def test_export_then_chat_with_the_gguf_as_with_the_folder(tiny_model, tmp_path):
+    out = grpoflow("export", "--model", str(tiny_model), "--set", f"export.output_dir={tmp_path / 'export'}",
+                   "--set", "export.quantizations=[q8_0]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["gguf"] == {"f16": "passed", "q8_0": "passed"} and result["push"] is None
+    folder = Path(result["output_dir"])
+    for name in ("gguf/model-f16.gguf", "gguf/model-q8_0.gguf", "Modelfile", "export_report.md", "merged/config.json"):
+        assert (folder / name).is_file(), name
+        if name.startswith("gguf/"):  # each file is said as it is done
+            assert re.search(rf"grpoflow\.export: {name}: .* verified", out.stderr), out.stderr[-3000:]
+    question = ["--max-new-tokens", "8", "What is 3 plus 4?"]
+    from_gguf = grpoflow("chat", "--model", str(folder / "gguf/model-f16.gguf"), *question)
+    from_folder = grpoflow("chat", "--model", str(folder / "merged"), *question)
+    assert from_gguf.returncode == 0 and from_folder.returncode == 0, from_gguf.stderr[-3000:]
+    assert from_gguf.stdout == from_folder.stdout  # f16 and greedy: llama.cpp writes what transformers does
