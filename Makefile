@@ -173,7 +173,7 @@ server: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: $(STAMP)
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.deploy serve -c $(CONFIG)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/grpoflow serve -c $(CONFIG)
 
 clean:
 	rm -rf $(VENV) artifacts .cache/ui-test .cache/latest-venv .cache/lock-tools

@@ -145,6 +145,17 @@ def _ensure_docker_pool(name: str) -> None:
             raise ConfigError(f"--work-pool {name}: a {pool.type!r} work pool; give a docker one (or a new name)")
 
 
+def run_serve(cfg: PipelineConfig) -> None:
+    """Register the served deployments and run their flow runs in this process until it is stopped."""
+    deployments = served_deployments(cfg)
+    watch_children()  # killed from outside, serve takes its runs with it
+    if cfg.continuous.heldout is not None:
+        crash_abandoned_run(Path(cfg.continuous.state_dir))  # a killed serve's run frees the slot it held
+    if len(deployments) == 1:
+        print("continuous.heldout is not set: serving the scheduled pipeline only", file=sys.stderr)
+    serve(*deployments)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["serve", "docker"])
@@ -162,13 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(deployment_id)
             print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker", file=sys.stderr)
             return 0
-        deployments = served_deployments(cfg)
-        watch_children()  # killed from outside, serve takes its runs with it
-        if cfg.continuous.heldout is not None:
-            crash_abandoned_run(Path(cfg.continuous.state_dir))  # a killed serve's run frees the slot it held
-        if len(deployments) == 1:
-            print("continuous.heldout is not set: serving the scheduled pipeline only", file=sys.stderr)
-        serve(*deployments)
+        run_serve(cfg)
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

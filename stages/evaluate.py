@@ -31,6 +31,7 @@ from grpoflow.atomic import atomic_folder
 from grpoflow.config import EvalConfig, RolloutConfig
 from grpoflow.evaluation import score_greedy
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
+from grpoflow.progress import Heartbeat, bar_draws
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
 from grpoflow.rollout.load import make_engine
@@ -79,7 +80,7 @@ def run_evaluate(cfg: EvalConfig, heldout: Path, models: dict[str, str], *, roll
             log.info("%s: evaluated earlier (%s)", label, model_dir)
             figures[label] = json.loads(done.read_text())
         else:
-            with atomic_folder(model_dir) as tmp_dir:
+            with atomic_folder(model_dir) as tmp_dir, Heartbeat(log, f"evaluating {label}", enabled=not bar_draws()):
                 figures[label] = _evaluate_model(cfg, rollout, label, path, scorable, tmp_dir, answer_type)
                 figures[label]["skipped_no_answer"] = skipped
                 (tmp_dir / "figures.json").write_text(json.dumps(figures[label], indent=2) + "\n")

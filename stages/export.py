@@ -31,6 +31,7 @@ from grpoflow.export.gguf import GGUFExportError, convert_to_gguf, quantize_gguf
 from grpoflow.export.merge import merge_to_16bit
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.hub import HubPushError, push_folder
+from grpoflow.progress import Heartbeat
 
 log = logging.getLogger("grpoflow.export")
 
@@ -51,7 +52,16 @@ class ExportReport:
 def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, Any] | None = None,
                token: str | None = None) -> ExportReport:
     """`model_dir`: the training stage's final folder. `evaluation`: the evaluate stage's figures
-    per model label, for the model card. `token`: the Hub token (else HF_TOKEN), used for the push only."""
+    per model label, for the model card. `token`: the Hub token (else HF_TOKEN), used for the push only.
+
+    Each file is logged as it is done, and a heartbeat says which step runs when one takes long
+    (converting and quantizing take minutes on a CPU): there is no bar, on a terminal or not."""
+    with Heartbeat(log, "export") as heartbeat:
+        return _run_export(cfg, Path(model_dir), evaluation, token, heartbeat)
+
+
+def _run_export(cfg: PipelineConfig, model_dir: Path, evaluation: dict[str, Any] | None, token: str | None,
+                heartbeat: Heartbeat) -> ExportReport:
     ex = cfg.export
     model_dir = Path(model_dir)
     out = Path(ex.output_dir) / _export_key(cfg, model_dir)[:16]
@@ -66,8 +76,10 @@ def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, An
         adapters_dir = out / "adapters" if (out / "adapters").is_dir() else None
         from_adapters = adapters_dir is not None
     else:
+        heartbeat.phase(f"merging {model_dir} ({ex.dtype})")
         merged = merge_to_16bit(model_dir, out, dtype=ex.dtype)
         adapters_dir, from_adapters = merged.adapters_dir, merged.from_adapters
+        log.info("merged model: %s (%s)", merged_dir, _size(sum(f.stat().st_size for f in merged_dir.iterdir())))
     qlora = cfg.model.finetune == "qlora"
     if qlora:
         warnings.append("trained with QLoRA against a 4-bit base; the adapters are merged into the 16-bit base "
@@ -77,7 +89,9 @@ def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, An
     gguf_dir = out / "gguf"
     f16 = gguf_dir / f"{stem}-f16.gguf"
     if not f16.is_file():
+        heartbeat.phase(f"converting {merged_dir} to {f16.name}")
         convert_to_gguf(merged_dir, f16)
+    heartbeat.phase("reference logits of the merged model")
     reference = reference_logits(merged_dir)
     files: list[dict[str, Any]] = []
     for method in dict.fromkeys(["f16", *ex.quantizations]):  # in order, without repeats
@@ -85,11 +99,13 @@ def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, An
         path = out / entry["file"]
         try:
             if method != "f16" and not path.is_file():
+                heartbeat.phase(f"quantizing {path.name}")
                 quantized = quantize_gguf(f16, path, method)
                 entry.update(quantize_seconds=round(quantized.seconds, 1), fallbacks=quantized.fallbacks)
                 if quantized.fallbacks:
                     warnings.append(f"{path.name}: tensors fell back from {method} to other types (k-quants need "
                                     f"rows divisible by 256): {'; '.join(quantized.fallbacks[:3])}")
+            heartbeat.phase(f"verifying {path.name} against the merged model")
             check = verify_gguf(path, merged_dir, method=method, min_cosine=ex.min_cosine[method], reference=reference)
         except GGUFExportError as e:
             log.error("%s: %s", method, e)
@@ -106,6 +122,9 @@ def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, An
             log.error("%s failed verification, kept locally and not published: %s", path.name,
                       "; ".join(check.problems))
             warnings.append(f"{path.name} failed verification (kept, not published): {'; '.join(check.problems)}")
+        else:
+            log.info("%s: %s, verified (mean cosine %.5f against the merged model, top-1 %.0f%%)", entry["file"],
+                     _size(path.stat().st_size), check.mean_cosine, 100 * check.top1_agreement)
         files.append(entry)
 
     passed = [f for f in files if f["status"] == "passed"]
@@ -120,9 +139,13 @@ def run_export(cfg: PipelineConfig, model_dir: Path, *, evaluation: dict[str, An
         "artifacts": _inventory(out), "push": None,
     }
     _write_report(out, report)  # published with the files, and kept if the push fails
+    log.info("export: %d of %d GGUF file(s) passed; Modelfile %s; report %s", len(passed), len(files),
+             "-> " + modelfile if modelfile else "not written (no GGUF passed)", out / "export_report.md")
     if ex.push_to_hub:
+        heartbeat.phase(f"pushing to {ex.hub_repo_id}")
         report["push"] = _push(out, ex, passed, adapters_dir, token)
         _write_report(out, report)
+        log.info("pushed to %s", report["push"]["repo_url"])
     markdown = report_markdown(report)
     return ExportReport(str(out), report, markdown)
 

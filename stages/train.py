@@ -36,6 +36,7 @@ from grpoflow.atomic import atomic_folder
 from grpoflow.batching import BatchPlan, with_max_steps
 from grpoflow.config import PipelineConfig
 from grpoflow.errors import ConfigError, TrainingDiverged
+from grpoflow.progress import Heartbeat, bar_draws, duration
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
 from grpoflow.stopping import StopRequested, stop_requested
@@ -57,7 +58,7 @@ from grpoflow.train.checkpoint import (
 )
 from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import build_batch
-from grpoflow.train.log import RunLogger, StepMeter, fmt_value, step_progress, warn_if_no_signal
+from grpoflow.train.log import RunLogger, StepMeter, describe_reward, fmt_value, step_progress, warn_if_no_signal
 from grpoflow.train.loss import forward_share, mean_metrics, micro_step_loss, reference_model, token_weighted
 from grpoflow.train.memory import breakdown as memory_breakdown, check_fits, out_of_memory
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
@@ -65,6 +66,7 @@ from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make
 from grpoflow.train.rollouts import Rollouts
 from grpoflow.train.sampler import PromptSampler
 from grpoflow.train.warmup import run_format_warmup
+from grpoflow.verifiers.verdicts import in_format
 
 log = logging.getLogger("grpoflow.train")
 
@@ -118,6 +120,7 @@ class GRPORecipe:
         self.out.mkdir(parents=True, exist_ok=True)
         self.final_dir = self.out / "final"
         self.state, self.buffer = TrainState(num_processes=self.dist.world_size), None
+        self.heartbeat = Heartbeat(log, "GRPO", enabled=False)  # train() starts one where no bar draws
 
     # -- set up ------------------------------------------------------------------------------------
 
@@ -195,13 +198,20 @@ class GRPORecipe:
         if not self.rollouts.ahead_mode:
             self.engine.sleep()  # vLLM: the KV cache is not there while the trainer works; nor in what is measured
         check_fits(self.policy, grpo, self.plan)  # CUDA: refuse a micro-batch whose layer inputs cannot fit
-        bar = step_progress(enabled=progress and self.dist.is_main)
-        if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
-            # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
-            self.logger.log_eval(0, self.evaluator.evaluate(self.policy, self.engine, 0))
-        with bar:
+        # where no bar draws (Prefect, a log file), a line per step and a heartbeat within long steps
+        draws = progress and self.dist.is_main and bar_draws()
+        bar = step_progress(enabled=draws)
+        lines = self.dist.is_main and not draws
+        self.heartbeat = Heartbeat(log, "GRPO", enabled=lines)
+        with bar, self.heartbeat:
+            if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
+                # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
+                self.heartbeat.phase("evaluating on the held-out set at step 0")
+                self.logger.log_eval(0, self.evaluator.evaluate(self.policy, self.engine, 0))
+            started, first_step = time.monotonic(), state.step  # the ETA: this call's steps
             task = bar.add_task("train", total=grpo.max_steps, completed=state.step, reward="-")
             while state.step < grpo.max_steps:
+                self.heartbeat.phase(f"step {state.step + 1} of {grpo.max_steps}")
                 self.meter = StepMeter(self.policy.device)
                 micro_metrics = [self.micro_step(i) for i in range(grpo.gradient_accumulation_steps)]
                 grad_norm = self.optimizer_step(micro_metrics)
@@ -209,6 +219,8 @@ class GRPORecipe:
                 self.evaluate_if_due()
                 self.rollouts.after_step(state.step)  # async: the generation ahead starts once its weights are here
                 bar.update(task, completed=state.step, reward=f"{record.get('reward', float('nan')):.3f}")
+                if lines:
+                    self._progress_line(record, (time.monotonic() - started) / (state.step - first_step))
                 if state.nonfinite_in_row >= grpo.max_nonfinite_steps:
                     raise TrainingDiverged(
                         f"{state.nonfinite_in_row} optimizer steps in a row had a non-finite loss or gradient "
@@ -239,6 +251,7 @@ class GRPORecipe:
         # the step the generation after this one is first trained at: micro-steps run in order
         next_at = step + (micro_index + self.plan.micro_steps_per_generation) // grpo.gradient_accumulation_steps
         self.rollouts.timed = self.meter.timed
+        self.heartbeat.phase(f"step {step + 1} of {grpo.max_steps}: sampling a generation")
         with self._explain_out_of_memory("generation"):
             sampled = self.rollouts.next(step, next_at)
         self.buffer = build_batch(sampled, [self.rows[i] for i in sampled.rows], self.policy, self.rewards, grpo,
@@ -262,6 +275,8 @@ class GRPORecipe:
         grpo, buffer = self.grpo, self.buffer
         size = grpo.per_device_train_batch_size
         start = (self.state.next_micro % self.plan.steps_per_generation) * size
+        self.heartbeat.phase(f"step {self.state.step + 1} of {grpo.max_steps}: micro-batch {index + 1} of "
+                             f"{grpo.gradient_accumulation_steps}")
         self.state.rows_reached.update(r for r in buffer.rows[start:start + size] if r is not None)
         self.state.next_micro += 1
         # one forward, or several of at most grpo.max_tokens_per_forward tokens, each as wide as its rows
@@ -315,7 +330,9 @@ class GRPORecipe:
     def _log_step(self, micro_metrics: list[dict[str, float]], grad_norm: float) -> dict[str, float]:
         # reward metrics are those of the generation this step trained on (one generation may feed
         # several steps), as TRL logs them
+        texts = [s["completion"] for s in self.buffer.samples]  # this process's block of the generation
         record = {**mean_metrics(micro_metrics), **self.buffer.metrics, "grad_norm": grad_norm,
+                  "completions/strict_format": sum(in_format(texts, strict=True)) / max(1, len(texts)),
                   "learning_rate": self.scheduler.get_last_lr()[0], "skipped_steps": self.state.skipped_steps,
                   **self.meter.metrics(), **memory_breakdown(self.policy, self.optimizer, self.engine)}
         record = self.dist.reduce_metrics(record)  # one record for all processes
@@ -330,6 +347,13 @@ class GRPORecipe:
         if self.dist.is_main:
             warn_if_no_signal(self.logger.history, step)
         return record
+
+    def _progress_line(self, record: dict[str, float], seconds_per_step: float) -> None:
+        """One line per step for logs: what the bar shows on a terminal, and the format rate."""
+        step, total = self.state.step, self.grpo.max_steps
+        log.info("step %d of %d: reward %s, strict format %.0f%%, step %.1fs, ETA %s", step, total,
+                 fmt_value(record.get("reward")), 100 * record["completions/strict_format"], record["step_seconds"],
+                 duration((total - step) * seconds_per_step))
 
     def save_checkpoint(self) -> Path:
         """Every process calls it. The weights are replicas (or FSDP2's shards, gathered here);
@@ -364,6 +388,7 @@ class GRPORecipe:
     def evaluate_if_due(self) -> None:
         """Every process: the held-out figures of the policy as it is now, into metrics.jsonl."""
         if self.evaluator is not None and self.evaluator.due(self.state.step):
+            self.heartbeat.phase(f"evaluating on the held-out set at step {self.state.step}")
             self.rollouts.idle()  # vLLM: the engine answers the held-out prompts once the generation ahead is done
             self.logger.log_eval(self.state.step, self.evaluator.evaluate(self.policy, self.engine, self.state.step))
 
@@ -419,8 +444,8 @@ class GRPORecipe:
                 ids = sorted(str(self.rows[i].get("id", i)) for i in reached)
                 (tmp / TRAINED_IDS).write_text(json.dumps(ids) + "\n")
                 (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            log.info("training done: %d steps, reward %s -> %s; model in %s", self.state.step,
-                     fmt_value(report["reward_first_10"]), fmt_value(report["reward_last_10"]), self.final_dir)
+            log.info("training done: %d steps, reward %s; model in %s", self.state.step, describe_reward(report),
+                     self.final_dir)
         self.dist.barrier()
         return self.result()
 

@@ -9,6 +9,9 @@ from pathlib import Path
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# as flows/__init__.py sets it for every entry point: Prefect reads it when it is first imported, which
+# in a test session can come before flows/ is (test_flow.py reads the grpoflow lines from the task logs)
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "grpoflow")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 

@@ -54,7 +54,7 @@ def test_eval_every_n_steps_lands_in_metrics_with_intervals_and_changes_nothing_
     assert len({r["eval_reward"] for r in evals}) > 1, evals  # the policy moves between evaluations (lr 3e-3)
     report = json.loads((Path(result.model_dir) / "report.json").read_text())
     assert Path(report["eval_plot"]).stat().st_size > 1000 and report["final_model_step"] == 5
-    assert report["reward_first_10"] is not None and report["step_seconds_median"] > 0  # eval lines left out
+    assert report["reward_first"] is not None and report["step_seconds_median"] > 0  # eval lines left out
 
     # the same run without evaluation: the same steps (the evaluation puts the RNGs back)
     plain = run_train(config(tmp_path / "b", max_steps=5), train, heldout, str(tiny_model), progress=False)

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,26 @@ def flow_run_named(flow_run_id):
         async with get_client() as client:
             runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             return runs[0]
+
+    return asyncio.run(read())
+
+
+def task_logs(flow_run_id) -> dict[str, list[str]]:
+    """The flow run's log messages by task run name, as the UI's task logs show them."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    async def read():
+        await APILogHandler.aflush()  # the records still queued for the API
+        async with get_client() as client:
+            tasks = await client.read_task_runs(task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+            names = {t.id: t.name for t in tasks}
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            found: dict[str, list[str]] = {}
+            for record in logs:
+                found.setdefault(names.get(record.task_run_id, "flow"), []).append(record.message)
+            return found
 
     return asyncio.run(read())
 
@@ -76,6 +97,14 @@ def test_the_whole_dag_on_a_tiny_model(prefect_server, tmp_path, tiny_model, mon
     assert results["export"]["push"]["repo_id"] == "alice/tiny"
     assert {"model.safetensors", "gguf/tiny-q8_0.gguf", "adapters/adapter_model.safetensors",
             "README.md"} <= set(hub.repos["alice/tiny"].files)
+
+    # progress reaches the task logs (no bar draws here): a line per GRPO step, warm-up, evaluation, export
+    logs = {name.split("-")[0]: lines for name, lines in task_logs(state.state_details.flow_run_id).items()}
+    steps = [line for line in logs["train"] if re.match(r"step \d of 2: reward", line)]
+    assert [line[:9] for line in steps] == ["step 1 of", "step 2 of"], logs["train"]
+    assert any(line.startswith("format warm-up: epoch 1 of") for line in logs["train"]), logs["train"]
+    assert any(re.match(r"generating \(hf\): 3 of 3 prompts done", line) for line in logs["evaluate"]), logs
+    assert any(re.match(r"gguf/tiny-q8_0\.gguf: .* verified", line) for line in logs["export"]), logs["export"]
 
     run = flow_run_named(state.state_details.flow_run_id)
     assert run.name == f"{tiny_model.name} on train.jsonl, steps 1-2"

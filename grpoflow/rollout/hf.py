@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from typing import Callable, ContextManager
 
 import torch
 from rich.progress import Progress
 from transformers import LogitsProcessorList
 
+from grpoflow.progress import bar_draws
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 from grpoflow.rollout.seeded import SeededSampling
+
+log = logging.getLogger("grpoflow.rollout")
 
 
 class HFEngine:
@@ -40,6 +45,8 @@ class HFEngine:
         try:
             with Progress(disable=not self.progress, transient=True) as progress:
                 task = progress.add_task(f"generating ({self.name})", total=len(texts))
+                lines = self.progress and not bar_draws(progress.console)  # where the bar does not draw: a log line
+                started = time.monotonic()
                 for start in range(0, len(texts), self.batch_size):
                     batch = texts[start:start + self.batch_size]
                     if params.seed is not None:
@@ -47,6 +54,9 @@ class HFEngine:
                     batch_seeds = None if seeds is None else seeds[start:start + self.batch_size]
                     results.extend(self._generate_batch(batch, params, batch_seeds))
                     progress.advance(task, len(batch))
+                    if lines:
+                        log.info("generating (%s): %d of %d prompts done (%.0fs)", self.name, start + len(batch),
+                                 len(texts), time.monotonic() - started)
         finally:
             self.model.train(was_training)
         return results

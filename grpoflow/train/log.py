@@ -81,11 +81,10 @@ class RunLogger:
 
     def report(self, **facts: Any) -> dict[str, Any]:
         """report.json's content: `facts` (steps, the model...), the reward at the start and the end
-        (means over the first and last 10 logged steps), the median step time, and where the logs are."""
+        (`reward_windows`), the median step time, and where the logs are."""
         history = self.history
         plot = self.plot()
-        return {**self.facts, **facts, "reward_first_10": _mean_key(history[:10], "reward"),
-                "reward_last_10": _mean_key(history[-10:], "reward"),
+        return {**self.facts, **facts, **reward_windows(history),
                 "step_seconds_median": float(np.median([r["step_seconds"] for r in history])) if history else None,
                 "metrics": str(self.metrics_path), "plot": str(plot) if plot else None}
 
@@ -218,6 +217,34 @@ def _sink(name: str, folder: Path, run_name: str, config: dict):
         raise ConfigError("grpo.report_to: wandb is not installed; `pip install wandb`") from None
     run = wandb.init(project="grpoflow", name=run_name, config=config, dir=str(folder))
     return lambda step, m: run.log(m, step=step)
+
+
+REWARD_WINDOW = 10  # logged steps at each end of a run that say where its reward started and ended
+
+
+def reward_windows(history: list[dict], size: int = REWARD_WINDOW) -> dict[str, Any]:
+    """The mean reward over the first and the last `size` logged steps, and the change between them.
+
+    The windows never overlap: a run shorter than 2 x `size` logged steps is cut in halves (a
+    10-step run compares steps 1-5 with 6-10; an odd middle step is in neither); one logged step has
+    no change to show (None). `reward_window` says how many steps each mean is over."""
+    window = min(size, len(history) // 2)
+    first = _mean_key(history[:window], "reward") if window else None
+    last = _mean_key(history[len(history) - window:], "reward") if window else None
+    return {"reward_first": first, "reward_last": last, "reward_window": window,
+            "reward_change": None if first is None or last is None else last - first}
+
+
+def describe_reward(report: dict[str, Any]) -> str:
+    """'0.186 (first 5 steps) -> 0.231 (last 5), +0.045' from a report.json; one written before the
+    windows stopped overlapping (reward_first_10 / reward_last_10) reads as it was."""
+    if "reward_window" not in report:
+        return (f"{fmt_value(report.get('reward_first_10'))} (first 10 steps) -> "
+                f"{fmt_value(report.get('reward_last_10'))} (last 10)")
+    change = report["reward_change"]
+    return (f"{fmt_value(report['reward_first'])} (first {report['reward_window']} steps) -> "
+            f"{fmt_value(report['reward_last'])} (last {report['reward_window']}), "
+            + ("-" if change is None else f"{change:+.3f}"))
 
 
 def _mean_key(records: list[dict], key: str) -> float | None:

@@ -9,6 +9,7 @@ and nothing is learnt. A few hundred worked solutions rendered as
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from grpoflow.answer_format import format_answer  # strict_format's layout, final newline included
 from grpoflow.config import FormatWarmupConfig
+from grpoflow.progress import Heartbeat
 from grpoflow.rollout import RolloutEngine, SamplingParams
 from grpoflow.train.policy import make_scaler
 from grpoflow.verifiers.verdicts import in_format
@@ -43,7 +45,13 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
     if not rows:
         log.warning("format warm-up skipped: no training row has a worked solution (column 'solution')")
         return {"skipped": "no worked solutions"}
+    with Heartbeat(log, "format warm-up") as heartbeat:  # no bar: a line at least every 30 s, terminal or not
+        return _warmup(policy, engine, rows, heldout_prompts, cfg, max_tokens, max_prompt_length, seed, heartbeat)
+
+
+def _warmup(policy, engine, rows, heldout_prompts, cfg, max_tokens, max_prompt_length, seed, heartbeat):
     started = time.perf_counter()
+    heartbeat.phase(f"format rate before, on {len(heldout_prompts)} held-out prompts")
     before = format_rate(engine, heldout_prompts, max_tokens)
     log.info("format warm-up: %d rows x %d epoch(s); strict format before: %.0f%%", len(rows), cfg.epochs,
              100 * before["strict_format"])
@@ -53,9 +61,11 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
     generator = torch.Generator().manual_seed(seed)
     losses = []
     policy.model.train()
-    for _ in range(cfg.epochs):
+    batches = math.ceil(len(rows) / cfg.batch_size)
+    for epoch in range(cfg.epochs):
         order = torch.randperm(len(rows), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
+            heartbeat.phase(f"epoch {epoch + 1} of {cfg.epochs}, batch {start // cfg.batch_size + 1} of {batches}")
             batch = [rows[i] for i in order[start:start + cfg.batch_size]]
             input_ids, attention_mask, labels = _sft_batch(tokenizer, batch, max_prompt_length, max_tokens, policy.device)
             with policy.autocast():  # every process the same rows: under FSDP2 the average is any one's gradient
@@ -67,6 +77,9 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+        log.info("format warm-up: epoch %d of %d, loss %.3f (%.0fs)", epoch + 1, cfg.epochs,
+                 sum(losses[-batches:]) / batches, time.perf_counter() - started)
+    heartbeat.phase(f"format rate after, on {len(heldout_prompts)} held-out prompts")
     engine.sync_weights(policy, 0)  # an engine with its own copy of the weights (vLLM) samples the new ones
     after = format_rate(engine, heldout_prompts, max_tokens)
     report = {"rows": len(rows), "epochs": cfg.epochs, "steps": len(losses),
