@@ -47,7 +47,9 @@ def run_python(source: str, *, limits: SandboxLimits = TOOL_LIMITS, max_output_c
     if result is None or not any("done" in r for r in run.records):
         if run.killed_for == "wall":
             why = f"wall-clock limit of {limits.wall_seconds}s"
-        elif run.cpu_seconds >= limits.cpu_seconds - 0.05:
+        elif run.cpu_seconds >= limits.cpu_seconds - 0.05 or run.exit_code in (-9, 128 + 9):
+            # RLIMIT_CPU's hard limit ends it with SIGKILL (bubblewrap reports 128 + 9); on a busy
+            # machine the CPU time the launcher passes back can fall short of the limit
             why = f"CPU limit of {limits.cpu_seconds}s"
         elif run.killed_for == "output":
             why = f"more than {limits.output_mb} MB of output"
