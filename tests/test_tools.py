@@ -332,3 +332,29 @@ def test_the_environment_keys_a_run_but_the_default_keeps_its_key(tmp_path):
     assert key() == key(environment="single_turn") == key(max_turns=7)  # single_turn: max_turns changes nothing
     assert key(environment="python_tool") != key()
     assert key(environment="python_tool", max_turns=2) != key(environment="python_tool")
+
+
+def test_the_evaluation_stage_runs_the_environment(engine, tmp_path, monkeypatch):
+    """run_evaluate with rollout.environment: python_tool, on the scripted model: a row is right
+    exactly when its episode called the tool (the answer is the tool's output), and the figures
+    count the calls; single_turn on the same rows reports no tool figures and never runs code."""
+    import stages.evaluate as evaluate_stage
+    from grpoflow.config import EvalConfig, RolloutConfig
+
+    monkeypatch.setattr(evaluate_stage, "make_engine", lambda *a, **k: engine)
+    data = [{"id": str(i), "prompt": [{"role": "user", "content": f"What is 17 * 23? Take {i}."}], "question": "q",
+             "answer": "391", "metadata": None} for i in range(8)]
+    heldout = tmp_path / "heldout.parquet"
+    pq.write_table(pa.Table.from_pylist(data), heldout)
+    cfg = EvalConfig(max_samples=None, max_new_tokens=96, output_dir=tmp_path / "eval", reward_funcs=["correctness"])
+    tools = evaluate_stage.run_evaluate(cfg, heldout, {"base": "scripted"},
+                                        rollout=RolloutConfig(environment="python_tool", max_turns=3))
+    figures = tools.models["base"]
+    assert figures["tool_call_rate"] > 0, figures
+    assert figures["accuracy"] == figures["tool_call_rate"] == figures["tool_calls"]
+    assert figures["tool_errors"] == 0 and figures["mean_turns"] == 1 + figures["tool_calls"]
+    samples = pq.read_table(Path(tools.output_dir) / "base.samples.parquet").to_pydict()
+    assert samples["correct"] == [calls == 1 for calls in samples["tool_calls"]]
+
+    plain = evaluate_stage.run_evaluate(cfg, heldout, {"base": "scripted"}).models["base"]
+    assert plain["accuracy"] == 0 and "tool_call_rate" not in plain  # the code blocks stay text
