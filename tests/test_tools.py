@@ -358,3 +358,63 @@ def test_the_evaluation_stage_runs_the_environment(engine, tmp_path, monkeypatch
 
     plain = evaluate_stage.run_evaluate(cfg, heldout, {"base": "scripted"}).models["base"]
     assert plain["accuracy"] == 0 and "tool_call_rate" not in plain  # the code blocks stay text
+
+
+class _ScriptedLLM:
+    """vllm.LLM's generate as VLLMEngine calls it (prompt_token_ids in, token ids and flat log-probs
+    out), answering with ScriptedTurns' script and no free tokens: request i of a first turn writes
+    CODE when i is even. A fake, for what cannot run here (vLLM needs a GPU); it records the calls."""
+
+    tokenizer = None
+
+    def __init__(self, **kwargs):
+        self.calls = []
+
+    def generate(self, requests, sampling, **_):
+        import types
+
+        self.calls.append((requests, sampling))
+        script = ScriptedTurns(self.tokenizer, free=0)
+        outputs = []
+        for i, (request, params) in enumerate(zip(requests, sampling)):
+            text = self.tokenizer.decode(request["prompt_token_ids"])
+            if "<|im_start|>tool" not in text:
+                target = self.tokenizer(CODE if i % 2 == 0 else "<answer>7</answer>",
+                                        add_special_tokens=False).input_ids + [script.eos]
+            else:
+                target = script.script(request["prompt_token_ids"], [])
+            ids = target[:params.max_tokens]
+            logprobs = types.SimpleNamespace(logprobs=[-0.5] * len(ids), token_ids=list(ids))
+            done = types.SimpleNamespace(token_ids=ids, logprobs=logprobs,
+                                         finish_reason="stop" if ids == target else "length")
+            outputs.append(types.SimpleNamespace(outputs=[done] * params.n))
+        return outputs
+
+
+def test_vllm_engine_runs_episodes_from_token_ids(tiny_model, monkeypatch, unsandboxed_allowed):
+    """The vLLM engine's side of the episodes, on a fake vllm.LLM: later turns are requests of
+    prompt_token_ids (the prompt, the turns so far, the tool's message), one completion each, within
+    the budget left; the completions come back as the transformers engine's do."""
+    import sys
+    import types
+
+    from grpoflow.rollout.vllm import VLLMEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    _ScriptedLLM.tokenizer = tokenizer
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        __version__="0.26.0", LLM=_ScriptedLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (0, 0))  # no card here
+    engine = VLLMEngine(str(tiny_model), tokenizer, dtype="bfloat16", gpu_memory_utilization=0.3,
+                        max_model_len=256, seed=7, sleep=False)
+    groups = run_episodes(engine, PythonTool(), rows(2), params(n=1, max_tokens=60), seeds=[1, 2], max_turns=3)
+    first, second = groups[0][0], groups[1][0]
+    assert first.text.endswith("<answer>391</answer>") and first.parts == {"tool_calls": 1, "tool_errors": 0}
+    assert second.text == "<answer>7</answer>" and second.mask is None
+    tool = [t for t, m in zip(first.token_ids, first.mask) if m == 0]
+    assert tokenizer.decode(tool) == "\n<|im_start|>tool\n391\n<|im_end|>\n<|im_start|>assistant\n"
+    assert first.logprobs == [-0.5 if m else 0.0 for m in first.mask]
+    requests, sampling = engine.llm.calls[1]  # the second turn: the first episode only
+    turn_one = first.mask.index(0)
+    assert [r["prompt_token_ids"] for r in requests] == [first.prompt_ids + first.token_ids[:turn_one + len(tool)]]
+    assert [(s.n, s.max_tokens) for s in sampling] == [(1, 60 - turn_one - len(tool))]
