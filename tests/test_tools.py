@@ -10,6 +10,8 @@ passes, the sampling, the tokenizer, the chat template and the sandbox are the r
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pyarrow as pa
@@ -418,3 +420,42 @@ def test_vllm_engine_runs_episodes_from_token_ids(tiny_model, monkeypatch, unsan
     turn_one = first.mask.index(0)
     assert [r["prompt_token_ids"] for r in requests] == [first.prompt_ids + first.token_ids[:turn_one + len(tool)]]
     assert [(s.n, s.max_tokens) for s in sampling] == [(1, 60 - turn_one - len(tool))]
+
+
+def test_the_warm_up_examples_call_the_tool_and_train_on_the_model_turns_only(tiny_model, unsandboxed_allowed):
+    from grpoflow.train.warmup import _sft_batch, tool_code, tool_turn
+
+    solution = "Weng earns 12/60 = $0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $10."
+    assert tool_code(solution) == "```python\nprint(12/60)\nprint(0.2 * 50)\n```"
+    assert tool_code("She has 1,200 / 4 = 300 left.") == "```python\nprint(1200 / 4)\n```"
+    assert tool_code("No calculation here.") is None
+    row = {"prompt": [{"role": "user", "content": "How much did Weng earn?"}], "solution": solution, "answer": "10"}
+    turn = tool_turn(PythonTool(), row)
+    assert turn == (tool_code(solution), "0.2\n10.0\n")  # the sandbox's real output
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    input_ids, attention_mask, labels = _sft_batch(tokenizer, [row, row], 64, 256, "cpu", [turn, None])
+    trained = tokenizer.decode([t for t in labels[0].tolist() if t != -100])
+    assert trained.startswith(turn[0] + "<|im_end|><reasoning>") and trained.endswith("</answer>\n<|im_end|>")
+    untrained = tokenizer.decode([t for t, lab, a in zip(input_ids[0].tolist(), labels[0].tolist(),
+                                                         attention_mask[0].tolist()) if lab == -100 and a])
+    assert untrained.endswith("<|im_start|>assistant\n\n<|im_start|>tool\n0.2\n10.0\n<|im_end|>\n<|im_start|>assistant\n")
+    plain = tokenizer.decode([t for t in labels[1].tolist() if t != -100])
+    assert plain.startswith("<reasoning>") and "```" not in plain  # a row without a turn: as before
+
+
+def test_a_tool_run_warms_up_on_worked_examples_that_call_the_tool(tiny_model, tmp_path, unsandboxed_allowed):
+    from stages.train import run_train
+
+    data = [{"id": str(i), "prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "question": f"{i} + 1",
+             "answer": str(i + 1), "solution": f"It is {i} + 1 = {i + 1}." if i % 4 else "It is one more.",
+             "origin": f"t:{i}", "metadata": None} for i in range(16)]
+    train, heldout = tmp_path / "train.parquet", tmp_path / "heldout.parquet"
+    pq.write_table(pa.Table.from_pylist(data), train)
+    pq.write_table(pa.Table.from_pylist(data[:4]), heldout)
+    cfg = tool_run_config(tmp_path, max_steps=1, steps_per_generation=1, per_device_train_batch_size=4,
+                          warmup={"enabled": True, "rows": 8, "batch_size": 4, "eval_prompts": 2})
+    report = json.loads((Path(run_train(cfg, train, heldout, str(tiny_model), progress=False).model_dir)
+                         / "report.json").read_text())
+    # 12 of the 16 solutions have a calculation; the first 8 of them are the warm-up's
+    assert report["warmup"]["tool_examples"] == report["warmup"]["rows"] == 8
