@@ -7,7 +7,7 @@ figures: accuracy (`<answer>` against the gold answer) and accuracy on the last 
 its 95% Wilson interval; the strict and soft format rates; the mean completion length and the share
 cut at the token limit; the reward (sum of eval.reward_funcs) and each reward's mean. table: the
 same per sample, a column each. Episodes of a multi-turn environment (rollout.environment:
-python_tool) are scored on their whole continuation, the tool's messages included, and add the
+python_tool) are judged on the model's last turn (completion.final_text), and add the
 mean of each of the environment's counts (tool_calls, tool_errors), the share of rows whose
 episode called the tool and the mean number of the model's turns; the rewards get the counts as
 columns, as in training.
@@ -26,7 +26,7 @@ from grpoflow.verifiers.verdicts import answer_correct, in_format, last_number_c
 def score_greedy(rows: list[dict[str, Any]], greedy: list[Completion], rewards: RewardSet,
                  answer_type: str) -> tuple[dict[str, Any], dict[str, list]]:
     """rows: held-out rows with a gold answer; greedy: one completion per row, in row order."""
-    texts = [c.text for c in greedy]
+    texts = [c.final_text for c in greedy]  # the answer: the model's last turn of an episode
     golds = [r["answer"] for r in rows]
     correct = [bool(answer_correct(t, g, answer_type)) for t, g in zip(texts, golds)]
     lenient = [bool(last_number_correct(t, g)) for t, g in zip(texts, golds)]
@@ -35,6 +35,8 @@ def score_greedy(rows: list[dict[str, Any]], greedy: list[Completion], rewards: 
     columns = {k: [r.get(k) for r in rows] for k in ("answer", "question", "metadata")}
     counts = list(dict.fromkeys(k for c in greedy for k in c.parts))  # the environment's, none for single_turn
     columns.update({k: [c.parts.get(k, 0) for c in greedy] for k in counts})
+    if counts:
+        columns["conversation"] = [c.text for c in greedy]
     scores = rewards.score([r["prompt"] for r in rows], texts, **columns)
     lengths = [len(c.token_ids) for c in greedy]
 
@@ -59,12 +61,12 @@ def score_greedy(rows: list[dict[str, Any]], greedy: list[Completion], rewards: 
             figures["tool_call_rate"] = _mean(called)
             figures["tool_call_rate_ci95"] = wilson_interval(sum(called), len(called))
     table = {"id": [r["id"] for r in rows], "question": [r["question"] for r in rows], "answer": golds,
-             "completion": texts, "extracted": [extract_answer(t) for t in texts],
+             "completion": [c.text for c in greedy], "extracted": [extract_answer(t) for t in texts],
              "completion_tokens": lengths, "finished": [c.finished for c in greedy],
              "correct": correct, "correct_last_number": lenient, "format_strict": strict, "reward": scores.totals}
     for name, values in scores.per_reward.items():
         table[f"rewards/{name}"] = values
-    table.update({k: columns[k] for k in counts})
+    table.update({k: columns[k] for k in counts})  # the environment's counts per row
     return figures, table
 
 

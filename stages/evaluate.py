@@ -135,10 +135,10 @@ def _sampled(cfg: EvalConfig, engine, env, max_turns: int, label: str, rows: lis
     pass_at_k, majority, per_sample = [], [], []
     records: dict[str, list] = {"question_index": [], "sample": [], "completion": [], "correct": []}
     for i, (group, gold) in enumerate(zip(groups, golds)):
-        verdicts = [bool(answer_correct(c.text, gold, answer_type)) for c in group]
+        verdicts = [bool(answer_correct(c.final_text, gold, answer_type)) for c in group]
         pass_at_k.append(any(verdicts))
         per_sample.extend(verdicts)
-        majority.append(majority_correct([c.text for c in group], gold, answer_type))
+        majority.append(majority_correct([c.final_text for c in group], gold, answer_type))
         for j, (c, v) in enumerate(zip(group, verdicts)):
             records["question_index"].append(i)
             records["sample"].append(j)

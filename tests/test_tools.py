@@ -104,6 +104,8 @@ def test_the_tool_output_reaches_the_next_turn(engine):
     for c in called:
         assert c.turns == 2 and c.parts == {"tool_calls": 1, "tool_errors": 0} and c.finished
         assert c.text.endswith("<answer>391</answer>"), c.text  # 391 came from the sandbox, through the context
+        # what the rewards and verdicts read: the model's last turn, the answer
+        assert c.final_text.endswith("<answer>391</answer>") and "```" not in c.final_text and CODE in c.text
         # the sequence is the chat template's: model turn, tool message, model turn
         whole = tok.decode(c.token_ids)
         assert "```<|im_end|>\n<|im_start|>tool\n391\n<|im_end|>\n<|im_start|>assistant\n" in whole, whole
@@ -132,7 +134,9 @@ def test_the_mask_covers_exactly_the_model_tokens(engine):
 
 
 USED_TOOL_REWARD = '''
-def used_tool(prompts, completions, tool_calls, tool_errors, **_):
+def used_tool(prompts, completions, tool_calls, tool_errors, conversation, **_):
+    assert all(c.endswith("</answer>") and "```" not in c for c in completions)  # the answers
+    assert all(("```" in whole) == bool(calls) for whole, calls in zip(conversation, tool_calls))
     return [float(calls) - errors for calls, errors in zip(tool_calls, tool_errors)]
 '''
 

@@ -41,6 +41,13 @@ class Completion:
     mask: list[int] | None = None
     turns: int = 1  # the model's turns
     parts: dict[str, int] = field(default_factory=dict)  # the environment's counts, summed (tool_calls ...)
+    last_turn: str | None = None  # the model's last turn, decoded, when there were several
+
+    @property
+    def final_text(self) -> str:
+        """What answers the question: the model's last turn (all of text for one turn). The
+        rewards and the verdicts read it; text, every turn and tool message, is what the logs show."""
+        return self.text if self.last_turn is None else self.last_turn
 
     @property
     def model_tokens(self) -> int:

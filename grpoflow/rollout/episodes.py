@@ -11,7 +11,8 @@ live episode, all of a turn's in one call. An episode ends when the environment 
 the model's turn is cut at the budget (finished False), or after max_turns turns of the model.
 
 A completion's token_ids then hold every turn after the prompt and the tool messages between
-them; its mask is 1 for the model's tokens and 0 for the tool's, whose logprobs are 0. The
+them; its mask is 1 for the model's tokens and 0 for the tool's, whose logprobs are 0; its text
+is all of it decoded, its final_text the model's last turn (the answer the rewards read). The
 budget is params.max_tokens for the whole of it (grpo.max_completion_length): the trainer's
 tensors and vLLM's max_model_len are sized for that, whatever the number of turns.
 
@@ -82,7 +83,7 @@ def run_episodes(engine: RolloutEngine, env, rows: list[dict[str, Any]], params:
     for e in episodes:
         c = e.completion
         if c.mask is not None:
-            c.text = engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            c.text, c.last_turn = engine.tokenizer.decode(c.token_ids, skip_special_tokens=True), e.last_text
         for key in env.columns:
             c.parts.setdefault(key, 0)
     return groups

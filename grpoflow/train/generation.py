@@ -126,17 +126,21 @@ def sample_groups(engine: RolloutEngine, rows: list[dict[str, Any]], indices: li
                   ignore_eos: bool = False, env: Environment | None = None, max_turns: int = 1) -> Sampled:
     """Generate num_generations completions (episodes, with a multi-turn environment) for each row
     and score them: no collective, no tensor for the trainer (the rollout thread runs it in
-    rollout.mode async). The rewards get the environment's counts (tool_calls ...) as columns."""
+    rollout.mode async). With a multi-turn environment the rewards score the model's last turn (the
+    answer), and get the environment's counts (tool_calls ...) and the whole episode's text
+    (`conversation`) as columns."""
     G = grpo.num_generations
     env = env or SingleTurn()
     started = time.perf_counter()
     groups = run_episodes(engine, env, rows, sampling_params(grpo, logprobs=logprobs, ignore_eos=ignore_eos), seeds,
                           max_turns=max_turns)
     seconds = time.perf_counter() - started
-    texts = [c.text for group in groups for c in group]
+    texts = [c.final_text for group in groups for c in group]  # the answer: the model's last turn
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
     columns.update({k: [c.parts[k] for group in groups for c in group] for k in env.columns})
+    if env.columns:  # the whole episode, every turn and tool message, for a reward that reads it all
+        columns["conversation"] = [c.text for group in groups for c in group]
     scores = rewards.score(prompts, texts, **columns)
     return Sampled(list(indices), groups, scores, seconds, dict(getattr(engine, "timings", {})),
                    masked=[False] * len(groups))
