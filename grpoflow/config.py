@@ -371,6 +371,13 @@ class RolloutConfig(Section):
                             "weights at most max_staleness optimizer steps old (docs/async-rollouts.md)")
     max_staleness: int = Field(1, ge=1, description="async: optimizer steps the sampling weights may lag the "
                                                     "trained ones (1: one-step-off-policy)")
+    environment: Literal["single_turn", "python_tool"] = Field(
+        "single_turn", description="what answers the model's turns (grpoflow/environments.py, docs/tools.md). "
+                                   "python_tool: a turn with a ```python block gets the block's output from the code "
+                                   "sandbox as a tool message, and the model goes on; the loss trains on the model's "
+                                   "tokens only; grpo.max_completion_length bounds all turns together")
+    max_turns: int = Field(4, ge=1, le=64, description="python_tool: the model's turns per episode, at most "
+                                                       "(max_turns - 1 tool calls)")
 
 
 class EvalConfig(Section):

@@ -6,7 +6,11 @@ what evaluation during training logs, from one function.
 figures: accuracy (`<answer>` against the gold answer) and accuracy on the last number, each with
 its 95% Wilson interval; the strict and soft format rates; the mean completion length and the share
 cut at the token limit; the reward (sum of eval.reward_funcs) and each reward's mean. table: the
-same per sample, a column each.
+same per sample, a column each. Episodes of a multi-turn environment (rollout.environment:
+python_tool) are judged on the model's last turn (completion.final_text), and add the
+mean of each of the environment's counts (tool_calls, tool_errors), the share of rows whose
+episode called the tool and the mean number of the model's turns; the rewards get the counts as
+columns, as in training.
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from grpoflow.verifiers.verdicts import answer_correct, in_format, last_number_c
 def score_greedy(rows: list[dict[str, Any]], greedy: list[Completion], rewards: RewardSet,
                  answer_type: str) -> tuple[dict[str, Any], dict[str, list]]:
     """rows: held-out rows with a gold answer; greedy: one completion per row, in row order."""
-    texts = [c.text for c in greedy]
+    texts = [c.final_text for c in greedy]  # the answer: the model's last turn of an episode
     golds = [r["answer"] for r in rows]
     correct = [bool(answer_correct(t, g, answer_type)) for t, g in zip(texts, golds)]
     lenient = [bool(last_number_correct(t, g)) for t, g in zip(texts, golds)]
     strict = in_format(texts, strict=True)
     soft = in_format(texts, strict=False)
     columns = {k: [r.get(k) for r in rows] for k in ("answer", "question", "metadata")}
+    counts = list(dict.fromkeys(k for c in greedy for k in c.parts))  # the environment's, none for single_turn
+    columns.update({k: [c.parts.get(k, 0) for c in greedy] for k in counts})
+    if counts:
+        columns["conversation"] = [c.text for c in greedy]
     scores = rewards.score([r["prompt"] for r in rows], texts, **columns)
     lengths = [len(c.token_ids) for c in greedy]
 
@@ -45,12 +53,20 @@ def score_greedy(rows: list[dict[str, Any]], greedy: list[Completion], rewards: 
         "reward": sum(scores.totals) / len(scores.totals),
         "reward_errors": scores.errors,
     }
+    if counts:
+        figures["mean_turns"] = sum(c.turns for c in greedy) / len(greedy)
+        figures.update({k: sum(columns[k]) / len(greedy) for k in counts})
+        if "tool_calls" in counts:
+            called = [calls > 0 for calls in columns["tool_calls"]]
+            figures["tool_call_rate"] = _mean(called)
+            figures["tool_call_rate_ci95"] = wilson_interval(sum(called), len(called))
     table = {"id": [r["id"] for r in rows], "question": [r["question"] for r in rows], "answer": golds,
-             "completion": texts, "extracted": [extract_answer(t) for t in texts],
+             "completion": [c.text for c in greedy], "extracted": [extract_answer(t) for t in texts],
              "completion_tokens": lengths, "finished": [c.finished for c in greedy],
              "correct": correct, "correct_last_number": lenient, "format_strict": strict, "reward": scores.totals}
     for name, values in scores.per_reward.items():
         table[f"rewards/{name}"] = values
+    table.update({k: columns[k] for k in counts})  # the environment's counts per row
     return figures, table
 
 

@@ -29,11 +29,13 @@ import pyarrow.parquet as pq
 from grpoflow.answer_format import ANSWER_CLOSE, ANSWER_OPEN
 from grpoflow.atomic import atomic_folder
 from grpoflow.config import EvalConfig, RolloutConfig
+from grpoflow.environments import make_environment
 from grpoflow.evaluation import score_greedy
 from grpoflow.hashing import cache_key, file_sha256, model_fingerprint
 from grpoflow.progress import Heartbeat, bar_draws
 from grpoflow.rewards import RewardSet, extract_answer, parse_number
 from grpoflow.rollout import SamplingParams
+from grpoflow.rollout.episodes import run_episodes
 from grpoflow.rollout.load import make_engine
 from grpoflow.verifiers.verdicts import answer_correct
 
@@ -103,11 +105,12 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
     started = time.perf_counter()
     engine = make_engine(rollout, path, batch_size=cfg.batch_size, seed=cfg.seed,
                          max_model_len=rollout.max_model_len or PROMPT_TOKENS + cfg.max_new_tokens)
-    prompts = [r["prompt"] for r in rows]
-    log.info("%s: %d held-out questions, greedy, up to %d new tokens (%s engine)", label, len(rows),
-             cfg.max_new_tokens, engine.name)
-    greedy = [c[0] for c in engine.generate(prompts, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0,
-                                                                    seed=cfg.seed))]
+    env = make_environment(rollout)  # the trained model's environment (rollout.environment), for base and trained alike
+    log.info("%s: %d held-out questions, greedy, up to %d new tokens (%s engine, %s)", label, len(rows),
+             cfg.max_new_tokens, engine.name, env.name)
+    greedy = [c[0] for c in run_episodes(engine, env, rows, SamplingParams(max_tokens=cfg.max_new_tokens,
+                                                                           temperature=0.0, seed=cfg.seed),
+                                         max_turns=rollout.max_turns)]
     gen_seconds = time.perf_counter() - started
     scored, table = score_greedy(rows, greedy, RewardSet(cfg.reward_funcs), answer_type)
     tokens = sum(table["completion_tokens"])
@@ -116,7 +119,7 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
     pq.write_table(pa.table(table), out / "samples.parquet")
 
     if cfg.num_samples:
-        figures.update(_sampled(cfg, engine, label, prompts, table["answer"], out, answer_type))
+        figures.update(_sampled(cfg, engine, env, rollout.max_turns, label, rows, table["answer"], out, answer_type))
     figures["seconds"] = round(time.perf_counter() - started, 1)
     log.info("%s: accuracy %.1f%% (last number %.1f%%), strict format %.1f%%, %.0f tokens on average",
              label, 100 * figures["accuracy"], 100 * figures["accuracy_last_number"],
@@ -124,19 +127,19 @@ def _evaluate_model(cfg: EvalConfig, rollout: RolloutConfig, label: str, path: s
     return figures
 
 
-def _sampled(cfg: EvalConfig, engine, label: str, prompts: list, golds: list[str], out: Path,
+def _sampled(cfg: EvalConfig, engine, env, max_turns: int, label: str, rows: list[dict], golds: list[str], out: Path,
              answer_type: str) -> dict[str, Any]:
     k = cfg.num_samples
     log.info("%s: %d samples per question at temperature %s for pass@%d / maj@%d", label, k, cfg.temperature, k, k)
-    groups = engine.generate(prompts, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                     n=k, seed=cfg.seed))
+    groups = run_episodes(engine, env, rows, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                            n=k, seed=cfg.seed), max_turns=max_turns)
     pass_at_k, majority, per_sample = [], [], []
     records: dict[str, list] = {"question_index": [], "sample": [], "completion": [], "correct": []}
     for i, (group, gold) in enumerate(zip(groups, golds)):
-        verdicts = [bool(answer_correct(c.text, gold, answer_type)) for c in group]
+        verdicts = [bool(answer_correct(c.final_text, gold, answer_type)) for c in group]
         pass_at_k.append(any(verdicts))
         per_sample.extend(verdicts)
-        majority.append(majority_correct([c.text for c in group], gold, answer_type))
+        majority.append(majority_correct([c.final_text for c in group], gold, answer_type))
         for j, (c, v) in enumerate(zip(group, verdicts)):
             records["question_index"].append(i)
             records["sample"].append(j)
@@ -180,7 +183,7 @@ def comparison_table(figures: dict[str, dict[str, Any]]) -> str:
 def _run_key(cfg: EvalConfig, heldout: Path, models: dict[str, str], rollout: RolloutConfig, answer_type: str) -> str:
     return cache_key({"version": EVAL_VERSION, "heldout": file_sha256(heldout),
                       "config": cfg.model_dump(mode="json", exclude={"output_dir"}),
-                      "rollout": rollout.model_dump(mode="json"), "answer_type": answer_type,
+                      "rollout": _rollout_key(rollout), "answer_type": answer_type,
                       "models": {label: model_fingerprint(path) for label, path in models.items()}})
 
 
@@ -195,3 +198,12 @@ def _pct_ci(p: float, ci: tuple[float, float] | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _rollout_key(rollout: RolloutConfig) -> dict[str, Any]:
+    """The rollout settings an evaluation depends on; the environment's only when it is not the
+    default, so that evaluations from before rollout.environment keep their keys."""
+    settings = rollout.model_dump(mode="json")
+    if rollout.environment == "single_turn":
+        del settings["environment"], settings["max_turns"]
+    return settings

@@ -164,7 +164,8 @@ class GRPORecipe:
             rows = self.rows if grpo.warmup.source is None else warmup_rows(cfg)
             self.state.warmup = run_format_warmup(policy, self.engine, rows, [r["prompt"] for r in heldout],
                                                   grpo.warmup, max_tokens=grpo.max_completion_length,
-                                                  max_prompt_length=grpo.max_prompt_length, seed=grpo.seed)
+                                                  max_prompt_length=grpo.max_prompt_length, seed=grpo.seed,
+                                                  env=self.rollouts.env)
         if dist.active and not self.sharded:
             # DDP: built after the warm-up and the resume, it broadcasts rank 0's weights to every replica
             policy.ddp = wrap_ddp(policy.model, dist)

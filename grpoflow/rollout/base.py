@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 Messages = list[dict[str, str]]  # [{"role": "system", "content": ...}, {"role": "user", ...}]
@@ -35,6 +35,24 @@ class Completion:
     logprobs: list[float] | None  # the sampler's log-prob of each generated token, when asked
     finished: bool  # True: stopped at EOS; False: cut at max_tokens (truncated)
     prompt_truncated: bool = False  # the prompt lost tokens on the left to truncate_prompt_tokens
+    # Multi-turn episodes (grpoflow/rollout/episodes.py): token_ids hold every turn after the prompt,
+    # the tool's messages between the model's turns; mask is 1 for a token the model wrote, 0 for
+    # one of a tool message (its logprob is 0). None: every token is the model's (one turn).
+    mask: list[int] | None = None
+    turns: int = 1  # the model's turns
+    parts: dict[str, int] = field(default_factory=dict)  # the environment's counts, summed (tool_calls ...)
+    last_turn: str | None = None  # the model's last turn, decoded, when there were several
+
+    @property
+    def final_text(self) -> str:
+        """What answers the question: the model's last turn (all of text for one turn). The
+        rewards and the verdicts read it; text, every turn and tool message, is what the logs show."""
+        return self.text if self.last_turn is None else self.last_turn
+
+    @property
+    def model_tokens(self) -> int:
+        """How many of token_ids the model wrote: what the loss trains on."""
+        return len(self.token_ids) if self.mask is None else sum(self.mask)
 
 
 class RolloutEngine(Protocol):
@@ -44,6 +62,12 @@ class RolloutEngine(Protocol):
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         """One list of `params.n` completions per prompt, in prompt order. seeds: one per prompt,
         making its completions independent of the rest of the batch (grpoflow/rollout/seeded.py)."""
+        ...
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
+                     seeds: list[int] | None = None) -> list[list[Completion]]:
+        """generate for prompts given as token ids (a multi-turn episode's next turn: the prompt,
+        the turns so far and the tool's message), as they are: no chat template is applied."""
         ...
 
     def sync_weights(self, policy, step: int) -> None:

@@ -39,16 +39,21 @@ class HFEngine:
         """seeds: one per prompt; its completions then come from its own generator, whatever else
         is in the batch (grpoflow/rollout/seeded.py)."""
         texts = [self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        return self.generate_ids([self.tokenizer(t, add_special_tokens=False).input_ids for t in texts], params, seeds)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
+                     seeds: list[int] | None = None) -> list[list[Completion]]:
+        """generate for prompts already tokenized (the next turn of a multi-turn episode)."""
         results: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()  # no dropout, and no gradient checkpointing, while sampling
         try:
             with Progress(disable=not self.progress, transient=True) as progress:
-                task = progress.add_task(f"generating ({self.name})", total=len(texts))
+                task = progress.add_task(f"generating ({self.name})", total=len(prompt_ids))
                 lines = self.progress and not bar_draws(progress.console)  # where the bar does not draw: a log line
                 started = time.monotonic()
-                for start in range(0, len(texts), self.batch_size):
-                    batch = texts[start:start + self.batch_size]
+                for start in range(0, len(prompt_ids), self.batch_size):
+                    batch = prompt_ids[start:start + self.batch_size]
                     if params.seed is not None:
                         torch.manual_seed(params.seed + start)
                     batch_seeds = None if seeds is None else seeds[start:start + self.batch_size]
@@ -56,15 +61,14 @@ class HFEngine:
                     progress.advance(task, len(batch))
                     if lines:
                         log.info("generating (%s): %d of %d prompts done (%.0fs)", self.name, start + len(batch),
-                                 len(texts), time.monotonic() - started)
+                                 len(prompt_ids), time.monotonic() - started)
         finally:
             self.model.train(was_training)
         return results
 
     @torch.no_grad()
-    def _generate_batch(self, texts: list[str], params: SamplingParams,
+    def _generate_batch(self, prompt_ids: list[list[int]], params: SamplingParams,
                         seeds: list[int] | None) -> list[list[Completion]]:
-        prompt_ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         keep = params.truncate_prompt_tokens
         truncated = [keep is not None and len(ids) > keep for ids in prompt_ids]
         prompt_ids = [ids[-keep:] if keep else ids for ids in prompt_ids]

@@ -141,6 +141,13 @@ class VLLMEngine:
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         """seeds: one per prompt, a per-request seed with seed_per_prompt (vLLM draws a seeded request
         from its own generator, whatever else is in the batch); otherwise vLLM's engine seed."""
+        return self.generate_ids([self.tokenizer(self.tokenizer.apply_chat_template(
+            p, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids for p in prompts],
+            params, seeds)  # tokenized as the transformers engine does
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams,
+                     seeds: list[int] | None = None) -> list[list[Completion]]:
+        """generate for prompts already tokenized (the next turn of a multi-turn episode)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         if not self.weights_current:
@@ -149,13 +156,9 @@ class VLLMEngine:
         started = time.perf_counter()
         self.wake_up({"weights", "kv_cache"})
         woken = time.perf_counter()
-        prompt_ids, truncated = [], []
         keep = params.truncate_prompt_tokens
-        for p in prompts:
-            text = self.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids  # as the transformers engine does
-            truncated.append(keep is not None and len(ids) > keep)
-            prompt_ids.append(ids[-keep:] if keep else ids)
+        truncated = [keep is not None and len(ids) > keep for ids in prompt_ids]
+        prompt_ids = [ids[-keep:] if keep else ids for ids in prompt_ids]
         seeds = seeds if seeds and self.per_request_seeds else [params.seed] * len(prompt_ids)
         sampling = [VLLMSamplingParams(
             n=params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,

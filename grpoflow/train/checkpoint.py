@@ -131,7 +131,8 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
     """Same data, base model and training config: the same run, whose checkpoints it resumes. The
     batch counts as its 1-process equivalent (per_device_train_batch_size x processes), so the same
     global batch on another number of processes is the same run; with ddp or fsdp alike
-    (grpo.distributed), whose checkpoints are the same. rollout.mode: async counts, with its staleness.
+    (grpo.distributed), whose checkpoints are the same. rollout.mode: async counts, with its staleness,
+    and a multi-turn rollout.environment, with its max_turns.
     Evaluation during training changes no weight (it restores the RNGs it uses): its keys count only
     where final/ becomes the best checkpoint."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
@@ -146,6 +147,8 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
         grpo["rollout"] = ["async", cfg.rollout.max_staleness]
     if cfg.rollout.ignore_eos:  # completions that run past their end: another run
         grpo["ignore_eos"] = True
+    if cfg.rollout.environment != "single_turn":  # what the model's turns are answered with: another run
+        grpo["environment"] = [cfg.rollout.environment, cfg.rollout.max_turns]
     grpo["per_device_train_batch_size"] *= num_processes
     if cfg.grpo.load_best_model_at_end:
         grpo["best_model"] = [cfg.grpo.metric_for_best_model, cfg.grpo.greater_is_better]

@@ -12,7 +12,9 @@ from grpoflow.advantages import compute_advantages
 from grpoflow.config import GRPOConfig
 from grpoflow.rewards import RewardSet
 from grpoflow.rewards.reward_set import Scores
+from grpoflow.environments import Environment, SingleTurn
 from grpoflow.rollout import Completion, RolloutEngine, SamplingParams
+from grpoflow.rollout.episodes import run_episodes
 from grpoflow.rollout.hf import left_pad
 from grpoflow.train.distributed import Distributed
 from grpoflow.train.logps import completion_logps
@@ -25,7 +27,8 @@ class GenerationBatch:
     """The rows of one generation, in group order (a prompt's G completions are consecutive)."""
     input_ids: torch.Tensor  # [N, P + T]
     attention_mask: torch.Tensor  # [N, P + T]
-    completion_mask: torch.Tensor  # [N, T], float; 0 after EOS, and for truncated ones when masked
+    # [N, T], float; 0 after EOS, at a tool message's tokens (multi-turn), and for truncated ones when masked
+    completion_mask: torch.Tensor
     advantages: torch.Tensor  # [N]
     old_logps: torch.Tensor | None  # [N, T]; None: the policy has not moved since sampling
     # [N, T] truncated importance-sampling ratio for another engine's samples (TRL's name); None: 1
@@ -120,17 +123,24 @@ def needs_sampling_logps(engine: RolloutEngine, grpo: GRPOConfig, *, stale: bool
 
 def sample_groups(engine: RolloutEngine, rows: list[dict[str, Any]], indices: list[int], rewards: RewardSet,
                   grpo: GRPOConfig, *, seeds: list[int] | None = None, logprobs: bool = False,
-                  ignore_eos: bool = False) -> Sampled:
-    """Generate num_generations completions for each row and score them: no collective, no
-    tensor for the trainer (the rollout thread runs it in rollout.mode async)."""
+                  ignore_eos: bool = False, env: Environment | None = None, max_turns: int = 1) -> Sampled:
+    """Generate num_generations completions (episodes, with a multi-turn environment) for each row
+    and score them: no collective, no tensor for the trainer (the rollout thread runs it in
+    rollout.mode async). With a multi-turn environment the rewards score the model's last turn (the
+    answer), and get the environment's counts (tool_calls ...) and the whole episode's text
+    (`conversation`) as columns."""
     G = grpo.num_generations
+    env = env or SingleTurn()
     started = time.perf_counter()
-    groups = engine.generate([r["prompt"] for r in rows], sampling_params(grpo, logprobs=logprobs, ignore_eos=ignore_eos),
-                             seeds=seeds)
+    groups = run_episodes(engine, env, rows, sampling_params(grpo, logprobs=logprobs, ignore_eos=ignore_eos), seeds,
+                          max_turns=max_turns)
     seconds = time.perf_counter() - started
-    texts = [c.text for group in groups for c in group]
+    texts = [c.final_text for group in groups for c in group]  # the answer: the model's last turn
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in COLUMNS}
+    columns.update({k: [c.parts[k] for group in groups for c in group] for k in env.columns})
+    if env.columns:  # the whole episode, every turn and tool message, for a reward that reads it all
+        columns["conversation"] = [c.text for group in groups for c in group]
     scores = rewards.score(prompts, texts, **columns)
     return Sampled(list(indices), groups, scores, seconds, dict(getattr(engine, "timings", {})),
                    masked=[False] * len(groups))
@@ -138,11 +148,13 @@ def sample_groups(engine: RolloutEngine, rows: list[dict[str, Any]], indices: li
 
 def generate_batch(engine: RolloutEngine, policy, rows: list[dict[str, Any]], rewards: RewardSet, grpo: GRPOConfig,
                    *, need_old_logps: bool, micro_batch: int, seeds: list[int] | None = None,
-                   dist: Distributed | None = None) -> GenerationBatch:
+                   dist: Distributed | None = None, env: Environment | None = None,
+                   max_turns: int = 1) -> GenerationBatch:
     """rows: this process's prompts of the generation (all of them with one process), sampled and
-    made into training tensors at once (the synchronous path, one generate call)."""
+    made into training tensors at once (the synchronous path, one generate call a turn)."""
     correct = needs_sampling_logps(engine, grpo)
-    sampled = sample_groups(engine, rows, list(range(len(rows))), rewards, grpo, seeds=seeds, logprobs=correct)
+    sampled = sample_groups(engine, rows, list(range(len(rows))), rewards, grpo, seeds=seeds, logprobs=correct,
+                            env=env, max_turns=max_turns)
     return build_batch(sampled, rows, policy, rewards, grpo, need_old_logps=need_old_logps, micro_batch=micro_batch,
                        dist=dist, correct=correct)
 
@@ -165,8 +177,9 @@ def build_batch(sampled: Sampled, rows: list[dict[str, Any]], policy, rewards: R
     mine = {"scores": scores, "drawn": sampled.drawn or scores, "seconds": sampled.seconds, "phases": sampled.phases,
             "lengths": [len(c.token_ids) for c in completions],
             "finished": [c.finished for c in completions], "prompts_truncated": sum(g[0].prompt_truncated for g in groups),
-            "num_items": sum(len(c.token_ids) for c, m in zip(completions, masked)
+            "num_items": sum(c.model_tokens for c, m in zip(completions, masked)
                              if not m and (c.finished or not grpo.mask_truncated_completions)),
+            "turns": [c.turns for c in completions], "parts": [c.parts for c in completions],
             "dynamic": sampled.dynamic, "version": sampled.version, "wait": sampled.wait_seconds}
     everyone = dist.all_gather(mine)
     every_score = Scores({n: [v for e in everyone for v in e["scores"].per_reward[n]] for n in rewards.names},
@@ -192,7 +205,8 @@ def build_batch(sampled: Sampled, rows: list[dict[str, Any]], policy, rewards: R
     for i, c in enumerate(completions):
         completion_ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, device=device)
         if not masked[i] and (c.finished or not grpo.mask_truncated_completions):
-            completion_mask[i, :len(c.token_ids)] = 1.0
+            # the model's own tokens: a tool message's are context, never trained on
+            completion_mask[i, :len(c.token_ids)] = 1.0 if c.mask is None else torch.tensor(c.mask, device=device)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention_mask = torch.cat([prompt_mask, _written(completions, width, device)], dim=1)  # [N, P + T]
 
@@ -236,9 +250,10 @@ def build_batch(sampled: Sampled, rows: list[dict[str, Any]], policy, rewards: R
         **{f"time/rollout_{k}_seconds": v for k, v in slowest["phases"].items()},
         **is_metrics,
         **_rollout_metrics(everyone),
+        **_episode_metrics(everyone),
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
-                "reward": scores.totals[i], "advantage": advantages[i].item(),
+                "reward": scores.totals[i], "advantage": advantages[i].item(), **completions[i].parts,
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
     return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,
@@ -253,6 +268,23 @@ def _rollout_metrics(everyone: list[dict[str, Any]]) -> dict[str, float]:
     for key in dict.fromkeys(k for e in everyone for k in e["dynamic"]):
         values = [e["dynamic"].get(key, 0.0) for e in everyone]
         out[f"dynamic_sampling/{key}"] = max(values) if key == "draws" else float(sum(values))
+    return out
+
+
+def _episode_metrics(everyone: list[dict[str, Any]]) -> dict[str, float]:
+    """Multi-turn environments: turns per episode, and each count the environment keeps (tool_calls,
+    tool_errors) per episode, over every process; nothing for single-turn rollouts."""
+    turns = [t for e in everyone for t in e["turns"]]
+    parts = [p for e in everyone for p in e["parts"]]
+    if not any(parts):
+        return {}
+    out = {"completions/mean_turns": sum(turns) / len(turns)}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        out[f"tools/{key}/mean"] = sum(p.get(key, 0) for p in parts) / len(parts)
+    calls = sum(p.get("tool_calls", 0) for p in parts)
+    if "tool_calls" in parts[0]:  # the share of episodes that call the tool, and of calls that fail
+        out["tools/call_frequency"] = sum(p.get("tool_calls", 0) > 0 for p in parts) / len(parts)
+        out["tools/failure_frequency"] = sum(p.get("tool_errors", 0) for p in parts) / calls if calls else 0.0
     return out
 
 

@@ -36,10 +36,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from grpoflow.config import PipelineConfig
+from grpoflow.environments import make_environment
 from grpoflow.errors import ConfigError
 from grpoflow.evaluation import score_greedy
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout import RolloutEngine, SamplingParams
+from grpoflow.rollout.episodes import run_episodes
 from grpoflow.train.checkpoint import TrainState, rng_state, set_rng_state
 from grpoflow.train.distributed import Distributed
 
@@ -57,6 +59,7 @@ class PeriodicEval:
             raise ConfigError(f"grpo.eval_strategy is 'steps', but none of the {len(rows)} held-out rows in "
                               f"{heldout_path} has a gold answer to score against; set grpo.eval_strategy: no")
         self.rewards = RewardSet(cfg.eval.reward_funcs)
+        self.env, self.max_turns = make_environment(cfg.rollout), cfg.rollout.max_turns
         self.params = SamplingParams(max_tokens=grpo.max_completion_length, temperature=0.0,
                                      truncate_prompt_tokens=grpo.max_prompt_length)
         self.last: dict[str, Any] | None = None  # the latest evaluation's metrics, with its step
@@ -70,10 +73,12 @@ class PeriodicEval:
         started = time.perf_counter()
         block = math.ceil(len(self.rows) / dist.world_size)
         mine = self.rows[dist.rank * block:(dist.rank + 1) * block]
-        prompts = [r["prompt"] for r in mine] + [self.rows[0]["prompt"]] * (block - len(mine))  # padding
+        padded = mine + [self.rows[0]] * (block - len(mine))
         rng = rng_state()
         engine.sync_weights(policy, step)  # vLLM: answer with the policy as it is now
-        greedy = [group[0] for group in engine.generate(prompts, self.params)][:len(mine)]
+        # the environment the policy trains in (rollout.environment): with its tool, if it has one
+        greedy = [group[0] for group in run_episodes(engine, self.env, padded, self.params,
+                                                     max_turns=self.max_turns)][:len(mine)]
         engine.sleep()  # vLLM: the KV cache is released while the trainer works
         set_rng_state(rng)
         everyone = [c for part in dist.all_gather(greedy) for c in part]  # [len(rows)], in row order

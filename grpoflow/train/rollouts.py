@@ -48,6 +48,7 @@ import torch
 
 from grpoflow.batching import BatchPlan
 from grpoflow.config import PipelineConfig
+from grpoflow.environments import make_environment
 from grpoflow.errors import ConfigError
 from grpoflow.rewards import RewardSet
 from grpoflow.rewards.reward_set import Scores
@@ -74,6 +75,7 @@ class Rollouts:
         self.logprobs = needs_sampling_logps(engine, self.grpo, stale=self.ahead_mode)
         self.ignore_eos = cfg.rollout.ignore_eos
         self.engine = engine
+        self.env, self.max_turns = make_environment(cfg.rollout), cfg.rollout.max_turns
         self.timed = lambda part: contextlib.nullcontext()  # the trainer's StepMeter.timed: where sync time goes
         self._future: Future | None = None  # the generation being sampled ahead
         self._ready: Sampled | None = None  # ... once sampled (or restored from a checkpoint)
@@ -179,7 +181,8 @@ class Rollouts:
             if len(kept) < n:
                 seeds = [prompt_seed(grpo.seed, first + dist.rank * per + i) for i in range(per)]
                 part = sample_groups(self.engine, [self.rows[i] for i in mine], mine, self.rewards, grpo,
-                                     seeds=seeds, logprobs=self.logprobs, ignore_eos=self.ignore_eos)
+                                     seeds=seeds, logprobs=self.logprobs, ignore_eos=self.ignore_eos, env=self.env,
+                                     max_turns=self.max_turns)
                 seconds, phases, calls, generated = seconds + part.seconds, part.phases, calls + 1, generated + len(mine)
                 parts.append(part.scores)
                 if not dynamic:

@@ -22,6 +22,7 @@ interpreter. What holds then is _sandbox_guard.py; its docstring says how.
 
 import ast
 import builtins
+import io
 import os
 import resource
 import sys
@@ -244,6 +245,30 @@ def run_check(index, code, args, entry_point, policy, real_import, allowed_text)
         return {"check": index, "error": "bad_output", "detail": f"result is not JSON: {describe(e)}"}
 
 
+def run_script(code, policy, real_import, allowed_text, max_chars):
+    """The whole source once, as a script (the python tool): what it printed comes back, cut to
+    max_chars, and the exception that ended it, if one did."""
+    out, real_stdout, real_stderr = io.StringIO(), sys.stdout, sys.stderr
+    record = {}
+    sys.stdout = sys.stderr = out  # print() looks them up at each call
+    try:
+        exec(code, {"__builtins__": restricted_builtins(policy, real_import, allowed_text), "__name__": "__main__"})
+    except MemoryError:
+        record = {"error": "memory", "detail": "MemoryError"}
+    except SystemExit as e:  # exit() is an ordinary way for a script to end; a non-zero code is an error
+        if e.code not in (None, 0):
+            record = {"error": "crashed", "detail": f"SystemExit: {describe(e)}"}
+    except BaseException as e:
+        record = {"error": "crashed", "detail": describe(e)}
+    finally:
+        sys.stdout, sys.stderr = real_stdout, real_stderr
+    try:
+        text = out.getvalue()
+    except MemoryError:
+        text = ""
+    return {**record, "output": text[:max_chars], "output_chars": len(text)}
+
+
 def set_limits(limits):
     cpu = limits["cpu_seconds"]
     # soft == hard: where the child is pid 1 of its namespace it ignores SIGXCPU, so the hard
@@ -312,6 +337,9 @@ def main():
     real_import = builtins.__import__
     set_limits(job["limits"])
     guard["arm"](refuse, policy, code, sandbox_dir, read_roots, SAFE_DUNDERS)
+    if job.get("script"):
+        send(run_script(code, policy, real_import, allowed_text, job["max_output_chars"]))
+        return send({"done": 1})
     for index, args in enumerate(job["args"]):
         send(run_check(index, code, args, job["entry_point"], policy, real_import, allowed_text))
     send({"done": len(job["args"])})
