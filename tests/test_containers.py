@@ -124,7 +124,10 @@ def test_stage_deployments_on_a_docker_work_pool(prefect_ui_server, tmp_path):
         path, _, function = deployment.entrypoint.partition(":")
         assert (ROOT / path).is_file() and f"def {function}(" in (ROOT / path).read_text()
         assert any(k == "COPY" and shlex.split(a)[0] == path.split("/")[0] for k, a in steps)
-        assert deployment.path in (None, ".") and not deployment.pull_steps  # nothing to fetch: the code is in the image
+        # nothing to fetch: the code is in the image, and the flow runs in its working directory, where the
+        # volumes are mounted (not in a copy made by `prefect flow-run execute`)
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_WORKDIR}}]
         assert job.volumes == [f"{(tmp_path / 'artifacts').resolve()}:{IMAGE_WORKDIR}/artifacts",
                                f"{(tmp_path / 'cache').resolve()}:{IMAGE_WORKDIR}/cache"]
         # the container the worker would create: its command (prefect flow-run execute) behind /usr/bin/env,
