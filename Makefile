@@ -18,7 +18,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup sandbox-setup lock test-latest pipeline test test-fast test-gpu ui-test-setup server serve clean
+.PHONY: help setup sandbox-setup lock test-latest pipeline test test-fast test-gpu ui-test-setup containers-setup images server serve clean
 
 help:
 	@echo "make pipeline   set up .venv, then run every stage on the embedded default (CONFIG=$(CONFIG))"
@@ -29,6 +29,8 @@ help:
 	@echo "make sandbox-setup  only bubblewrap (apt, where this machine allows it)"
 	@echo "make lock       regenerate the locks (UPGRADE=1: newest allowed releases); commit them"
 	@echo "make test-latest  the fast tests on the newest allowed releases instead of the lock"
+	@echo "make containers-setup  podman, buildah, debootstrap, runc (apt) for the images; make test runs it"
+	@echo "make images     build grpoflow-cpu (GPU=1: and grpoflow-gpu) with podman or docker"
 	@echo "make server     a local Prefect server, UI on http://127.0.0.1:4200"
 	@echo "make serve      register and serve the deployments against it (CONFIG=$(CONFIG))"
 	@echo "make ui-test-setup  chromium (apt) and playwright-core (npm) for the browser test; make test runs it"
@@ -119,7 +121,7 @@ endif
 
 # pytest exits 5 when it collected no test: this project has tests, so that means an import
 # error or a filter hid them, and the run fails with a message instead of passing silently.
-test: $(STAMP) sandbox-setup ui-test-setup
+test: $(STAMP) sandbox-setup ui-test-setup containers-setup
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (a filter or an import error hid them)"; fi; \
 	exit $$rc
@@ -165,6 +167,23 @@ ifeq ($(UI_TEST),1)
 	    npm ci --prefix .cache/ui-test --no-audit --no-fund --silent || exit 1; \
 	fi
 endif
+
+# The images (containers/README.md): podman from Debian's packages where no engine is installed (runc:
+# crun refuses this machine's mixed cgroup layout); debootstrap makes the base where no registry answers.
+# CONTAINERS=0 skips the installs (the container test then skips, saying why).
+CONTAINERS ?= 1
+containers-setup:
+ifeq ($(CONTAINERS),1)
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && exit 0; \
+	command -v docker >/dev/null && docker info >/dev/null 2>&1 && exit 0; \
+	echo "installing podman, buildah, debootstrap, runc (apt) for the images"; \
+	$(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq podman buildah debootstrap >/dev/null && \
+	DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq --no-install-recommends runc >/dev/null
+endif
+
+GPU ?= 0
+images: $(STAMP) containers-setup
+	PYTHON=$(BIN)/python containers/build.sh cpu $(if $(filter 1,$(GPU)),gpu)
 
 # A local Prefect server with its scheduler and the UI; `make serve` in another shell registers the
 # deployments (flows/deploy.py) and runs their flow runs in that process.

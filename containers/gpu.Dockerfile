@@ -3,7 +3,16 @@
 #   docker build -f containers/gpu.Dockerfile -t grpoflow-gpu .
 #   docker run --rm --gpus all --ipc=host -v $PWD/artifacts:/opt/grpoflow/artifacts grpoflow-gpu \
 #       train -c configs/gsm8k-gpu.yaml
-FROM python:3.12-slim-bookworm
+# BASE is a Python 3.12 image (the GPU lock is for 3.12; bookworm's own Python is 3.11).
+ARG BASE=docker.io/library/python:3.12-slim-bookworm
+FROM ${BASE}
+# The package index settings (containers/host_pip.py passes the host's); empty means pip's defaults.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_CERT
+ARG PIP_DEFAULT_TIMEOUT
 
 ENV DO_NOT_TRACK=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \

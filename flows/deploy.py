@@ -11,7 +11,8 @@ serve:
                                               never two at once (registered when continuous.heldout is set)
 docker (a Prefect docker work pool; a docker worker runs each flow run in its image):
     grpoflow-pipeline/stage-prepare     prepare, model          grpoflow-cpu
-    grpoflow-pipeline/stage-train       train                   grpoflow-gpu (all GPUs, host IPC)
+    grpoflow-pipeline/stage-train       train                   grpoflow-gpu (all GPUs, host IPC);
+                                                                grpoflow-cpu with --no-gpu
     grpoflow-pipeline/stage-evaluate    evaluate, export        grpoflow-cpu
     grpoflow-staged/containers          runs the three in order (at orchestration.schedule_cron)
 
@@ -70,6 +71,9 @@ def job_variables(kind: str, *, artifacts: Path, cache: Path, images: dict[str, 
         "volumes": [f"{Path(artifacts).resolve()}:{IMAGE_WORKDIR}/artifacts", f"{Path(cache).resolve()}:{IMAGE_WORKDIR}/cache"],
         "env": {"GRPOFLOW_CACHE_DIR": f"{IMAGE_WORKDIR}/cache"},
         "auto_remove": True,
+        # the images are built on the worker's host (make images), not pushed: with a :latest tag and no
+        # policy, prefect-docker would pull them first and fail
+        "image_pull_policy": "IfNotPresent",
         "container_create_kwargs": {"entrypoint": ["/usr/bin/env"], "working_dir": IMAGE_WORKDIR},
     }
     if kind == "gpu":  # docker run --gpus all --ipc=host
@@ -78,11 +82,13 @@ def job_variables(kind: str, *, artifacts: Path, cache: Path, images: dict[str, 
     return variables
 
 
-def stage_deployments(cfg: PipelineConfig, *, artifacts: Path, cache: Path,
-                      images: dict[str, str] = IMAGES) -> list[tuple[RunnerDeployment, str]]:
-    """(deployment, image) per stage group: the pipeline flow limited to those stages."""
+def stage_deployments(cfg: PipelineConfig, *, artifacts: Path, cache: Path, images: dict[str, str] = IMAGES,
+                      gpu: bool = True) -> list[tuple[RunnerDeployment, str]]:
+    """(deployment, image) per stage group: the pipeline flow limited to those stages. Without `gpu`,
+    train runs in the CPU image too, with no device requested (a host without GPUs)."""
     found = []
     for name, (stages, kind) in STAGE_GROUPS.items():
+        kind = kind if gpu else "cpu"
         config = cfg.model_dump(mode="json")
         config["orchestration"]["stages"] = list(stages)
         deployment = pipeline.to_deployment(
@@ -112,17 +118,32 @@ def staged(config: dict[str, Any] | None = None) -> dict[str, str]:
 
 
 def apply_docker(cfg: PipelineConfig, work_pool: str, *, artifacts: Path, cache: Path,
-                 images: dict[str, str] = IMAGES) -> list[str]:
+                 images: dict[str, str] = IMAGES, gpu: bool = True) -> list[str]:
     """Register the stage deployments and the staged flow on a docker work pool (created when missing)."""
     _ensure_docker_pool(work_pool)
     ids = [str(d.apply(work_pool_name=work_pool, image=image))
-           for d, image in stage_deployments(cfg, artifacts=artifacts, cache=cache, images=images)]
+           for d, image in stage_deployments(cfg, artifacts=artifacts, cache=cache, images=images, gpu=gpu)]
     parent = staged.to_deployment(name="containers", cron=cfg.orchestration.schedule_cron,
                                   parameters={"config": cfg.model_dump(mode="json")}, tags=["grpoflow"],
                                   job_variables=job_variables("cpu", artifacts=artifacts, cache=cache, images=images))
     parent.entrypoint = "flows/deploy.py:staged"
     ids.append(str(parent.apply(work_pool_name=work_pool, image=images["cpu"])))
+    _run_in_image_workdir(ids)
     return ids
+
+
+def _run_in_image_workdir(deployment_ids: list[str]) -> None:
+    """`prefect flow-run execute` runs a flow in a temporary folder of its own, into which it copies the
+    deployment's code folder when there is no pull step: in a container that copies the mounted
+    artifacts too, and the stages' relative paths land in the copy, which is lost with the container.
+    A pull step that moves into the image's working directory instead keeps every path on the volumes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    steps = [{"prefect.deployments.steps.set_working_directory": {"directory": IMAGE_WORKDIR}}]
+    with get_client(sync_client=True) as client:
+        for deployment_id in deployment_ids:
+            client.update_deployment(deployment_id, DeploymentUpdate(pull_steps=steps))
 
 
 def _ensure_docker_pool(name: str) -> None:
@@ -165,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="docker: mounted as artifacts/")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "grpoflow",
                         help="docker: the model cache, mounted in every stage container")
+    parser.add_argument("--no-gpu", action="store_true",
+                        help="docker: train in grpoflow-cpu on the CPU, for a host without GPUs")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
         if args.command == "docker":
-            for deployment_id in apply_docker(cfg, args.work_pool, artifacts=args.artifacts, cache=args.cache):
+            for deployment_id in apply_docker(cfg, args.work_pool, artifacts=args.artifacts, cache=args.cache,
+                                            gpu=not args.no_gpu):
                 print(deployment_id)
             print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker", file=sys.stderr)
             return 0

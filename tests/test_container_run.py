@@ -1,0 +1,171 @@
+"""The stages in the grpoflow-cpu image, run by a real Prefect docker worker (containers/README.md).
+
+containers/build.sh builds the image (`make images`; layers and the base are cached between runs);
+podman serves the Docker API on a socket of this test's own; `python -m flows.deploy docker --no-gpu`
+registers the deployments on a real `prefect server start`; a real `prefect worker start --type docker`
+runs each flow run in a container that writes to the mounted artifacts folder. Skips where neither
+podman nor a running docker daemon is here (`make containers-setup` installs podman).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PODMAN = shutil.which("podman")
+DOCKER = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (PODMAN or DOCKER),
+                                 reason="no container engine: podman (make containers-setup) or a running docker daemon")]
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if PODMAN:
+        env["CONTAINERS_CONF"] = str(ROOT / ".cache" / "containers" / "containers.conf")  # written by build.sh
+    return env
+
+
+@pytest.fixture(scope="module")
+def image():
+    """grpoflow-cpu, built as `make images` builds it."""
+    subprocess.run([str(ROOT / "containers" / "build.sh"), "cpu"], cwd=ROOT, check=True, timeout=3600,
+                   env={**os.environ, "PYTHON": sys.executable})
+    return "grpoflow-cpu:latest"
+
+
+@pytest.fixture(scope="module")
+def docker_host(image, tmp_path_factory):
+    """A Docker API socket: podman's, served for this test, or the running docker daemon's."""
+    if not PODMAN:
+        yield os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return
+    socket = tmp_path_factory.mktemp("podman") / "podman.sock"
+    service = subprocess.Popen([PODMAN, "system", "service", "--time=0", f"unix://{socket}"], env=engine_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists():
+            assert service.poll() is None, f"podman system service exited {service.returncode}"
+            assert time.monotonic() < deadline, "podman system service made no socket in 60 s"
+            time.sleep(0.2)
+        yield f"unix://{socket}"
+    finally:
+        service.terminate()
+        try:
+            service.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+
+
+def small_source(path: Path) -> None:
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def containers_of(deployment_ids: set[str]) -> list[str]:
+    """The containers the worker made for these deployments, running or not."""
+    listing = subprocess.run([PODMAN or "docker", "ps", "-a", "--format", "{{.ID}} {{.Labels}}"], env=engine_env(),
+                             capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if any(d in line for d in deployment_ids)]
+
+
+def test_the_stages_run_in_containers_through_a_docker_worker(image, docker_host, prefect_ui_server, tiny_model,
+                                                              tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, WorkPoolFilter,
+                                                WorkPoolFilterName)
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import main as deploy
+
+    # Every path relative to the working directory: /opt/grpoflow in the containers, tmp_path here.
+    monkeypatch.chdir(tmp_path)
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (tmp_path / "cache").mkdir()  # podman, unlike docker, makes no missing folder it is asked to mount
+    small_source(artifacts / "train.jsonl")
+    shutil.copytree(tiny_model, artifacts / "tiny-model")
+    config = {"data": {"source": "artifacts/train.jsonl", "output_dir": "artifacts/data"},
+              "model": {"name_or_path": "artifacts/tiny-model", "finetune": "lora", "dtype": "float32",
+                        "lora": {"target_modules": ["q_proj", "v_proj"]}},
+              "grpo": {"max_steps": 2, "num_generations": 4, "per_device_train_batch_size": 4,
+                       "max_completion_length": 8, "gradient_checkpointing": False,
+                       "warmup": {"rows": 4, "batch_size": 4, "eval_prompts": 2}, "output_dir": "artifacts/train"},
+              "eval": {"max_samples": 3, "max_new_tokens": 8, "output_dir": "artifacts/eval"},
+              "export": {"quantizations": ["q8_0"], "output_dir": "artifacts/export"}}
+    (tmp_path / "tiny.yaml").write_text(json.dumps(config))  # JSON is YAML
+    pool = "grpoflow-containers-test"
+    env = {**engine_env(), "PREFECT_API_URL": prefect_ui_server, "DOCKER_HOST": docker_host}
+    deployment_ids = set()
+    worker = None
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_ui_server}):
+            assert deploy(["docker", "-c", "tiny.yaml", "--work-pool", pool, "--artifacts", "artifacts",
+                           "--cache", "cache", "--no-gpu"]) == 0
+
+            async def host_network() -> set[str]:
+                # the server listens on 127.0.0.1 here: the containers share the host's network to reach it
+                async with get_client() as client:
+                    template = (await client.read_work_pool(pool)).base_job_template
+                    template["variables"]["properties"]["network_mode"]["default"] = "host"
+                    await client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
+                    found = await client.read_deployments(
+                        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+                    return {str(d.id) for d in found}
+
+            deployment_ids = asyncio.run(host_network())
+            log = (tmp_path / "worker.log").open("w")
+            worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                       "--type", "docker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            started = time.monotonic()
+            parent = run_deployment("grpoflow-staged/containers", timeout=2400)
+            elapsed = time.monotonic() - started
+
+            async def children():
+                async with get_client() as client:
+                    return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+
+            runs = asyncio.run(children())
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert parent.state.is_completed(), f"{parent.state}; worker log:\n{worker_log[-4000:]}"
+        # the three stage runs, each from its deployment, each in a container of the worker's
+        # (prefect-docker records "<docker host>:<container id>" as the run's infrastructure pid)
+        stage_runs = [r for r in runs if str(r.deployment_id) in deployment_ids]
+        assert len(stage_runs) == 3 and all(r.state.is_completed() for r in stage_runs), [
+            (r.name, r.state_name) for r in runs]
+        for run in [parent, *stage_runs]:
+            assert run.infrastructure_pid and ":" in run.infrastructure_pid, (run.name, run.infrastructure_pid)
+        print(f"the staged flow run took {elapsed:.0f} s in containers")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        leftover = containers_of(deployment_ids)
+        if leftover:
+            subprocess.run([PODMAN or "docker", "rm", "-f", *leftover], env=engine_env(), capture_output=True)
+    # what the containers wrote to the mounted folder
+    assert {p.name for p in (artifacts / "data").rglob("*.parquet")} == {"train.parquet", "heldout.parquet",
+                                                                          "rejects.parquet"}
+    assert any((artifacts / "train").rglob("adapter_model.safetensors")), "train wrote no adapter"
+    assert any((artifacts / "eval").rglob("summary.json")), "evaluate wrote no summary"
+    assert {p.name for p in (artifacts / "export").rglob("*.gguf")} == {"model-f16.gguf", "model-q8_0.gguf"}
+    assert containers_of(deployment_ids) == []
