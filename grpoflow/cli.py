@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="mounted as artifacts/ in the images")
     deploy.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "grpoflow",
                         help="the model cache, mounted in every stage container")
+    deploy.add_argument("--no-gpu", action="store_true",
+                        help="train in grpoflow-cpu with no GPU requested, for a host without GPUs")
     chat = command("chat", "ask a model a question with the pipeline's system prompt and stream its answer, "
                    "reasoning first (greedy); no question: an interactive prompt", _chat, examples=CHAT_EXAMPLES)
     chat.add_argument("question", nargs="?", help="the question (default: ask interactively, one per line)")
@@ -277,6 +279,7 @@ Runs until stopped (Ctrl-C); `make serve` runs this against `make server`."""
 DEPLOY_EXAMPLES = """examples:
   grpoflow deploy                               the stage deployments on the work pool grpoflow-docker
   grpoflow deploy --work-pool gpu-pool --cache /data/grpoflow-cache
+  grpoflow deploy --no-gpu                      train in grpoflow-cpu too (a host without GPUs)
   prefect worker start --pool grpoflow-docker --type docker    then a worker runs them
 
 Needs the images (containers/README.md) and prefect-docker (pip install -e '.[docker]')."""
@@ -357,7 +360,7 @@ def _serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 def _deploy(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from flows.deploy import apply_docker
 
-    ids = apply_docker(cfg, args.work_pool, artifacts=args.artifacts, cache=args.cache)
+    ids = apply_docker(cfg, args.work_pool, artifacts=args.artifacts, cache=args.cache, gpu=not args.no_gpu)
     stdout.print_json(json.dumps({"work_pool": args.work_pool, "deployments": ids}))
     console.print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker")
     return 0

@@ -66,7 +66,7 @@ def test_a_run_killed_under_serve_frees_the_slot(prefect_ui_server, tiny_model, 
     log = (tmp_path / "serve.log").open("w")
 
     def serve() -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-m", "flows.deploy", "serve", "-c", str(config)], cwd=ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "grpoflow.cli", "serve", "-c", str(config)], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for("serve to start", 120, lambda: process.poll() is None and "being served" in (
             tmp_path / "serve.log").read_text().rsplit("Pausing all deployments", 1)[-1])

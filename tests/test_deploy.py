@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
@@ -11,6 +16,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.deploy import served_deployments
 from grpoflow.config import validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read(coroutine_fn):
@@ -58,3 +65,41 @@ def test_a_bad_cron_is_named_before_anything_registers():
     from flows.deploy import main
 
     assert main(["serve", "--set", "orchestration.schedule_cron=every day"]) == 2
+
+
+def test_grpoflow_deploy_registers_the_stage_deployments_on_a_docker_pool(prefect_ui_server, tmp_path):
+    """`grpoflow deploy`, as a user runs it: a docker work pool, the three stage deployments in their
+    images with the volumes, and the staged flow; what a worker needs to run them is on the server."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_ui_server, "PREFECT_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "grpoflow.cli", "deploy", "--work-pool", "test-pool",
+                           "--artifacts", str(tmp_path / "artifacts"), "--cache", str(tmp_path / "cache"),
+                           "--set", "grpo.max_steps=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
+    assert printed["work_pool"] == "test-pool" and len(printed["deployments"]) == 4
+    assert "prefect worker start --pool test-pool --type docker" in done.stdout + done.stderr
+
+    with temporary_settings({PREFECT_API_URL: prefect_ui_server}):
+        pool = read(lambda c: c.read_work_pool("test-pool"))
+        assert pool.type == "docker"
+        found = {d.name: d for d in (read(lambda c: c.read_deployment(i)) for i in printed["deployments"])}
+    assert set(found) == {"stage-prepare", "stage-train", "stage-evaluate", "containers"}
+    train = found["stage-train"]
+    assert train.job_variables["image"] == "grpoflow-gpu:latest"
+    assert train.job_variables["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert f"{(tmp_path / 'artifacts').resolve()}:/opt/grpoflow/artifacts" in train.job_variables["volumes"]
+    assert train.parameters["config"]["orchestration"]["stages"] == ["train"]
+    assert train.parameters["config"]["grpo"]["max_steps"] == 2  # --set reached the deployments
+    assert found["stage-prepare"].job_variables["image"] == "grpoflow-cpu:latest"
+    assert all(d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/grpoflow"}}]
+               for d in found.values())
+
+    # --no-gpu: train in the CPU image with no device requested
+    done = subprocess.run([sys.executable, "-m", "grpoflow.cli", "deploy", "--work-pool", "test-pool", "--no-gpu"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with temporary_settings({PREFECT_API_URL: prefect_ui_server}):
+        train = read(lambda c: c.read_deployment_by_name("grpoflow-pipeline/stage-train"))
+    assert train.job_variables["image"] == "grpoflow-cpu:latest"
+    assert "device_requests" not in train.job_variables["container_create_kwargs"]
