@@ -38,10 +38,10 @@ def trained(run_dir: str, step: int) -> dict[str, torch.Tensor]:
     return trained_weights(Path(run_dir) / "checkpoints" / f"step-{step:06d}")
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = WEIGHTS_ATOL) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < WEIGHTS_ATOL, f"weights differ by up to {worst:.2e}"
+    assert worst < atol, f"weights differ by up to {worst:.2e}"
 
 
 def assert_same_metrics(one: list[dict], two: list[dict]) -> None:
@@ -121,7 +121,9 @@ def test_two_processes_sample_ahead_as_one_and_refill_together(tiny_model, tmp_p
     single = run_train(one, train, heldout, model, progress=False)
     double = launch(two, 2)
     for step in (2, 3):  # the two newest checkpoints stay
-        assert_same_weights(trained(single.output_dir, step), trained(double.output_dir, step))
+        # three full-model Adam steps carry the two summation orders' rounding further than one step:
+        # up to 2.5e-6 at step 3 here (2026-12-05); a wrong normaliser or a missing all-reduce moves ~1e-3
+        assert_same_weights(trained(single.output_dir, step), trained(double.output_dir, step), atol=1e-5)
     assert_same_metrics(metrics(single), metrics(double))
     assert [m["rollout/staleness"] for m in metrics(double)] == [0, 1, 1]
 
