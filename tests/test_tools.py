@@ -463,3 +463,61 @@ def test_a_tool_run_warms_up_on_worked_examples_that_call_the_tool(tiny_model, t
                          / "report.json").read_text())
     # 12 of the 16 solutions have a calculation; the first 8 of them are the warm-up's
     assert report["warmup"]["tool_examples"] == report["warmup"]["rows"] == 8
+
+
+SCRIPTED_RANKS = '''
+# tests/test_tools.py's hook: torchrun's workers (LOCAL_RANK set) generate through ScriptedTurns, as
+# the scripted_policy fixture makes the test's own process do. The sandbox's interpreter (python -I -S)
+# never reads this file.
+import os
+
+if "LOCAL_RANK" in os.environ:
+    from transformers import LogitsProcessorList
+
+    from grpoflow.train.policy import Policy
+    from tests.test_tools import ScriptedTurns
+
+    real = Policy.generate
+
+    def generate(self, **kwargs):
+        script = ScriptedTurns(self.tokenizer)
+        kwargs["logits_processor"] = LogitsProcessorList([script, *(kwargs.pop("logits_processor", None) or [])])
+        return real(self, **kwargs)
+
+    Policy.generate = generate
+'''
+
+
+def test_two_processes_run_the_tool_episodes_of_one(tiny_model, tmp_path, monkeypatch, scripted_policy,
+                                                    unsandboxed_allowed):
+    """python_tool under torchrun: each process runs the episodes of its block of the generation (its
+    own sandboxed tool calls), and the run is the one-process run: the same tool calls, rewards, loss
+    and weights. A later turn's seed is the prompt's, the turn's and the completion's, whatever process
+    generates it."""
+    from stages.train import run_train
+
+    from tests.test_distributed import launch, prepared, trained
+    from tests.test_train import metrics
+
+    # the same global batch: 2 prompts x 4 episodes a step, on 1 process or on 2 of 4 episodes each
+    one = tool_run_config(tmp_path / "one", max_steps=2, per_device_train_batch_size=8, steps_per_generation=1)
+    two = tool_run_config(tmp_path / "two", max_steps=2, per_device_train_batch_size=4, steps_per_generation=1)
+    two.grpo.reward_funcs, two.orchestration.train_processes = one.grpo.reward_funcs, 2
+    train, heldout, model = prepared(tmp_path, tiny_model, one, two)
+    single = run_train(one, train, heldout, model, progress=False)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SCRIPTED_RANKS)
+    monkeypatch.setenv("PYTHONPATH", str(hook))  # launch_train puts the repository before it
+    double = launch(two, 2)
+
+    a, b = metrics(single), metrics(double)
+    assert [m["step"] for m in b] == [1, 2]
+    assert any(m["tools/call_frequency"] > 0 for m in a)  # the script called the tool
+    for x, y in zip(a, b):
+        for key in ("tools/call_frequency", "tools/tool_errors/mean", "completions/mean_turns", "reward", "loss",
+                    "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    wa, wb = trained(single.output_dir, 2), trained(double.output_dir, 2)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-6
