@@ -102,7 +102,11 @@ def test_a_run_killed_under_serve_frees_the_slot(prefect_ui_server, tiny_model, 
     finally:
         if runner.poll() is None:
             runner.send_signal(signal.SIGINT)
-            runner.wait(timeout=60)
+            try:
+                runner.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a loaded machine: serve still stopping its run; no stray process
+                runner.kill()
+                runner.wait()
 
 
 def test_serve_reports_a_run_whose_process_is_gone(prefect_ui_server, tmp_path):
