@@ -4,7 +4,8 @@ containers/build.sh builds the image (`make images`; layers and the base are cac
 podman serves the Docker API on a socket of this test's own; `python -m flows.deploy docker --no-gpu`
 registers the deployments on a real `prefect server start`; a real `prefect worker start --type docker`
 runs each flow run in a container that writes to the mounted artifacts folder. Skips where neither
-podman nor a running docker daemon is here (`make containers-setup` installs podman).
+podman nor a running docker daemon is here (`make containers-setup` installs podman). Also checks
+grpoflow-gpu's base (Python 3.12, made locally where no registry answers).
 """
 
 from __future__ import annotations
@@ -169,3 +170,23 @@ def test_the_stages_run_in_containers_through_a_docker_worker(image, docker_host
     assert any((artifacts / "eval").rglob("summary.json")), "evaluate wrote no summary"
     assert {p.name for p in (artifacts / "export").rglob("*.gguf")} == {"model-f16.gguf", "model-q8_0.gguf"}
     assert containers_of(deployment_ids) == []
+
+
+def test_the_gpu_image_base_has_python_3_12():
+    """grpoflow-gpu's base as `containers/build.sh gpu` finds it: python:3.12-slim-bookworm where a registry
+    answers, else localhost/python:3.12-bookworm, made (once) from the Debian base and this host's CPython
+    3.12. The GPU image itself is not built here: several GB of CUDA wheels (containers/README.md)."""
+    done = subprocess.run([str(ROOT / "containers" / "build.sh"), "gpu-base"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
+    if done.returncode and "no Python 3.12 here" in done.stderr:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    base = done.stdout.strip().splitlines()[-1].removeprefix("grpoflow-gpu's base: ")
+    probe = ("import sys, bz2, ctypes, decimal, hashlib, lzma, sqlite3, ssl, uuid, zlib; "
+             "print(sys.version_info[:2] == (3, 12), ssl.OPENSSL_VERSION)")
+    ran = subprocess.run([PODMAN or "docker", "run", "--rm", "--network", "none", base, "sh", "-c",
+                          f"python3 -c '{probe}' && pip --version"], env=engine_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    first, second = ran.stdout.splitlines()
+    assert first.startswith("True OpenSSL") and "(python 3.12)" in second, ran.stdout
