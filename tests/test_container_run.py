@@ -259,7 +259,7 @@ def test_the_prefect_ui_shows_the_containerized_flow_run(staged_run, prefect_ui_
 def test_the_gpu_image_base_has_python_3_12():
     """grpoflow-gpu's base as `containers/build.sh gpu` finds it: python:3.12-slim-bookworm where a registry
     answers, else localhost/python:3.12-bookworm, made (once) from the Debian base and this host's CPython
-    3.12. The GPU image itself is not built here: several GB of CUDA wheels (containers/README.md)."""
+    3.12. The GPU image itself is not built by the tests: 9.7 GB of CUDA wheels (containers/README.md)."""
     done = subprocess.run([str(ROOT / "containers" / "build.sh"), "gpu-base"], cwd=ROOT, capture_output=True,
                           text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     if done.returncode and "no Python 3.12 here" in done.stderr:
