@@ -23,10 +23,11 @@ ENV DO_NOT_TRACK=1 \
     GRPOFLOW_CACHE_DIR=/opt/grpoflow/cache
 
 # bubblewrap for the code sandbox (containers/README.md: it needs namespaces, which Docker's default
-# seccomp profile refuses)
+# seccomp profile refuses); a C compiler for the lock's one C sdist, pycosat (no wheel on PyPI), and for
+# Triton, which compiles its launchers at run time (the Python headers come with the base)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bubblewrap \
-    && rm -rf /var/lib/apt/lists/*
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap gcc libc6-dev \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/grpoflow
 # Every package from the committed GPU lock (Python 3.12: vLLM 0.26.0 and the torch 2.11.0 it pins),

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = sorted((ROOT / "containers").glob("*.Dockerfile"))
+# the project's images; python-base.Dockerfile is the local base grpoflow-gpu builds on without a registry
+PYTHON_BASE = ROOT / "containers" / "python-base.Dockerfile"
+DOCKERFILES = sorted(p for p in (ROOT / "containers").glob("*.Dockerfile") if p != PYTHON_BASE)
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 
@@ -41,6 +43,16 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 def test_there_are_the_two_images():
     assert {p.name for p in DOCKERFILES} == {"cpu.Dockerfile", "gpu.Dockerfile"}
+
+
+def test_the_local_python_base_parses():
+    """containers/build.sh builds it from a context holding only python.tar (the host's CPython 3.12)."""
+    steps = instructions(PYTHON_BASE)
+    assert all(k in INSTRUCTIONS for k, _ in steps), steps
+    assert steps[0] == ("ARG", "BASE=localhost/debian:bookworm") and steps[1] == ("FROM", "${BASE}")
+    assert ("ADD", "python.tar /usr/local/") in steps and not any(k == "COPY" for k, _ in steps)
+    build = (ROOT / "containers" / "build.sh").read_text()
+    assert "-f containers/python-base.Dockerfile" in build and '"$context/python.tar"' in build
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

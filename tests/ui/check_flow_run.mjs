@@ -1,33 +1,22 @@
 // Open a flow run in the Prefect UI with headless Chromium; check the stages and the evaluation artifact.
 //
 //   node check_flow_run.mjs <flow run URL> <output folder> <task name,task name,...> <artifact key> <text,text,...>
+//                           [<page text,page text,...>]
 //
+// The page texts, if given, must show on the flow run's Artifacts tab: its header (deployment, work pool,
+// parent run) and the list of its artifacts.
 // Prints one JSON line: what the page showed. Exits 1 with the reason when something is missing.
-// playwright-core comes from .cache/ui-test (make ui-test-setup); Chromium is Debian's (/usr/bin/chromium).
-import { createRequire } from 'module';
-import { mkdtempSync } from 'fs';
-import { tmpdir } from 'os';
-import { join } from 'path';
-
-const require = createRequire(join(process.env.PLAYWRIGHT_DIR, 'package.json'));
-const { chromium } = require('playwright-core');
+// Chromium and playwright-core: browser.mjs.
+import { openPage, shot as shotIn } from './browser.mjs';
 
 const [url, outDir, tasksArg, artifactKey, textsArg] = process.argv.slice(2);
 const tasks = tasksArg.split(',');
 const texts = textsArg.split(',');
-const timeout = 30_000;
+const pageTexts = (process.argv[7] || '').split(',').filter(Boolean);
 
-const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'grpoflow-ui-profile-')), {
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  viewport: { width: 1400, height: 1000 },
-});
+const { context, page } = await openPage();
 const report = { url, tasks: {}, artifact: null, screenshots: [] };
-const page = context.pages()[0] || await context.newPage();
 try {
-  page.setDefaultTimeout(timeout);
   await page.goto(url);
 
   // the stages: one task run each, named <task>-<3 hex>
@@ -42,7 +31,17 @@ try {
 
   // the evaluation artifact, opened from the flow run's Artifacts tab
   await page.getByText('Artifacts', { exact: true }).last().click();
-  await page.getByText(artifactKey, { exact: true }).first().click();
+  const key = page.getByText(artifactKey, { exact: true }).first();
+  await key.waitFor();
+  if (pageTexts.length) {
+    report.page = { missing: [] };
+    for (const text of pageTexts) {
+      await page.getByText(text).first().waitFor().catch(() => report.page.missing.push(text));
+    }
+    await shot(page, 'flow-run-artifacts.png');
+    if (report.page.missing.length) throw new Error(`the flow run page does not show: ${report.page.missing.join(', ')}`);
+  }
+  await key.click();
   await page.getByRole('table').first().waitFor();
   const body = await page.innerText('body');
   const missing = texts.filter((t) => !body.includes(t));
@@ -60,7 +59,5 @@ try {
 }
 
 async function shot(page, name) {
-  const path = join(outDir, name);
-  await page.screenshot({ path, fullPage: true });
-  report.screenshots.push(path);
+  await shotIn(page, outDir, name, report);
 }

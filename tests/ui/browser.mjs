@@ -1,0 +1,32 @@
+// Headless Chromium for the check_*.mjs scripts: Debian's /usr/bin/chromium (or CHROMIUM), driven by
+// playwright-core from PLAYWRIGHT_DIR (.cache/ui-test, installed by make ui-test-setup).
+import { createRequire } from 'module';
+import { mkdtempSync } from 'fs';
+import { tmpdir } from 'os';
+import { join } from 'path';
+
+const require = createRequire(join(process.env.PLAYWRIGHT_DIR, 'package.json'));
+const { chromium } = require('playwright-core');
+
+export const timeout = 30_000;
+
+// A fresh profile, no background traffic: the page talks only to the Prefect server under test.
+export async function openPage() {
+  const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'grpoflow-ui-profile-')), {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1400, height: 1000 },
+  });
+  const page = context.pages()[0] || await context.newPage();
+  page.setDefaultTimeout(timeout);
+  return { context, page };
+}
+
+// A full-page screenshot in outDir, its path added to report.screenshots.
+export async function shot(page, outDir, name, report) {
+  const path = join(outDir, name);
+  await page.screenshot({ path, fullPage: true });
+  report.screenshots.push(path);
+}
