@@ -8,6 +8,7 @@
 #   - the SmolLM2 GGUF and GSM8K's JSONL, from .venv's data packages (make setup first)
 # and cuts it into parts of 58 MiB (one device call carries at most 64 MiB). Run from the repository root:
 #   bash benchmarks/stage_gpu.sh
+#   LITE=1 bash benchmarks/stage_gpu.sh      # without vLLM and what only it needs: 4 parts, not 14
 # then send the printed calls back to back (the machine goes cold 30 s after a call and loses /tmp).
 # The last call joins the parts, checks the sha256, installs the wheels into /tmp/site (and links
 # /tmp/vsite to it, the name older commands use), converts SmolLM2 to /tmp/smollm2 and copies GSM8K to
@@ -23,6 +24,13 @@ PYTHON312=${PYTHON312:-$(for c in python3.12 "$(pyenv root 2>/dev/null)"/version
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
 rm -rf .gpu && mkdir -p .gpu/bundle/wheels .gpu/bundle/files
 python3 requirements/pins.py stage requirements/gpu.txt requirements/gpu-image.txt > .gpu/pins.txt
+if [ "${LITE:-0}" = 1 ]; then
+  # no vLLM: what only the vLLM engine (and QLoRA) needs stays behind, 4 parts instead of 14, for a session
+  # with little device time left; the transformers engine, TRL and the benchmarks run
+  # (ENGINE=hf bash benchmarks/vllm_gpu.sh async)
+  grep -vE '^(vllm|tokenspeed-triton|tokenspeed-mla|tilelang|pynvvideocodec|flashinfer-python|torchcodec|bitsandbytes|z3-solver|xgrammar|llguidance|outlines-core|mistral-common|openai-harmony|quack-kernels|humming-kernels|compressed-tensors|apache-tvm-ffi|fastsafetensors|kernels)==' \
+    .gpu/pins.txt > .gpu/pins-lite.txt && mv .gpu/pins-lite.txt .gpu/pins.txt
+fi
 printf '%s\n' "${PEERS[@]}" >> .gpu/pins.txt
 echo "staging $(wc -l < .gpu/pins.txt) packages at the GPU lock's versions (+ the peers: ${PEERS[*]})"
 

@@ -14,7 +14,9 @@
 #   bash benchmarks/vllm_gpu.sh tests      # the GPU tests (tests/test_vllm_gpu.py), one process each (K=async: those
 #                                          # whose names match, as pytest -k)
 #   bash benchmarks/vllm_gpu.sh async      # issue #21: ours sync, TRL, ours async, ours async + dynamic sampling,
-#                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them)
+#                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them;
+#                                          # ENGINE=hf: transformers generate for both trainers, as staged by
+#                                          # LITE=1 benchmarks/stage_gpu.sh, which carries no vLLM)
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -56,13 +58,14 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
     bench --model /tmp/smollm2 --engine vllm --only ours --tag smollm2-full-2
     ;;
   async)
+    engine=${ENGINE:-vllm} && suffix=$([ "$engine" = vllm ] || echo "-$engine")
     for model in ${MODELS:-/tmp/smollm2 /tmp/qwen3r}; do
-      name=$(basename "$model") && extra=()
-      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
-      bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-sync"
-      bench --model "$model" --engine vllm --only trl --tag "$name"
-      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async"
-      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async \
+      name=$(basename "$model")$suffix && extra=()
+      [ "$(basename "$model")" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      bench --model "$model" --engine "$engine" --only ours "${extra[@]}" --tag "$name-sync"
+      bench --model "$model" --engine "$engine" --only trl --tag "$name"
+      bench --model "$model" --engine "$engine" --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async"
+      bench --model "$model" --engine "$engine" --only ours "${extra[@]}" --set rollout.mode=async \
         --set grpo.dynamic_sampling=true --tag "$name-async-dynamic"
     done
     ;;
