@@ -93,6 +93,8 @@ def prefect_ui_server(tmp_path_factory):
     import time
     import urllib.request
 
+    from tests.processes import end
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -120,11 +122,7 @@ def prefect_ui_server(tmp_path_factory):
     try:
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        end(server, timeout=20)
         log.close()
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from tests.processes import end
+
 ROOT = Path(__file__).resolve().parents[1]
 PODMAN = shutil.which("podman")
 DOCKER = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
@@ -66,12 +68,7 @@ def docker_host(image, tmp_path_factory):
             time.sleep(0.2)
         yield f"unix://{socket}"
     finally:
-        service.terminate()
-        try:
-            service.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait()
+        end(service, timeout=20)
 
 
 def small_source(path: Path) -> None:
@@ -163,12 +160,7 @@ def staged_run(image, docker_host, prefect_ui_server, tiny_model, tmp_path_facto
                 runs = asyncio.run(children())
         finally:
             if worker is not None:
-                worker.terminate()
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+                end(worker, timeout=30)
             leftover = containers_of(deployment_ids)
             if leftover:
                 subprocess.run([PODMAN or "docker", "rm", "-f", *leftover], env=engine_env(), capture_output=True)

@@ -19,6 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.abandoned import OWNER, crash_abandoned_run
 from grpoflow.reaper import descendants
 from tests.drops import continuous_setup
+from tests.processes import end
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,13 +101,7 @@ def test_a_run_killed_under_serve_frees_the_slot(prefect_ui_server, tiny_model, 
         third = trigger(prefect_ui_server)
         wait_for("the next run to start", 120, lambda: states(prefect_ui_server)[third.id] in ("Running", "Completed"))
     finally:
-        if runner.poll() is None:
-            runner.send_signal(signal.SIGINT)
-            try:
-                runner.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # a loaded machine: serve still stopping its run; no stray process
-                runner.kill()
-                runner.wait()
+        end(runner, timeout=60, sig=signal.SIGINT)  # Ctrl-C; killed if still stopping its run after 60 s
 
 
 def test_serve_reports_a_run_whose_process_is_gone(prefect_ui_server, tmp_path):
