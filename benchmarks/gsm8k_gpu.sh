@@ -20,7 +20,7 @@ source=(--set "data.source=$GSM8K")
 grep -q '^  source: reasoning_gym' "$CONFIG" && source=(--set "grpo.warmup.source=$GSM8K")
 common=(-c "$CONFIG" "${source[@]}" --set "model.name_or_path=$MODEL"
         --set "data.output_dir=$RUN/data" --set "grpo.output_dir=$RUN/train" --set "eval.output_dir=$RUN/eval"
-        --set grpo.save_steps=25 ${SETS:-})
+        ${SETS:-})
 case "${1:-}" in
   train)        python -m grpoflow.cli train "${common[@]}" --stop-after "$BUDGET_S" > "$RUN/train.json" \
                   2>> "$RUN/train.log"

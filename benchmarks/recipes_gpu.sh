@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Issue #20's GPU recipes, side by side on one card, in calls of at most 10 minutes that each pick up
 # where the last one stopped (send the same command again until it prints "all done"):
-#   lane chain: configs/chain-sum-gpu.yaml, train -> eval-trained -> report  (RUN=/tmp/chain)
-#   lane gsm8k: configs/gsm8k-gpu.yaml,     train -> eval-trained -> report  (RUN=/tmp/gsm8k-run)
+#   lane chain: configs/chain-sum-gpu.yaml, train -> eval-trained -> report  (RUN=$WORK/chain)
+#   lane gsm8k: configs/gsm8k-gpu.yaml,     train -> eval-trained -> report  (RUN=$WORK/gsm8k-run)
 #   lane base:  both base models evaluated once (eval-trained reuses the figures)
 #   lane trl:   TRL 1.16 on chain_sum, same data and step budget, then evaluated beside ours
 # A 135M model leaves an H100 or H200 mostly idle, so the four lanes share it: each vLLM engine gets
 # rollout.gpu_memory_utilization=$MEMORY, and each lane waits for the engines started before it (vLLM
-# measures free memory while it starts). Each phase's files are copied to $OUT as it ends.
+# measures free memory while it starts). Each phase's figures are copied to $WORK/out as it ends.
+# The device hands back at most 8 files, so the lanes write under $WORK (/tmp/recipes) and the call ends by
+# packing $WORK/out into $OUT/recipes.tgz beside the lanes' tails. LANES picks the lanes (default all four).
 #   OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
+#   LANES="gsm8k trl" OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
 set -uo pipefail
-DEADLINE_S=${DEADLINE_S:-540} MEMORY=${MEMORY:-0.12} OUT=${OUT:-/tmp/recipes-out}
-MODEL=${MODEL:-/tmp/smollm2} CHAIN=/tmp/chain GSM=/tmp/gsm8k-run TRL=/tmp/trl-chain
+DEADLINE_S=${DEADLINE_S:-540} MEMORY=${MEMORY:-0.12} BACK=${OUT:-/tmp/recipes-back} WORK=${WORK:-/tmp/recipes}
+LANES=${LANES:-chain gsm8k base trl} MODEL=${MODEL:-/tmp/smollm2}
+OUT=$WORK/out CHAIN=$WORK/chain GSM=$WORK/gsm8k-run TRL=$WORK/trl-chain
 started=$SECONDS
 mkdir -p "$OUT" "$CHAIN" "$GSM" "$TRL"
 export SETS="--set rollout.gpu_memory_utilization=$MEMORY"
@@ -44,6 +48,8 @@ lane_base() {
 }
 lane_trl() {
   local t=$SECONDS
+  [[ " $LANES " == *" chain "* ]] || python -m grpoflow.cli prepare -c configs/chain-sum-gpu.yaml \
+      --set "data.output_dir=$CHAIN/data" > "$TRL/prepare.json" 2>> "$TRL/trl.log"
   until ls "$CHAIN"/data/*/train.parquet >/dev/null 2>&1 || [ $((SECONDS - t)) -gt 300 ]; do sleep 5; done
   if [ ! -d "$TRL/final" ]; then
     [ "$(left)" -gt 420 ] || { echo "trl: too little time left this call ($(left) s)"; return; }
@@ -61,16 +67,15 @@ lane_trl() {
   echo "trl: done"
 }
 
-n0=$(engines)
-lane_recipe "$CHAIN" configs/chain-sum-gpu.yaml chain-sum > "$OUT/lane-chain.txt" 2>&1 &
-await_engines $((n0 + 1))
-lane_recipe "$GSM" configs/gsm8k-gpu.yaml gsm8k > "$OUT/lane-gsm8k.txt" 2>&1 &
-await_engines $((n0 + 2))
-lane_base > "$OUT/lane-base.txt" 2>&1 &
-await_engines $((n0 + 3))
-lane_trl > "$OUT/lane-trl.txt" 2>&1 &
+on() { [[ " $LANES " == *" $1 "* ]]; }
+n=$(engines)
+on chain && { lane_recipe "$CHAIN" configs/chain-sum-gpu.yaml chain-sum > "$OUT/lane-chain.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
+on gsm8k && { lane_recipe "$GSM" configs/gsm8k-gpu.yaml gsm8k > "$OUT/lane-gsm8k.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
+on base && { lane_base > "$OUT/lane-base.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
+on trl && { lane_trl > "$OUT/lane-trl.txt" 2>&1 & }
 wait
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/card.txt"
+mkdir -p "$BACK" && tar czf "$BACK/recipes.tgz" -C "$OUT" . && cp "$OUT"/lane-*.txt "$BACK/"
 tail -n 3 "$OUT"/lane-*.txt
-grep -q "done" "$OUT/lane-chain.txt" && grep -q "done" "$OUT/lane-gsm8k.txt" && grep -q "done" "$OUT/lane-base.txt" \
-  && grep -q "done" "$OUT/lane-trl.txt" && echo "all done"
+all=1; for lane in $LANES; do grep -q "done" "$OUT/lane-$lane.txt" || all=0; done
+[ $all = 1 ] && echo "all done: $LANES"

@@ -1,0 +1,125 @@
+"""The GPU benchmark scripts pass their configs through our real config checks before a device call does.
+
+Device time is scarce: on 2026-12-05 two calls of benchmarks/recipes_gpu.sh lost the GSM8K lane at its
+first command, because gsm8k_gpu.sh forced grpo.save_steps=25 on a config that evaluates every 50 steps
+(a best checkpoint needs evaluated steps), and a third call's figures were packed with checkpoints into
+an archive the device would not hand back. Here the scripts run as they would there, with `python`
+replaced by a stand-in that records each command line and answers as a finished run would (it cannot run
+vLLM on this machine); every `grpoflow.cli` command recorded is then checked with `load_config`, and
+what a script hands back is checked for size and content."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from grpoflow.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a stand-in for the GPU machine's python: records its arguments, writes what the scripts wait for
+# (a started vLLM engine in the log, the prepared data, a finished run with a final model and a checkpoint)
+STAND_IN = """\
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["RECORD"], "a") as record:
+    record.write(json.dumps(args) + "\\n")
+sets = {k: v for k, v in (args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")}
+print("rollout engine: vLLM (stand-in)", file=sys.stderr)
+if "data.output_dir" in sets:
+    data = Path(sets["data.output_dir"]) / "0123"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.parquet").write_bytes(b"")
+if args[:3] == ["-m", "grpoflow.cli", "train"]:
+    run = Path(sets["grpo.output_dir"]) / "0123456789abcdef"
+    (run / "final").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "step-000060").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "step-000060" / "model.safetensors").write_bytes(os.urandom(6 << 20))
+    (run / "final" / "tokenizer.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\\n")
+    print(json.dumps({"finished": True, "steps": 60}, indent=2))
+elif "--out" in args:  # benchmarks/trl_recipe.py
+    (Path(args[args.index("--out") + 1]) / "final").mkdir(parents=True, exist_ok=True)
+    print("{}")
+else:
+    print("{}")
+"""
+
+
+@pytest.fixture
+def device(tmp_path):
+    """A PATH whose `python` is the stand-in, and the file it records into."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "python"
+    shim.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    shim.chmod(0o755)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stand-in card, 0 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    record = tmp_path / "record.jsonl"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record)}
+
+    def run(script: str, *args: str, **extra: str) -> list[list[str]]:
+        done = subprocess.run(["bash", script, *args], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"{script} {shlex.join(args)}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+        return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+    return run
+
+
+def checked_cli_commands(commands: list[list[str]]) -> list[str]:
+    """Loads the config of every recorded `python -m grpoflow.cli` command as the CLI would; returns their verbs."""
+    verbs = []
+    for args in commands:
+        if args[:2] != ["-m", "grpoflow.cli"]:
+            continue
+        config = args[args.index("-c") + 1]
+        overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        try:
+            load_config(ROOT / config, overrides)
+        except Exception as error:  # the message names the key: show it with the command that hit it
+            pytest.fail(f"`python {shlex.join(args)}` would stop at its config:\n{error}")
+        verbs.append(args[2])
+    return verbs
+
+
+@pytest.mark.parametrize("config", ["configs/gsm8k-gpu.yaml", "configs/chain-sum-gpu.yaml"])
+def test_each_phase_of_the_recipe_script_passes_the_config_checks(device, tmp_path, config):
+    run = tmp_path / "run"
+    for phase in ["train", "eval-base", "eval-trained"]:
+        commands = device("benchmarks/gsm8k_gpu.sh", phase, CONFIG=config, RUN=str(run),
+                          SETS="--set rollout.gpu_memory_utilization=0.12")
+    assert checked_cli_commands(commands) == ["train", "evaluate", "evaluate"]
+
+
+def test_the_recipes_lanes_pass_the_config_checks_and_hand_back_one_archive(device, tmp_path):
+    back = tmp_path / "back"
+    commands = device("benchmarks/recipes_gpu.sh", OUT=str(back), WORK=str(tmp_path / "work"), DEADLINE_S="540",
+                      MEMORY="0.12")
+    verbs = checked_cli_commands(commands)
+    assert verbs.count("train") == 2 and verbs.count("evaluate") >= 4  # 2 base, 2 trained, TRL's
+    assert any("benchmarks/trl_recipe.py" in args for args in commands)
+    handed_back = sorted(p.name for p in back.iterdir())
+    assert len(handed_back) <= 8 and "recipes.tgz" in handed_back  # the device returns at most 8 files
+
+
+def test_the_loss_comparison_runs_three_losses_and_hands_back_figures_not_weights(device, tmp_path):
+    back, work = tmp_path / "back", tmp_path / "work"
+    commands = device("benchmarks/losses_gpu.sh", OUT=str(back), WORK=str(work), DEADLINE_S="300", STEPS="60")
+    assert checked_cli_commands(commands) == ["train"] * 3
+    losses = [args[args.index("--set") + 1:] for args in commands]
+    assert [next(a for a in sets if a.startswith("grpo.loss_type=")) for sets in losses] == \
+        ["grpo.loss_type=dapo", "grpo.loss_type=cispo", "grpo.loss_type=sapo"]
+    archive = back / "losses.tgz"
+    assert archive.stat().st_size < 1 << 20  # the stand-in wrote 18 MiB of checkpoints: none travel
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert {f"./{loss}/metrics.jsonl" for loss in ["dapo", "cispo", "sapo"]} <= set(names)
+    assert not [n for n in names if "checkpoints" in n or "tokenizer" in n or "/final" in n]
