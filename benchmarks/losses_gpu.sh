@@ -5,24 +5,21 @@
 # share it (each vLLM engine takes rollout.gpu_memory_utilization=$MEMORY; each lane starts once the one
 # before it has its engine, since vLLM measures free memory while it starts). The device hands back at
 # most 8 files of 16 MiB: the figures (json, jsonl, logs, plots; no weights) are packed into
-# $OUT/losses.tgz. Staged as benchmarks/stage_gpu.sh says.
+# $OUT/losses.tgz. Staged as benchmarks/stage_gpu.sh says; GSM8K and MODEL as benchmarks/gsm8k_gpu.sh takes them.
 #   OUT=$OUT DEADLINE_S=300 bash benchmarks/losses_gpu.sh
 set -uo pipefail
 DEADLINE_S=${DEADLINE_S:-540} STEPS=${STEPS:-80} EVAL_STEPS=${EVAL_STEPS:-20} EVAL_PROMPTS=${EVAL_PROMPTS:-128}
-MEMORY=${MEMORY:-0.15} GSM8K=${GSM8K:-/tmp/gsm8k} MODEL=${MODEL:-/tmp/smollm2} BACK=${OUT:-/tmp/losses-back}
+MEMORY=${MEMORY:-0.15} BACK=${OUT:-/tmp/losses-back}
 WORK=${WORK:-/tmp/losses}
 started=$SECONDS
 mkdir -p "$WORK" "$BACK"
 left() { echo $((DEADLINE_S - (SECONDS - started))); }
-lane() {  # LOSS, then more --set words
+lane() {  # LOSS, then more --set words: the recipe script's train phase, one folder per loss
   local loss=$1; shift
-  mkdir -p "$WORK/$loss"
-  python -m grpoflow.cli train -c configs/gsm8k-gpu.yaml --set "data.source=$GSM8K" --set "model.name_or_path=$MODEL" \
-    --set "data.output_dir=$WORK/data-$loss" --set "grpo.output_dir=$WORK/$loss/train" \
-    --set "grpo.loss_type=$loss" --set "grpo.max_steps=$STEPS" --set "grpo.eval_steps=$EVAL_STEPS" \
-    --set "grpo.save_steps=$STEPS" --set "grpo.eval_prompts=$EVAL_PROMPTS" \
-    --set "rollout.gpu_memory_utilization=$MEMORY" "$@" \
-    --stop-after $(( $(left) - 45 )) > "$WORK/$loss/train.json" 2> "$WORK/$loss/train.log"
+  RUN=$WORK/$loss CONFIG=configs/gsm8k-gpu.yaml BUDGET_S=$(( $(left) - 45 )) SETS="--set grpo.loss_type=$loss \
+    --set grpo.max_steps=$STEPS --set grpo.eval_steps=$EVAL_STEPS --set grpo.save_steps=$STEPS \
+    --set grpo.eval_prompts=$EVAL_PROMPTS --set rollout.gpu_memory_utilization=$MEMORY $*" \
+    bash benchmarks/gsm8k_gpu.sh train > /dev/null
 }
 await_engine() { local t=$SECONDS
   until grep -q "rollout engine: vLLM" "$WORK/$1/train.log" 2>/dev/null || [ $((SECONDS - t)) -gt 150 ]; do sleep 2; done; }
@@ -36,7 +33,7 @@ for loss in dapo cispo sapo; do
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$WORK/card.txt"
 # the figures only: no data, weights, checkpoints or tokenizer files
-(cd "$WORK" && find . \( -name 'data-*' -o -name checkpoints -o -name final -o -name warmup \) -prune -o -type f \
+(cd "$WORK" && find . \( -name data -o -name checkpoints -o -name final -o -name warmup \) -prune -o -type f \
    \( -name '*.json' -o -name '*.jsonl' -o -name '*.log' -o -name '*.png' -o -name '*.txt' \) \
    ! -name 'tokenizer*' ! -name 'vocab*' -size -4M -print | tar czf "$BACK/losses.tgz" -T -)
 du -h "$BACK/losses.tgz"
