@@ -194,3 +194,81 @@ def test_vllm_generate_asks_for_flat_logprobs_and_times_its_phases(monkeypatch, 
     # the phases are vLLM's call (sample) and what surrounds it, inside the whole call, none counted twice
     assert _RecordingLLM.SAMPLE_SECONDS <= engine.timings["sample"] < _RecordingLLM.SAMPLE_SECONDS + 0.5
     assert all(v >= 0 for v in engine.timings.values()) and sum(engine.timings.values()) <= elapsed
+
+
+# vLLM 0.26's words when another process frees GPU memory during its start-up profiling (seen on an
+# H200 on 2026-12-05, with three colocated runs on one card)
+RACE = ("Error in memory profiling. Initial free memory 104.8 GiB, current free memory 121.5 GiB. This happens "
+        "when other processes sharing the same container release GPU memory while vLLM is profiling")
+
+
+class _FlakyLLM:
+    """vllm.LLM that fails with the given errors, one per try, then starts."""
+    errors: list = []
+    tries = 0
+
+    def __init__(self, **kwargs):
+        type(self).tries += 1
+        if type(self).errors:
+            raise type(self).errors.pop(0)
+        self.kwargs = kwargs
+
+
+def _start(monkeypatch, errors: list, caplog=None):
+    from grpoflow.rollout import vllm as engine
+
+    waits = []
+    monkeypatch.setattr(engine.time, "sleep", waits.append)
+    monkeypatch.setattr(_FlakyLLM, "errors", list(errors))
+    monkeypatch.setattr(_FlakyLLM, "tries", 0)
+    llm = engine._start_llm(types.SimpleNamespace(LLM=_FlakyLLM),
+                            {"max_model_len": 768, "gpu_memory_utilization": 0.1})
+    return llm, waits
+
+
+def test_vllm_starts_again_when_another_process_changed_the_cards_memory_while_it_measured(monkeypatch, caplog):
+    llm, waits = _start(monkeypatch, [AssertionError(RACE), AssertionError(RACE)])
+    assert isinstance(llm, _FlakyLLM) and _FlakyLLM.tries == 3
+    assert 5 <= waits[0] <= 10 and 10 <= waits[1] <= 15  # backing off, apart from a twin started alongside
+    assert caplog.text.count("another process on this GPU free memory") == 2
+
+
+def test_vllm_that_keeps_losing_the_race_says_so_not_that_memory_is_short(monkeypatch):
+    from grpoflow.errors import EngineError
+
+    with pytest.raises(EngineError) as e:
+        _start(monkeypatch, [AssertionError(RACE)] * 3)
+    assert "3 times, another process on this GPU changed its memory use" in str(e.value)
+    assert "CUDA_VISIBLE_DEVICES" in str(e.value) and "max_model_len" not in str(e.value)
+    assert _FlakyLLM.tries == 3
+    # a retry that fails some other way (state the failed start left behind) still reports the race
+    with pytest.raises(EngineError, match="another process on this GPU"):
+        _start(monkeypatch, [AssertionError(RACE), RuntimeError("process group already initialised")])
+
+
+def test_vllm_short_of_memory_is_not_tried_again_and_names_the_keys(monkeypatch):
+    from grpoflow.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"max_model_len \(768\) or raise rollout.gpu_memory_utilization \(0.1\)"):
+        _start(monkeypatch, [ValueError("No available memory for the cache blocks")])
+    assert _FlakyLLM.tries == 1
+    with pytest.raises(KeyError):  # not ours to rephrase
+        _start(monkeypatch, [KeyError("model_type")])
+
+
+def test_vllms_start_leaves_the_root_logger_as_it_was(monkeypatch):
+    """vLLM's start gave the root logger a handler (GPU, 2026-12-05): grpoflow's records came out twice"""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+
+    class RootGrabbingLLM:
+        def __init__(self, **kwargs):
+            root.addHandler(logging.StreamHandler())  # what logging.basicConfig does on a bare root
+            root.setLevel(logging.INFO)
+
+    from grpoflow.rollout import vllm as engine
+
+    engine._start_llm(types.SimpleNamespace(LLM=RootGrabbingLLM), {})
+    assert root.handlers == before and root.level == level

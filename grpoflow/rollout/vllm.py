@@ -27,8 +27,11 @@ rather than failing somewhere inside vLLM's private attributes. Whatever reaches
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -73,6 +76,72 @@ def import_vllm():
         raise ConfigError(f"rollout.engine: vllm {vllm.__version__} is installed; grpoflow is tested with vLLM "
                           f"{' / '.join(v + 'x' for v in VLLM_CHECKED)}. Install that ({INSTALL}) or set rollout.engine: hf")
     return vllm
+
+
+# vLLM checks that the card's free memory did not grow while it profiled itself at start-up; another
+# process freeing memory meanwhile (a colocated run releasing its KV cache at standby, every step)
+# trips that check. It is a race with the other process, not a lack of memory: start again.
+PROFILING_RACE = "Error in memory profiling"
+START_TRIES = 3
+
+
+def _start_llm(vllm, kwargs: dict):
+    """vllm.LLM(**kwargs), tried again (after 5-10 s, then 10-15 s) when another process on the card
+    changed its memory while vLLM measured it; any other failure, or the race START_TRIES times, is an
+    EngineError that says which."""
+    race = None
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            with _root_logger_kept():
+                return vllm.LLM(**kwargs)
+        except Exception as e:  # vLLM raises ValueError / RuntimeError / AssertionError / torch.OutOfMemoryError
+            text = str(e)
+            if PROFILING_RACE not in text:
+                if race is not None:  # a later try failed otherwise: the race is what the user needs to hear
+                    break
+                if "memory" in text.lower() or "KV cache" in text:
+                    raise EngineError(
+                        f"vLLM could not start in the memory it was given ({text.splitlines()[0][:300]}): lower "
+                        f"rollout.max_model_len ({kwargs['max_model_len']}) or raise rollout.gpu_memory_utilization "
+                        f"({kwargs['gpu_memory_utilization']}) if the card has room; lower it if training runs out "
+                        "of memory") from e
+                raise
+            race = e
+            if attempt < START_TRIES:
+                wait = 5 * attempt + random.uniform(0, 5)  # apart from a twin run started at the same time
+                log.warning("vLLM's start-up memory check saw another process on this GPU free memory while it "
+                            "measured (try %d of %d); starting again in %.0f s", attempt, START_TRIES, wait)
+                gc.collect()  # the failed engine's weights go before the next one loads its own
+                _empty_cuda_cache()
+                time.sleep(wait)
+    raise EngineError(
+        f"vLLM could not start: {START_TRIES} times, another process on this GPU changed its memory use while "
+        f"vLLM measured the card ({str(race).splitlines()[0][:200]}). Start this run when the others on the card "
+        "are not stepping (each colocated run frees and takes back its KV cache every step), or give it a GPU "
+        "of its own (CUDA_VISIBLE_DEVICES)") from race
+
+
+@contextlib.contextmanager
+def _root_logger_kept():
+    """Something in vLLM's start-up stack gives the root logger a handler of its own (seen with vLLM 0.26
+    on an H100 and an H200: every grpoflow record after the start printed twice, once as
+    "INFO:grpoflow.train:..."). The root logger is the application's: handlers added during the start are
+    taken off again, and its level put back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class VLLMEngine:
@@ -120,16 +189,7 @@ class VLLMEngine:
 
         cuda = torch.cuda.is_available()
         free_before = torch.cuda.mem_get_info()[0] if cuda else 0
-        try:
-            self.llm = vllm.LLM(**kwargs)
-        except Exception as e:  # vLLM raises ValueError / RuntimeError / torch.OutOfMemoryError here
-            text = str(e)
-            if "memory" in text.lower() or "KV cache" in text:
-                raise EngineError(
-                    f"vLLM could not start in the memory it was given ({text.splitlines()[0][:300]}): lower "
-                    f"rollout.max_model_len ({max_model_len}) or raise rollout.gpu_memory_utilization "
-                    f"({gpu_memory_utilization}) if the card has room; lower it if training runs out of memory") from e
-            raise
+        self.llm = _start_llm(vllm, kwargs)
         # what vLLM took on the card: its weights, KV cache and CUDA graphs (memory/vllm_gib)
         self.device_bytes = max(0, free_before - torch.cuda.mem_get_info()[0]) if cuda else 0
         log.info("rollout engine: vLLM %s in process, %s, gpu_memory_utilization %s, max_model_len %d, started in %.0fs",
