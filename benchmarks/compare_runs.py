@@ -99,7 +99,17 @@ def tables(runs: dict[str, tuple[list[dict], list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, tuple[list[dict], list[dict]]], path: Path, title: str) -> Path:
+def clock(steps: list[dict]) -> dict[int, float]:
+    """step -> training seconds when it ended (the sum of step times; evaluations during training and
+    start-up left out), step 0 at 0."""
+    at, total = {0: 0.0}, 0.0
+    for s in steps:
+        total += s.get("step_seconds", s.get("step_time")) or 0.0
+        at[int(s["step"])] = total
+    return at
+
+
+def plot(runs: dict[str, tuple[list[dict], list[dict]]], path: Path, title: str, x: str = "step") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,19 +119,21 @@ def plot(runs: dict[str, tuple[list[dict], list[dict]]], path: Path, title: str)
     fig, axes = plt.subplots(1, 4 if held_out else 2, figsize=(19 if held_out else 10, 4))
     acc, fmt, train, correct = axes if held_out else (None, None, *axes)
     for n, (steps, evals) in runs.items():
+        when = clock(steps) if x == "seconds" else None
+        at = (lambda step: when.get(int(step))) if when else (lambda step: step)  # noqa: E731
         if evals:
-            x = [e["step"] for e in evals]
-            line, = acc.plot(x, [e["eval_accuracy"] for e in evals], marker="o", lw=2, label=n)
+            xs = [at(e["step"]) for e in evals]
+            line, = acc.plot(xs, [e["eval_accuracy"] for e in evals], marker="o", lw=2, label=n)
             if all(e.get("eval_accuracy_ci95") for e in evals):
-                acc.fill_between(x, [e["eval_accuracy_ci95"][0] for e in evals],
+                acc.fill_between(xs, [e["eval_accuracy_ci95"][0] for e in evals],
                                  [e["eval_accuracy_ci95"][1] for e in evals], color=line.get_color(), alpha=0.12)
-            fmt.plot(x, [e.get("eval_format_strict") for e in evals], marker="o", lw=2, label=n,
+            fmt.plot(xs, [e.get("eval_format_strict") for e in evals], marker="o", lw=2, label=n,
                      color=line.get_color())
         if steps:
-            x = [s["step"] for s in steps]
-            line, = train.plot(x, moving_mean([s["reward"] for s in steps]), lw=2, label=n)
+            xs = [at(s["step"]) for s in steps]
+            line, = train.plot(xs, moving_mean([s["reward"] for s in steps]), lw=2, label=n)
             if all(s.get("rewards/correctness/mean") is not None for s in steps):
-                correct.plot(x, moving_mean([s["rewards/correctness/mean"] for s in steps]), lw=2,
+                correct.plot(xs, moving_mean([s["rewards/correctness/mean"] for s in steps]), lw=2,
                              color=line.get_color(), label=n)
     if held_out:
         acc.set_title("held-out accuracy (bands: 95% intervals)")
@@ -130,7 +142,7 @@ def plot(runs: dict[str, tuple[list[dict], list[dict]]], path: Path, title: str)
     train.set_title(f"training reward (mean of {WINDOW} steps)")
     correct.set_title(f"training correctness reward (mean of {WINDOW} steps)")
     for a in axes:
-        a.set_xlabel("step")
+        a.set_xlabel("training seconds (step times summed)" if x == "seconds" else "step")
         a.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
@@ -145,6 +157,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for <name>.png")
     parser.add_argument("--name", default="runs", help="the plot's file name, without .png")
     parser.add_argument("--title", default="", help="the plot's title")
+    parser.add_argument("--x", choices=["step", "seconds"], default="step",
+                        help="the curves against the step, or against training seconds (the step times summed: "
+                             "to compare runs whose steps cost differently, async against sync)")
     args = parser.parse_args()
     runs = {}
     for item in args.runs:
@@ -156,7 +171,7 @@ def main() -> None:
         runs[name] = load(Path(path))
     args.out.mkdir(parents=True, exist_ok=True)
     print(tables(runs))
-    print(f"\nplot: {plot(runs, args.out / f'{args.name}.png', args.title)}")
+    print(f"\nplot: {plot(runs, args.out / f'{args.name}.png', args.title, args.x)}")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,19 @@ lane_trl() {
   [[ " $LANES " == *" chain "* ]] || python -m grpoflow.cli prepare -c configs/chain-sum-gpu.yaml \
       --set "data.output_dir=$CHAIN/data" > "$TRL/prepare.json" 2>> "$TRL/trl.log"
   until ls "$CHAIN"/data/*/train.parquet >/dev/null 2>&1 || [ $((SECONDS - t)) -gt 300 ]; do sleep 5; done
-  if [ ! -d "$TRL/final" ]; then
+  # TRL's vLLM fails its start-up memory check when another lane frees memory meanwhile (standby, every
+  # step): a second try, the way grpoflow's engine tries again (H200, 2026-12-05: the first try lost)
+  for try in 1 2; do
+    [ -d "$TRL/final" ] && break
     [ "$(left)" -gt 420 ] || { echo "trl: too little time left this call ($(left) s)"; return; }
     timeout $(( $(left) - 10 )) python benchmarks/trl_recipe.py -c configs/chain-sum-gpu.yaml \
       --data "$(ls -d "$CHAIN"/data/*/ | head -1)" --model "$MODEL" --out "$TRL" --engine vllm \
       --vllm-memory "$MEMORY" > "$TRL/trl.json" 2> "$TRL/trl.log"
     cp "$TRL"/trl.json "$TRL"/trl.log "$TRL"/trl_metrics.jsonl "$OUT/" 2>/dev/null
-  fi
+    grep -q "Error in memory profiling" "$TRL/trl.log" || break
+    echo "trl: vLLM's start lost the memory check to another lane (try $try)"
+    sleep "${TRL_RETRY_WAIT_S:-$((5 + RANDOM % 10))}"
+  done
   [ -d "$TRL/final" ] || { echo "trl: not finished"; return; }
   [ -s "$TRL/eval.json" ] || timeout $(( $(left) - 5 )) python -m grpoflow.cli evaluate -c configs/chain-sum-gpu.yaml \
       --set "grpo.warmup.source=/tmp/gsm8k" --set "model.name_or_path=$MODEL" \

@@ -53,3 +53,17 @@ def test_a_bad_line_or_argument_is_named(tmp_path):
     assert done.returncode != 0 and f"{bad}:2: not a JSON line" in done.stderr
     assert "'a': expected NAME=PATH" in _run("--out", tmp_path, "a").stderr
     assert f"b: {tmp_path}/none.jsonl not found" in _run("--out", tmp_path, f"b={tmp_path}/none.jsonl").stderr
+
+
+def test_curves_against_training_seconds(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compare_runs import clock
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # ours' step_seconds, TRL's step_time (as strings, read as numbers by load): summed, step 0 at 0
+    assert clock([{"step": 1, "step_seconds": 2.0}, {"step": 2, "step_seconds": 0.5}]) == {0: 0.0, 1: 2.0, 2: 2.5}
+    assert clock([{"step": 1, "step_time": 0.25}, {"step": 2, "step_time": 0.25}]) == {0: 0.0, 1: 0.25, 2: 0.5}
+    done = _run("--x", "seconds", "--out", tmp_path, "--name", "t", f"ours={_ours(tmp_path / 'm.jsonl', 1.0)}")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "t.png").stat().st_size > 20_000

@@ -44,6 +44,10 @@ if args[:3] == ["-m", "grpoflow.cli", "train"]:
     (run / "final" / "tokenizer.json").write_text("{}")
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\\n")
     print(json.dumps({"finished": True, "steps": 60}, indent=2))
+elif "benchmarks/trl_recipe.py" in args and not Path(os.environ.get("TRL_RACE_ONCE", "/")).exists():
+    Path(os.environ["TRL_RACE_ONCE"]).write_text("")  # vLLM's words when another lane freed memory meanwhile
+    print("AssertionError: Error in memory profiling. Initial free memory 104.8 GiB", file=sys.stderr)
+    sys.exit(1)
 elif "--out" in args:  # benchmarks/trl_recipe.py
     (Path(args[args.index("--out") + 1]) / "final").mkdir(parents=True, exist_ok=True)
     print("{}")
@@ -106,20 +110,70 @@ def test_the_recipes_lanes_pass_the_config_checks_and_hand_back_one_archive(devi
     verbs = checked_cli_commands(commands)
     assert verbs.count("train") == 2 and verbs.count("evaluate") >= 4  # 2 base, 2 trained, TRL's
     assert any("benchmarks/trl_recipe.py" in args for args in commands)
+    assert "trl: done" in (tmp_path / "work/out/lane-trl.txt").read_text()
     handed_back = sorted(p.name for p in back.iterdir())
     assert len(handed_back) <= 8 and "recipes.tgz" in handed_back  # the device returns at most 8 files
+
+
+def test_trl_tries_again_when_its_vllm_lost_the_start_up_memory_check(device, tmp_path):
+    commands = device("benchmarks/recipes_gpu.sh", LANES="trl", OUT=str(tmp_path / "back"), WORK=str(tmp_path / "w"),
+                      TRL_RACE_ONCE=str(tmp_path / "raced"), TRL_RETRY_WAIT_S="0")
+    assert sum("benchmarks/trl_recipe.py" in args for args in commands) == 2
+    lane = (tmp_path / "w/out/lane-trl.txt").read_text()
+    assert "lost the memory check to another lane (try 1)" in lane and "trl: done" in lane
 
 
 def test_the_loss_comparison_runs_three_losses_and_hands_back_figures_not_weights(device, tmp_path):
     back, work = tmp_path / "back", tmp_path / "work"
     commands = device("benchmarks/losses_gpu.sh", OUT=str(back), WORK=str(work), DEADLINE_S="300", STEPS="60")
-    assert checked_cli_commands(commands) == ["train"] * 3
-    losses = [args[args.index("--set") + 1:] for args in commands]
+    train = [args for args in commands if args[:2] == ["-m", "grpoflow.cli"]]
+    assert checked_cli_commands(train) == ["train"] * 3
+    losses = [args[args.index("--set") + 1:] for args in train]
     assert [next(a for a in sets if a.startswith("grpo.loss_type=")) for sets in losses] == \
         ["grpo.loss_type=dapo", "grpo.loss_type=cispo", "grpo.loss_type=sapo"]
+    [plot] = [args for args in commands if args[0] == "benchmarks/compare_runs.py"]
+    assert plot[-3:] == [f"{loss}={work}/{loss}/metrics.jsonl" for loss in ["dapo", "cispo", "sapo"]]
     archive = back / "losses.tgz"
     assert archive.stat().st_size < 1 << 20  # the stand-in wrote 18 MiB of checkpoints: none travel
     with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert {f"./{loss}/metrics.jsonl" for loss in ["dapo", "cispo", "sapo"]} <= set(names)
     assert not [n for n in names if "checkpoints" in n or "tokenizer" in n or "/final" in n]
+
+
+def test_the_async_variants_run_one_after_another_and_start_none_past_the_deadline(device, tmp_path):
+    back, work = tmp_path / "back", tmp_path / "work"
+    commands = device("benchmarks/variants_gpu.sh", VARIANTS="async", TOGETHER="0", OUT=str(back),
+                      WORK=str(work), DEADLINE_S="600", STEPS="100")
+    train = [args for args in commands if args[:2] == ["-m", "grpoflow.cli"]]
+    assert checked_cli_commands(train) == ["train"] * 3
+    modes = [[a for a in args if a.startswith(("rollout.mode=", "grpo.dynamic_sampling="))] for args in train]
+    assert modes == [["rollout.mode=sync"], ["rollout.mode=async"],
+                     ["rollout.mode=async", "grpo.dynamic_sampling=true"]]
+    plots = [args for args in commands if args[0] == "benchmarks/compare_runs.py"]
+    assert [args[args.index("--name") + 1] for args in plots] == ["async", "async-seconds"]
+    assert "--x" in plots[1] and plots[1][plots[1].index("--x") + 1] == "seconds"
+    assert (back / "async.tgz").is_file()
+    # a deadline too short for a lane starts none (the same command goes on in the next call)
+    again = device("benchmarks/variants_gpu.sh", VARIANTS="async", OUT=str(back), WORK=str(tmp_path / "late"),
+                   DEADLINE_S="80")
+    assert [args for args in again if args[:2] == ["-m", "grpoflow.cli"]] == train
+    done = subprocess.run(["bash", "benchmarks/variants_gpu.sh"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "VARIANTS": "nope"}, timeout=60)
+    assert done.returncode == 2 and "VARIANTS: losses or async, not 'nope'" in done.stderr
+
+
+def test_the_async_benchmark_warms_up_only_where_there_is_a_format_to_learn(device, tmp_path):
+    commands = device("benchmarks/vllm_gpu.sh", "async", OUT=str(tmp_path / "out"),
+                      MODELS="/tmp/smollm2 /tmp/qwen3r")
+    bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
+    assert len(bench) == 8  # sync, TRL, async, async + dynamic sampling; two models
+    for args in bench:  # every override is one our config takes (grpo_vs_trl.py applies them the same way)
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        try:
+            load_config(None, sets)
+        except Exception as error:
+            pytest.fail(f"`python {shlex.join(args)}` would stop at its config:\n{error}")
+    warm = {args[args.index("--tag") + 1]: "grpo.warmup.enabled=true" in args for args in bench}
+    assert warm == {"smollm2-sync": False, "smollm2": False, "smollm2-async": False, "smollm2-async-dynamic": True,
+                    "qwen3r-sync": False, "qwen3r": False, "qwen3r-async": False, "qwen3r-async-dynamic": False}
