@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -181,11 +182,19 @@ def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+# a run stopped as asked, with a checkpoint: not finished, and not failed (128 + SIGTERM, as a shell reports it)
+STOPPED = 143
+
+
 def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    """Also under `torchrun --nproc-per-node N` / `accelerate launch`: data parallel, rank 0 reports."""
+    """Also under `torchrun --nproc-per-node N` / `accelerate launch`: data parallel, rank 0 reports.
+    SIGTERM (a preempted job, torchrun passing its own on) ends the current step with a checkpoint."""
+    from grpoflow.stopping import StopRequested, stop_on_sigterm
     from grpoflow.train.distributed import setup_distributed
     from stages.dag import Results, StageOptions, run_stage
 
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()
     dist = setup_distributed()
     results = Results()
     with dist.main_process_first():  # data and model folders are written once, then found
@@ -193,6 +202,10 @@ def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         run_stage("model", cfg, results)
     try:
         result = run_stage("train", cfg, results, StageOptions(stop_after_s=args.stop_after))
+    except StopRequested as e:
+        if dist.is_main:
+            console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        return STOPPED
     finally:
         dist.close()
     if dist.is_main:

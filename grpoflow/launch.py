@@ -5,6 +5,10 @@
 The flow calls this when orchestration.train_processes > 1, inside the GPU container (or pod) it
 runs in. The job inherits this process's environment as it is: NCCL settings the host made
 (NCCL_NVLS_ENABLE=0 on shared hosts, NCCL_SOCKET_IFNAME, ...) reach every rank unchanged.
+
+A stop asked of this process (SIGTERM to `grpoflow continuous`) reaches the ranks as a file
+(grpoflow/stopping.py): they finish their step, checkpoint and end, and StopRequested comes back here.
+Signalling torchrun instead would give the ranks its 30 s of grace, then SIGKILL, whatever the step.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from grpoflow.config import PipelineConfig, to_yaml
 from grpoflow.errors import ERROR_FILE_ENV, UserError
+from grpoflow.stopping import STOP_FILE_ENV, StopRequested, stop_requested
 
 ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `flows` import from
 
@@ -36,16 +42,27 @@ def launch_train(cfg: PipelineConfig, num_processes: int) -> dict:
         config_path = Path(folder) / "config.yaml"
         config_path.write_text(to_yaml(cfg))
         env[ERROR_FILE_ENV] = str(Path(folder) / "user-error")  # each rank's user error, if it has one
+        stop_file = Path(folder) / "stop"
+        env[STOP_FILE_ENV] = str(stop_file)
         process = subprocess.Popen(torchrun_command(num_processes, config_path), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=env)
+        done = threading.Event()
+        threading.Thread(target=_pass_stop_on, args=(stop_file, done), daemon=True).start()
         tail: collections.deque[str] = collections.deque(maxlen=60)
-        for line in process.stderr:  # the ranks' logs and progress, passed on as they come
-            sys.stderr.write(line)
-            tail.append(line)
-        stdout = process.stdout.read()
-        code = process.wait()
+        try:
+            for line in process.stderr:  # the ranks' logs and progress, passed on as they come
+                sys.stderr.write(line)
+                tail.append(line)
+            stdout = process.stdout.read()
+            code = process.wait()
+        finally:
+            done.set()
+        stopped = stop_file.exists()
         reported = sorted(Path(folder).glob("user-error.*"))  # rank order
         user_error = json.loads(reported[0].read_text()) if reported else None
+    if code != 0 and stopped:
+        raise StopRequested(f"training on {num_processes} processes stopped, as asked (SIGTERM), after its "
+                            "current step with a checkpoint; run the same command to resume")
     if code != 0:
         if user_error:  # a user's mistake a rank reported (a config key, the data, divergence): not retried
             raise UserError(f"train on {num_processes} processes: {user_error['message']}")
@@ -56,3 +73,11 @@ def launch_train(cfg: PipelineConfig, num_processes: int) -> dict:
     except json.JSONDecodeError:
         raise RuntimeError(f"grpoflow train on {num_processes} processes printed no report (JSON) on stdout; "
                            f"it printed:\n{stdout[-3000:]}") from None
+
+
+def _pass_stop_on(stop_file: Path, done: threading.Event) -> None:
+    """While the ranks run: a stop asked of this process becomes the file they look for."""
+    while not done.wait(0.5):
+        if stop_requested():
+            stop_file.touch()
+            return

@@ -8,11 +8,16 @@
 
 StopRequested is a BaseException, like KeyboardInterrupt: no `except Exception` and no task retry
 catches it, and Prefect records the run as crashed rather than failed, so nothing half-done is cached.
+
+A launcher asks the processes it started (torchrun's ranks) through a file: where GRPOFLOW_STOP_FILE
+names one, its existence is a stop request too (grpoflow/launch.py writes it when its own process is
+asked), so the ranks stop together at their next step, however long the step takes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,8 +31,14 @@ class StopRequested(BaseException):
     """The work stopped at a safe point because it was asked to; the same command resumes it."""
 
 
+STOP_FILE_ENV = "GRPOFLOW_STOP_FILE"
+
+
 def stop_requested() -> bool:
-    return _requested.is_set()
+    if _requested.is_set():
+        return True
+    path = os.environ.get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
 
 
 def request_stop() -> None:
