@@ -20,6 +20,7 @@ from flows.monitoring import publish_evaluation, publish_export, publish_manifes
 from flows.retry import retry_options, retry_unless_user_error
 from flows.secrets import hub_token
 from grpoflow.config import ConfigError, PipelineConfig, validate_config
+from grpoflow.stopping import keep_graceful_stop
 from stages.dag import Results, StageOptions, run_stage, stages_to_run, summary_line
 
 TASK_NAMES = {"prepare": "prepare-data", "model": "base-model", "train": "train", "evaluate": "evaluate",
@@ -63,6 +64,7 @@ def _short(name: str) -> str:
 @flow(name="grpoflow-pipeline", flow_run_name=_run_name, log_prints=True)
 def pipeline(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the stages listed in orchestration.stages, in DAG order."""
+    keep_graceful_stop()  # `grpoflow run` asked for it: SIGTERM ends the GRPO step with a checkpoint
     logger = get_run_logger()
     cfg = validate_config(config or {}, "the flow's config parameter")
     options = retry_options(cfg.orchestration)

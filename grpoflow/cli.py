@@ -156,12 +156,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a run stopped as asked, with a checkpoint: not finished, and not failed (128 + SIGTERM, as a shell reports it)
+STOPPED = 143
+
+
 def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if args.stages:
         cfg = load_config(args.config, (args.set or []) + [f"orchestration.stages=[{args.stages}]"])
     from flows.pipeline import pipeline
+    from grpoflow.stopping import StopRequested, stop_on_sigterm
 
-    results = pipeline(config=cfg.model_dump(mode="json"))
+    if threading.current_thread() is threading.main_thread():
+        stop_on_sigterm()
+    try:
+        results = pipeline(config=cfg.model_dump(mode="json"))
+    except StopRequested as e:  # finished stages are cached, the training checkpointed
+        console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+        return STOPPED
     stdout.print_json(json.dumps(results, default=str))
     return 0
 
@@ -180,10 +191,6 @@ def _model(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
     stdout.print_json(json.dumps(run_stage("model", cfg, Results()).as_json()))
     return 0
-
-
-# a run stopped as asked, with a checkpoint: not finished, and not failed (128 + SIGTERM, as a shell reports it)
-STOPPED = 143
 
 
 def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:

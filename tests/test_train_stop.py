@@ -98,3 +98,29 @@ def test_a_stop_asked_of_the_launcher_reaches_every_rank(tiny_model, tmp_path):
     [checkpoint] = _checkpoints(cfg)  # one step for both ranks, written once
     assert 2 <= int(checkpoint.removeprefix("step-")) < 500
     assert newest_checkpoint(next(Path(cfg.grpo.output_dir).glob("*/checkpoints"))) is not None
+
+
+def test_sigterm_to_the_pipeline_ends_its_training_step_with_a_checkpoint(tiny_model, tmp_path):
+    """`grpoflow run` (make pipeline): Prefect's flow engine answers SIGTERM by crashing the run; the
+    command puts the graceful stop back for the flow's body"""
+    cfg = _job(tmp_path, tiny_model)
+    cfg.orchestration.retries = 0
+    path = tmp_path / "job.yaml"
+    path.write_text(to_yaml(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)  # the ephemeral API, as `make pipeline` on a fresh clone
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        job = subprocess.Popen([sys.executable, "-m", "grpoflow.cli", "run", "--stages", "prepare,model,train",
+                                "-c", str(path)], cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_steps(cfg, 2)
+            job.send_signal(signal.SIGTERM)
+            job.wait(timeout=120)
+        finally:
+            end(job, 10, signal.SIGKILL)
+    text = log.read_text()
+    assert job.returncode == 143, text[-3000:]
+    assert "stopped: training stopped at step" in text
+    [checkpoint] = _checkpoints(cfg)
+    assert 2 <= int(checkpoint.removeprefix("step-")) < 500
