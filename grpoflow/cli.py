@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -160,19 +159,22 @@ def _parser() -> argparse.ArgumentParser:
 STOPPED = 143
 
 
+def _stopped(e: BaseException, code: int) -> int:
+    console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
+    return code
+
+
 def _run(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     if args.stages:
         cfg = load_config(args.config, (args.set or []) + [f"orchestration.stages=[{args.stages}]"])
     from flows.pipeline import pipeline
     from grpoflow.stopping import StopRequested, stop_on_sigterm
 
-    if threading.current_thread() is threading.main_thread():
-        stop_on_sigterm()
+    stop_on_sigterm()
     try:
         results = pipeline(config=cfg.model_dump(mode="json"))
     except StopRequested as e:  # finished stages are cached, the training checkpointed
-        console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
-        return STOPPED
+        return _stopped(e, STOPPED)
     stdout.print_json(json.dumps(results, default=str))
     return 0
 
@@ -200,8 +202,7 @@ def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from grpoflow.train.distributed import setup_distributed
     from stages.dag import Results, StageOptions, run_stage
 
-    if threading.current_thread() is threading.main_thread():
-        stop_on_sigterm()
+    stop_on_sigterm()
     dist = setup_distributed()
     results = Results()
     with dist.main_process_first():  # data and model folders are written once, then found
@@ -209,10 +210,8 @@ def _train(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         run_stage("model", cfg, results)
     try:
         result = run_stage("train", cfg, results, StageOptions(stop_after_s=args.stop_after))
-    except StopRequested as e:
-        if dist.is_main:
-            console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
-        return STOPPED
+    except StopRequested as e:  # every rank stops at the same step; one says so
+        return _stopped(e, STOPPED) if dist.is_main else STOPPED
     finally:
         dist.close()
     if dist.is_main:
@@ -277,8 +276,7 @@ def _continuous(cfg: PipelineConfig, args: argparse.Namespace) -> int:
                 console.print("[yellow]stopped[/] between looks, as asked (SIGTERM)")
                 return 0
     except StopRequested as e:
-        console.print(f"[yellow]stopped[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 0
+        return _stopped(e, 0)  # a service stopping as asked
 
 
 EXPORT_EXAMPLES = """examples:

@@ -71,6 +71,8 @@ def stop_on_sigterm() -> None:
     """SIGTERM: finish (or checkpoint) the current step, then stop. A second SIGTERM: stop now.
     For a process this command owns (`grpoflow continuous`); a flow served by Prefect keeps Prefect's."""
     global _armed
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return
     _armed = True
     signal.signal(signal.SIGTERM, _on_sigterm)
 
