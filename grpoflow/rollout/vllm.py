@@ -290,22 +290,31 @@ class VLLMEngine:
     def sync_weights(self, policy, step: int) -> None:
         """Make the next generation sample from the policy as it is now (`step`: for the interface)."""
         if self._lora_dir is not None:
-            from vllm.lora.request import LoRARequest
-
-            # vLLM caches adapters by id: every hand-over gets a new one (the warm-up's and step 0's too)
-            self._lora_version += 1
-            folder = self._lora_dir / f"v{self._lora_version:08d}"
             # adapters only; under FSDP2 gathered whole onto every process (None: the model's own)
-            policy.model.save_pretrained(folder, state_dict=policy.whole_trained_weights(every_process=True))
-            self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
-            for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
-                shutil.rmtree(old, ignore_errors=True)
+            self.use_adapters(lambda folder: policy.model.save_pretrained(
+                folder, state_dict=policy.whole_trained_weights(every_process=True)))
             return
+        # one tensor at a time, gathered from FSDP2's shards if the policy is sharded
+        self.load_weights(policy.whole_parameters())
+
+    def load_weights(self, named) -> None:
+        """Full fine-tuning: (HF name, tensor) pairs into vLLM's own tensors; vLLM's loader maps the
+        names and stacks q/k/v, gate/up. The rollout server passes the tensors it receives."""
         self.wake_up({"weights"})  # the KV cache stays released until generate
-        # HF names in, vLLM's loader maps them (and stacks q/k/v, gate/up) into its own tensors; one tensor
-        # at a time, gathered from FSDP2's shards if the policy is sharded
-        load_vllm_weights(self.llm, policy.whole_parameters())
+        load_vllm_weights(self.llm, named)
         self.weights_current = True
+
+    def use_adapters(self, write) -> None:
+        """LoRA: sample with the adapters `write(folder)` saves in a new folder (PEFT's files)."""
+        from vllm.lora.request import LoRARequest
+
+        # vLLM caches adapters by id: every hand-over gets a new one (the warm-up's and step 0's too)
+        self._lora_version += 1
+        folder = self._lora_dir / f"v{self._lora_version:08d}"
+        write(folder)
+        self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
+        for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
+            shutil.rmtree(old, ignore_errors=True)
 
     def share_weights(self, policy) -> int:
         """LoRA: make the policy's frozen base weights views of vLLM's tensors, so the card holds
