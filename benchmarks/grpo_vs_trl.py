@@ -8,6 +8,7 @@ median.
 
     python benchmarks/grpo_vs_trl.py --model /tmp/smollm2 --data /tmp/data --steps 10 --out $OUT
     python benchmarks/grpo_vs_trl.py ... --engine vllm --only ours --finetune lora --set rollout.share_weights=false --tag noshare
+    python benchmarks/grpo_vs_trl.py ... --engine vllm --only trl --trl-server 1 --tag server   # TRL's vLLM server on GPU 1
 
 Writes <out>/grpo_vs_trl[-only][-tag].json and prints a table. TRL is imported only for its half.
 Each trainer is best run in a process of its own (--only): a colocated vLLM stays in its process.
@@ -115,8 +116,47 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
             "frac_reward_zero_std": [r.get("frac_reward_zero_std") for r in records]}
 
 
+class TRLServer:
+    """TRL's `vllm-serve` (vLLM's own server, TRL 1.16) on a GPU of its own, for vllm_mode="server"."""
+
+    def __init__(self, model: str, gpu: int, memory: float = 0.9, timeout: float = 900):
+        import os
+        import socket
+        import subprocess
+        import sys
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+        self.process = subprocess.Popen([sys.executable, "-m", "trl.scripts.vllm_serve", "--model", model,
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--gpu_memory_utilization", str(memory)], env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TRL's vllm-serve exited with {self.process.returncode} while starting")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=5)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"TRL's vllm-serve did not answer on {self.url} in {timeout:.0f} s") from None
+                time.sleep(2)
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+
+
 def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf", finetune: str = "full",
-            sleep: bool = False) -> dict:
+            sleep: bool = False, server_gpu: int | None = None) -> dict:
     import pyarrow.parquet as pq
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -150,12 +190,14 @@ def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf", f
             times.append(time.perf_counter() - self.t)
             peaks.append(_peak_gib())
 
+    server = TRLServer(model, server_gpu) if server_gpu is not None else None
+    mode = {"vllm_mode": "server", "vllm_server_base_url": server.url} if server else {"vllm_mode": "colocate"}
     args = GRPOConfig(
         output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=w["prompts"] * w["num_generations"],
         num_generations=w["num_generations"], max_completion_length=w["max_completion_length"],
         learning_rate=w["learning_rate"], seed=w["seed"], beta=0.0, loss_type="dapo", bf16=True,
         gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
-        use_vllm=engine == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=VLLM_MEMORY,
+        use_vllm=engine == "vllm" or server is not None, **mode, vllm_gpu_memory_utilization=VLLM_MEMORY,
         vllm_enable_sleep_mode=sleep, bf16_full_eval=False, use_cpu=not torch.cuda.is_available())
     peft_config = None
     if finetune == "lora":  # grpoflow's LoRA defaults
@@ -168,7 +210,11 @@ def run_trl(model: str, data: Path, steps: int, out: Path, engine: str = "hf", f
                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, callbacks=[Timer()],
                           peft_config=peft_config)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if server is not None:
+            server.close()
     rewards = [r["reward"] for r in trainer.state.log_history if "reward" in r]
     return {"step_seconds": times, "peak_gib": max(peaks), "reward": rewards}
 
@@ -190,6 +236,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a grpoflow config override for ours, e.g. rollout.sleep=false (repeatable)")
     parser.add_argument("--trl-sleep", action="store_true", help="TRL with vllm_enable_sleep_mode (off by default)")
+    parser.add_argument("--trl-server", type=int, default=None, metavar="GPU",
+                        help="TRL with vllm_mode server: its vllm-serve on this GPU, the trainer on GPU 0")
     parser.add_argument("--tag", default="", help="appended to the output file name")
     args = parser.parse_args()
     WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
@@ -197,11 +245,11 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"card": card, "workload": WORKLOAD, "steps": args.steps, "engine": args.engine,
                "finetune": args.finetune, "model": args.model, "overrides": args.overrides,
-               "trl_sleep": args.trl_sleep, "date": time.strftime("%Y-%m-%d")}
+               "trl_sleep": args.trl_sleep, "trl_server_gpu": args.trl_server, "date": time.strftime("%Y-%m-%d")}
     runs = []
     if args.only in (None, "trl"):
         runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out, args.engine, args.finetune,
-                                            args.trl_sleep)))
+                                            args.trl_sleep, args.trl_server)))
     if args.only in (None, "ours"):
         for kernels in args.kernels.split(","):
             runs.append((f"ours-{kernels}",

@@ -17,6 +17,9 @@
 #                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them;
 #                                          # ENGINE=hf: transformers generate for both trainers, as staged by
 #                                          # LITE=1 benchmarks/stage_gpu.sh, which carries no vLLM)
+#   bash benchmarks/vllm_gpu.sh server     # issue #25 (2 GPUs): 512 completions a step, one GPU colocated vs the
+#                                          # trainer on GPU 0 + our rollout server on GPU 1, then TRL's server mode on
+#                                          # the same split; SmolLM2 and the Qwen3-0.6B shape (MODELS= one of them)
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -25,7 +28,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -72,6 +75,20 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|tests}" in
         --set grpo.warmup.rows=1024 --set grpo.warmup.batch_size=16 --set grpo.warmup.learning_rate=2e-5)
       bench --model "$model" --engine "$engine" --only ours "${extra[@]}" "${warm[@]}" --set rollout.mode=async \
         --set grpo.dynamic_sampling=true --tag "$name-async-dynamic"
+    done
+    ;;
+  server)
+    for model in ${MODELS:-/tmp/smollm2 /tmp/qwen3r}; do
+      name=$(basename "$model") && extra=()
+      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      bench --model "$model" --engine vllm --only ours --prompts 64 "${extra[@]}" --tag "$name-512-colocate"
+      bench --model "$model" --engine vllm --only ours --prompts 64 "${extra[@]}" --set rollout.placement=server \
+        --set "rollout.server_gpus=[1]" --set rollout.gpu_memory_utilization=0.85 --tag "$name-512-server"
+      bench --model "$model" --engine vllm --only ours --prompts 64 "${extra[@]}" --set rollout.placement=server \
+        --set "rollout.server_gpus=[1]" --set rollout.gpu_memory_utilization=0.85 --set rollout.mode=async \
+        --tag "$name-512-server-async"
+      bench --model "$model" --engine vllm --only trl --prompts 64 --tag "$name-512-colocate"
+      bench --model "$model" --engine vllm --only trl --prompts 64 --trl-server 1 --tag "$name-512-server"
     done
     ;;
   tests)

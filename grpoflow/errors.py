@@ -34,3 +34,9 @@ class EngineError(UserError, RuntimeError):
     """vLLM could not start or serve, or a private part of vLLM or torch that grpoflow reaches into
     (grpoflow/private_api.py) is not where the versions it was checked with keep it. The message names
     the config key, or the version, to change."""
+
+
+class RolloutServerError(EngineError):
+    """The rollout server (rollout.placement server, grpoflow/rollout/server.py) closed the connection,
+    did not answer in time, or refused a request. The message names the address and the knob; the
+    trainer writes a checkpoint and stops, and the same command resumes once a server answers."""

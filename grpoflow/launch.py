@@ -6,6 +6,10 @@ The flow calls this when orchestration.train_processes > 1, inside the GPU conta
 runs in. The job inherits this process's environment as it is: NCCL settings the host made
 (NCCL_NVLS_ENABLE=0 on shared hosts, NCCL_SOCKET_IFNAME, ...) reach every rank unchanged.
 
+With rollout.placement server and no rollout.server_address, the launcher starts the rollout server
+(grpoflow/rollout/server.py) on rollout.server_gpus, gives every rank its address and key, keeps
+those GPUs from the ranks (CUDA_VISIBLE_DEVICES), and stops it when the job ends.
+
 A stop asked of this process (SIGTERM to `grpoflow continuous`) reaches the ranks as a file
 (grpoflow/stopping.py): they finish their step, checkpoint and end, and StopRequested comes back here.
 Signalling torchrun instead would give the ranks its 30 s of grace, then SIGKILL, whatever the step.
@@ -14,6 +18,7 @@ Signalling torchrun instead would give the ranks its 30 s of grace, then SIGKILL
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -38,6 +43,30 @@ def torchrun_command(num_processes: int, config_path: Path) -> list[str]:
 def launch_train(cfg: PipelineConfig, num_processes: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    with contextlib.ExitStack() as stack:
+        if cfg.rollout.placement == "server" and cfg.rollout.server_address is None:
+            cfg = _with_rollout_server(cfg, num_processes, env, stack)
+        return _launch(cfg, num_processes, env)
+
+
+def _with_rollout_server(cfg: PipelineConfig, num_processes: int, env: dict, stack: contextlib.ExitStack):
+    """Start the job's rollout server; the config the ranks get, with its address."""
+    from grpoflow.base_model import resolve_model
+    from grpoflow.rollout.load import server_spec
+    from grpoflow.rollout.server import KEY_ENV, start_server, visible_gpus
+
+    rollout = cfg.rollout
+    started = start_server(server_spec(cfg, resolve_model(cfg.model).path, num_processes), gpus=rollout.server_gpus,
+                           timeout=rollout.server_timeout_s)
+    stack.callback(started.close)
+    env[KEY_ENV] = started.key.decode()
+    if rollout.server_gpus:
+        # the ranks train on the GPUs the server does not own
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(n for i, n in enumerate(visible_gpus()) if i not in rollout.server_gpus)
+    return cfg.model_copy(update={"rollout": rollout.model_copy(update={"server_address": started.address})})
+
+
+def _launch(cfg: PipelineConfig, num_processes: int, env: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="grpoflow-launch-") as folder:
         config_path = Path(folder) / "config.yaml"
         config_path.write_text(to_yaml(cfg))

@@ -35,7 +35,7 @@ import torch
 from grpoflow.atomic import atomic_folder
 from grpoflow.batching import BatchPlan, with_max_steps
 from grpoflow.config import PipelineConfig
-from grpoflow.errors import ConfigError, TrainingDiverged
+from grpoflow.errors import ConfigError, RolloutServerError, TrainingDiverged
 from grpoflow.progress import Heartbeat, bar_draws, duration
 from grpoflow.rewards import RewardSet
 from grpoflow.rollout.load import make_engine, resolve_engine
@@ -109,7 +109,11 @@ class GRPORecipe:
     def __init__(self, cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str):
         self.cfg, self.grpo, self.model_path, self.heldout_path = cfg, cfg.grpo, model_path, heldout_path
         self.dist = setup_distributed()  # one process, or this one of torchrun's
-        resolve_engine(cfg.rollout)  # a rollout.engine that cannot run fails here, before any model loads
+        # rollout.placement server: a server generates, perhaps elsewhere; a snapshot of each step's start
+        # lets a lost server's step be checkpointed as if it had not begun
+        self.serving, self._step_start = cfg.rollout.placement == "server", None
+        if not (self.serving and cfg.rollout.server_address):
+            resolve_engine(cfg.rollout)  # a rollout.engine that cannot run fails here, before any model loads
         self.plan = BatchPlan.from_config(self.grpo, num_processes=self.dist.world_size)
         self.plan.check_groups_stay_on_one_process()
         self.per_process = self.plan.unique_prompts // self.dist.world_size  # prompts this process generates
@@ -149,7 +153,7 @@ class GRPORecipe:
             dtype=cfg.model.dtype, seed=grpo.seed,
             max_model_len=cfg.rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
-            completions_per_call=self.per_process * grpo.num_generations)
+            completions_per_call=self.per_process * grpo.num_generations, dist=dist)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
         self.rollouts = Rollouts(self.engine, policy, self.rows, self.rewards, cfg, self.plan, dist, self.sampler)
         self.ref_model = (reference_model(policy, self.model_path, dist)
@@ -191,8 +195,12 @@ class GRPORecipe:
                  plan.steps_per_generation, grpo.per_device_train_batch_size, grpo.num_iterations)
         try:
             return self._train(progress=progress, stop_at=stop_at)
+        except RolloutServerError as e:
+            raise self._server_lost(e) from e
         finally:
             self.rollouts.close()  # a generation sampled ahead that no step will train on is dropped
+            if hasattr(self.engine, "close"):
+                self.engine.close()  # the rollout server's connection (and the server, if this process started it)
 
     def _train(self, *, progress: bool, stop_at: float | None) -> TrainResult:
         grpo, state = self.grpo, self.state
@@ -213,12 +221,14 @@ class GRPORecipe:
             task = bar.add_task("train", total=grpo.max_steps, completed=state.step, reward="-")
             while state.step < grpo.max_steps:
                 self.heartbeat.phase(f"step {state.step + 1} of {grpo.max_steps}")
+                self._step_start = self._snapshot()
                 self.meter = StepMeter(self.policy.device)
                 micro_metrics = [self.micro_step(i) for i in range(grpo.gradient_accumulation_steps)]
                 grad_norm = self.optimizer_step(micro_metrics)
                 record = self._log_step(micro_metrics, grad_norm)
-                self.evaluate_if_due()
-                self.rollouts.after_step(state.step)  # async: the generation ahead starts once its weights are here
+                self._on_every_process(self.evaluate_if_due)
+                # async: the generation ahead starts once its weights are here
+                self._on_every_process(self.rollouts.after_step, state.step)
                 bar.update(task, completed=state.step, reward=f"{record.get('reward', float('nan')):.3f}")
                 if lines:
                     self._progress_line(record, (time.monotonic() - started) / (state.step - first_step))
@@ -231,6 +241,7 @@ class GRPORecipe:
                 asked = self.dist.any_true(stop_requested())
                 past_deadline = self.dist.any_true(stop_at is not None and time.monotonic() >= stop_at)
                 if state.step % grpo.save_steps == 0 or state.step == grpo.max_steps or past_deadline or asked:
+                    self._on_every_process(self.rollouts.idle)  # a checkpoint keeps the generation ahead
                     path = self.save_checkpoint()
                     self.logger.plot()
                 if asked and state.step < grpo.max_steps:
@@ -254,7 +265,9 @@ class GRPORecipe:
         self.rollouts.timed = self.meter.timed
         self.heartbeat.phase(f"step {step + 1} of {grpo.max_steps}: sampling a generation")
         with self._explain_out_of_memory("generation"):
-            sampled = self.rollouts.next(step, next_at)
+            sampled = self._on_every_process(self.rollouts.next, step, next_at)
+        if self._step_start is not None and self._step_start["sampler"] is None:
+            self._step_start["sampler"] = sampled.drawn_from  # the step's first generation: undone with the step
         self.buffer = build_batch(sampled, [self.rows[i] for i in sampled.rows], self.policy, self.rewards, grpo,
                                   need_old_logps=self.need_old_logps, micro_batch=grpo.per_device_train_batch_size,
                                   dist=dist, correct=self.rollouts.logprobs)
@@ -298,6 +311,50 @@ class GRPORecipe:
                 self.meter.train_tokens += int(part["attention_mask"].sum())  # prompt + completion tokens
         self.meter.end("train")
         return {"loss": loss_sum, **token_weighted(records)}
+
+    # -- a lost rollout server (rollout.placement server) --------------------------------------------
+
+    def _on_every_process(self, fn, *args):
+        """fn(*args); with a rollout server, a server lost by one process is lost by all (they then
+        write the checkpoint together)."""
+        if not (self.serving and self.dist.active):
+            return fn(*args)
+        error, result = None, None
+        try:
+            result = fn(*args)
+        except RolloutServerError as e:
+            error = e
+        if self.dist.any_true(error is not None):
+            raise error or RolloutServerError("another training process lost the rollout server")
+        return result
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        """What a step changes before its optimizer step, as it was at the step's start."""
+        if not self.serving:
+            return None
+        return {"step": self.state.step, "next_micro": self.state.next_micro, "buffer": self.buffer,
+                "rows_reached": set(self.state.rows_reached), "rng": rng_state(), "sampler": None}
+
+    def _server_lost(self, error: RolloutServerError) -> RolloutServerError:
+        """Checkpoint the run as the last whole step left it, and say how to go on. A step the server
+        was lost in before its optimizer step is undone (its micro-batches' gradients, the rows they
+        reached); the generation being sampled is dropped, its prompts drawn again on resume."""
+        start = self._step_start
+        if start is None:  # lost before the first step: nothing to keep
+            return RolloutServerError(f"{error}; no step had been trained: run the same command once a rollout "
+                                      "server answers")
+        undone = self.state.step == start["step"]  # lost before this step's optimizer step: it is undone
+        self.rollouts.lost(undo_from=start["sampler"] if undone else None)
+        if undone:
+            self.state.next_micro, self.buffer = start["next_micro"], start["buffer"]
+            self.state.rows_reached = start["rows_reached"]
+            set_rng_state(start["rng"])
+            self.optimizer.zero_grad(set_to_none=True)
+        path = self.save_checkpoint()
+        log.error("rollout server lost at step %d of %d; checkpoint %s", self.state.step, self.grpo.max_steps, path)
+        return RolloutServerError(f"{error}. Training stopped at step {self.state.step} of {self.grpo.max_steps} "
+                                  f"with a checkpoint ({path}): run the same command to resume once a rollout "
+                                  "server answers")
 
     @contextlib.contextmanager
     def _explain_out_of_memory(self, phase: str) -> Iterator[None]:

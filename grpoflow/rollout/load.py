@@ -42,7 +42,7 @@ def resolve_engine(cfg: RolloutConfig) -> str:
 
 def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_rank: int | None = None,
                 dtype: str = "bfloat16", max_model_len: int, seed: int = 0, batch_size: int = 16,
-                completions_per_call: int | None = None, progress: bool = True):
+                completions_per_call: int | None = None, progress: bool = True, dist=None):
     """The engine `rollout.engine` names, for training or for evaluation.
 
     Training (`policy`: the model being trained, `lora_rank` its adapters' rank, None for full
@@ -52,7 +52,13 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     frozen base weights (rollout.share_weights). Evaluation (no policy): the model in `model_path`,
     a folder, a Hub id or a LoRA adapters folder.
     batch_size: prompts per transformers generate call; completions_per_call: what vLLM runs at once.
+    rollout.placement server (training only; dist: the training processes): a rollout server
+    generates, grpoflow/rollout/server.py.
     """
+    if policy is not None and rollout.placement == "server":
+        return _server_engine(rollout, model_path, policy=policy, lora_rank=lora_rank, dtype=dtype,
+                              max_model_len=max_model_len, seed=seed, completions_per_call=completions_per_call,
+                              dist=dist)
     if resolve_engine(rollout) == "hf":
         if policy is not None:
             return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
@@ -98,3 +104,58 @@ def _transformers_engine(model_path: str, *, batch_size: int, progress: bool) ->
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     log.info("rollout engine: transformers generate on %s (%s)", device, str(dtype).removeprefix("torch."))
     return HFEngine(model, tokenizer, batch_size=batch_size, progress=progress)
+
+
+def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank: int | None, dtype: str,
+                   max_model_len: int, seed: int, completions_per_call: int | None, dist):
+    """The trainer's side of rollout.placement server: a connection to rollout.server_address, or to
+    a server this process starts on rollout.server_gpus (one training process only; several need
+    one server they all reach: `grpoflow rollout-server`)."""
+    import uuid
+
+    from grpoflow.rollout.server import ServerEngine, ServerSpec, server_key, start_server
+
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    started = None
+    address = rollout.server_address
+    if address is None:
+        if world > 1:
+            raise ConfigError("rollout.placement: server on several training processes needs one server they all "
+                              "reach: start it with `grpoflow rollout-server -c CONFIG` and set "
+                              "rollout.server_address to the address it prints")
+        spec = ServerSpec(model_path=model_path, engine=resolve_engine(rollout), dtype=dtype, lora_rank=lora_rank,
+                          max_model_len=max_model_len, seed=seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                          enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
+                          completions_per_call=completions_per_call)
+        started = start_server(spec, gpus=rollout.server_gpus, timeout=rollout.server_timeout_s)
+        address, key = started.address, started.key
+    else:
+        key = server_key()
+    # one name for this run's weights on every process: a version is (session, step)
+    session = uuid.uuid4().hex if dist is None else dist.all_gather(uuid.uuid4().hex)[0]
+    try:
+        engine = ServerEngine(address, key, policy.tokenizer, rank=rank, session=session,
+                              timeout=rollout.server_timeout_s, retries=rollout.server_push_retries, push=rank == 0,
+                              sharded=getattr(policy, "fsdp", None) is not None)
+    except BaseException:
+        if started is not None:
+            started.close()
+        raise
+    engine.started = started  # closed with the engine
+    return engine
+
+
+def server_spec(cfg, model_path: str, num_processes: int):
+    """What a rollout server started for a training job runs (`grpoflow rollout-server`, the launcher):
+    the trainer's engine settings, sized to the whole generation of every process at once."""
+    from grpoflow.batching import BatchPlan
+    from grpoflow.rollout.server import ServerSpec
+
+    grpo, rollout = cfg.grpo, cfg.rollout
+    plan = BatchPlan.from_config(grpo, num_processes=num_processes)
+    return ServerSpec(model_path=str(model_path), engine=resolve_engine(rollout), dtype=cfg.model.dtype,
+                      lora_rank=cfg.model.lora.r if cfg.model.finetune != "full" else None,
+                      max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
+                      seed=grpo.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
+                      completions_per_call=plan.unique_prompts * grpo.num_generations)

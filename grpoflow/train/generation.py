@@ -105,6 +105,7 @@ class Sampled:
     drawn: Scores | None = None  # every group drawn, dropped ones too (dynamic sampling): the reward metrics
     dynamic: dict[str, float] = field(default_factory=dict)  # dynamic sampling's counts, this process's
     wait_seconds: float = 0.0  # how long the trainer waited for it (rollout.mode async)
+    drawn_from: dict | None = None  # the prompt sampler's state before its draws (a lost rollout server's undo)
 
 
 def sampling_params(grpo: GRPOConfig, *, logprobs: bool, ignore_eos: bool = False) -> SamplingParams:

@@ -80,6 +80,7 @@ class Rollouts:
         self._future: Future | None = None  # the generation being sampled ahead
         self._ready: Sampled | None = None  # ... once sampled (or restored from a checkpoint)
         self.start_at: int | None = None  # the step the next generation starts at, if not started yet
+        self._drawn_from: dict | None = None  # the sampler before the draws of a generation not yet sampled whole
         if not self.ahead_mode:
             return
         if not self.grpo.vllm_importance_sampling_correction:
@@ -150,6 +151,24 @@ class Rollouts:
         self._ready = None if state is None else state["ready"]
         self.start_at = None if state is None else state["start_at"]
 
+    def lost(self, undo_from: dict | None = None) -> None:
+        """The engine (a rollout server) failed. The generation it was sampling is dropped and its
+        prompts put back (the sampler as before its draws), to be drawn again on resume; with
+        `undo_from` (the sampler before the first generation a step that is undone trained on), every
+        generation drawn since goes back too. One sampled whole and not yet trained on stays
+        otherwise, for the checkpoint."""
+        if self._future is not None:
+            try:
+                self._ready = self._future.result()  # sampled whole after all (the failure was elsewhere)
+            except Exception:  # noqa: BLE001  the failure being handled, or one like it
+                pass
+            self._future = None
+        back_to = undo_from or self._drawn_from
+        if back_to is not None:
+            self.sampler.load_state_dict(back_to)
+            self._ready = None  # drawn after back_to
+        self._drawn_from, self.start_at = None, None
+
     def close(self) -> None:
         if self.ahead_mode:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -164,6 +183,12 @@ class Rollouts:
             return self._generation(step, self._coll)
 
     def _generation(self, version: int, coll: Distributed) -> Sampled:
+        self._drawn_from = self.sampler.state_dict()  # lost(): the prompts go back if this generation fails
+        sampled = self._sample(version, coll)
+        sampled.drawn_from, self._drawn_from = self._drawn_from, None
+        return sampled
+
+    def _sample(self, version: int, coll: Distributed) -> Sampled:
         """Draw prompts and sample them (refilling tied groups with dynamic sampling). Every process
         calls it: the draws are the same everywhere, each process samples its block of them."""
         grpo, dist, n = self.grpo, self.dist, self.per_process
