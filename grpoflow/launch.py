@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 from grpoflow.config import PipelineConfig, to_yaml
-from grpoflow.errors import ERROR_FILE_ENV, UserError
+from grpoflow.errors import ERROR_FILE_ENV, RolloutServerError, UserError
 from grpoflow.stopping import STOP_FILE_ENV, StopRequested, stop_requested
 
 ROOT = Path(__file__).resolve().parents[1]  # where `grpoflow`, `stages` and `flows` import from
@@ -93,6 +93,8 @@ def _launch(cfg: PipelineConfig, num_processes: int, env: dict) -> dict:
         raise StopRequested(f"training on {num_processes} processes stopped, as asked (SIGTERM), after its "
                             "current step with a checkpoint; run the same command to resume")
     if code != 0:
+        if user_error and user_error["kind"] == "RolloutServerError":  # checkpointed: run again once it answers
+            raise RolloutServerError(f"train on {num_processes} processes: {user_error['message']}")
         if user_error:  # a user's mistake a rank reported (a config key, the data, divergence): not retried
             raise UserError(f"train on {num_processes} processes: {user_error['message']}")
         raise RuntimeError(f"torchrun --nproc-per-node {num_processes} grpoflow train exited with {code}; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -135,12 +136,15 @@ def test_a_generate_before_any_push_is_refused(thread_server, tiny_model):
 
 
 class DropsFirstPush(RolloutServer):
-    """Drops the connection at the first push it gets, as a network or a restarting server would."""
+    """Takes the first pushes' tensors, then drops the connection before saying it holds them, as a
+    network or a restarting server would."""
     drops = 1
 
     def _receive(self, conn, message):
         if DropsFirstPush.drops > 0:
             DropsFirstPush.drops -= 1
+            self.version = None  # as the real server does: weights changed but not confirmed are no version
+            self._load_full(message["tensors"])
             self._drop(conn)
             return
         super()._receive(conn, message)
@@ -162,7 +166,7 @@ def test_a_failed_push_is_tried_again_on_a_new_connection_never_skipped(tiny_mod
         engine = client(server, tokenizer, 0, session="other", retries=1)
         with pytest.raises(RolloutServerError, match=r"failed 2 times \(rollout.server_push_retries is 1\)"):
             engine.sync_weights(trainer_policy(tiny_model), 4)
-        assert server.server.version == ("run", 3)  # nothing half-loaded was taken for step 4
+        assert server.server.version is None  # what was not confirmed is served as no version at all
     finally:
         server.close()
 
@@ -261,13 +265,16 @@ def test_several_training_processes_need_a_server_they_all_reach(tiny_model, tmp
                             max_model_len=64, seed=0, completions_per_call=4, dist=dist)
 
 
-def test_two_training_processes_share_the_server_the_launcher_starts(tiny_model, tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_two_training_processes_share_the_server_the_launcher_starts(tiny_model, tmp_path, distributed):
     """torchrun with 2 processes (gloo) and a rollout server the launcher started: each rank asks for its
-    block of every generation, rank 0 pushes; the same steps as one process with its own engine."""
+    block of every generation, rank 0 pushes (under FSDP2 every rank gathers the shards it sends); the
+    same steps as one process with its own engine."""
     from tests.test_distributed import assert_same_metrics, assert_same_weights, launch, prepared, trained, two_configs
 
     one, two = two_configs(tmp_path, "full", max_steps=2, vllm_importance_sampling_correction=False)
     served(two)
+    two.grpo.distributed = distributed
     train, heldout, model = prepared(tmp_path, tiny_model, one, two)
     single = run_train(one, train, heldout, model, progress=False)
     double = launch(two, 2)
@@ -322,3 +329,53 @@ def test_the_rollout_server_command_writes_a_private_key_and_serves(tiny_model, 
         end(server, 10)
     assert server.returncode == 0  # SIGTERM: a clean stop
     assert key not in server.stderr.read()  # said where the key is, never the key
+
+
+def test_a_server_lost_by_a_two_process_job_stops_both_ranks_with_one_checkpoint(tiny_model, tmp_path, monkeypatch):
+    """The server dies mid-run: both ranks agree it is lost, checkpoint together, and the launcher says so
+    (RolloutServerError: exit 75 from the CLI); the same launch on a new server resumes there."""
+    from grpoflow.launch import launch_train
+    from grpoflow.rollout.load import server_spec
+    from grpoflow.rollout.server import KEY_ENV, start_server
+    from tests.test_distributed import prepared, two_configs
+
+    _, two = two_configs(tmp_path, "full", max_steps=12)
+    two.grpo.save_steps = 100  # the only checkpoint is the one the lost server leaves
+    _, _, model = prepared(tmp_path, tiny_model, two)
+
+    def with_server():
+        started = start_server(server_spec(two, model, 2), gpus=[], timeout=60)
+        monkeypatch.setenv(KEY_ENV, started.key.decode())
+        return started, served(two.model_copy(deep=True), started.address)
+
+    first, cfg = with_server()
+    logged = Path(cfg.grpo.output_dir)
+
+    def kill_after_two_steps():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            files = list(logged.glob("*/metrics.jsonl"))
+            if files and len(files[0].read_text().splitlines()) >= 2:
+                first.process.kill()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_after_two_steps, daemon=True).start()
+    try:
+        with pytest.raises(RolloutServerError, match=r"train on 2 processes: .*Training stopped at step (\d+) of 12 "
+                                                     r"with a checkpoint") as lost:
+            launch_train(cfg, 2)
+    finally:
+        first.close()
+    stopped_at = int(re.search(r"stopped at step (\d+)", str(lost.value)).group(1))
+    assert 2 <= stopped_at < 12
+    assert newest_checkpoint(next(logged.iterdir()) / "checkpoints").name == f"step-{stopped_at:06d}"
+
+    second, cfg = with_server()
+    try:
+        report = launch_train(cfg, 2)
+    finally:
+        second.close()
+    assert report["finished"] and report["steps"] == 12
+    steps = [m["step"] for m in metrics(SimpleNamespace(output_dir=report["output_dir"]))]
+    assert steps == list(range(1, 13))  # every step logged once: the lost one redone, none twice

@@ -224,7 +224,8 @@ class ServerEngine:
             if isinstance(e, RolloutServerError):
                 raise
             raise RolloutServerError(f"the rollout server at {self.address} went away while {what} "
-                                     f"({type(e).__name__}: {e})") from e
+                                     f"({type(e).__name__}: {str(e)[:300]}; a transfer waits at most "
+                                     f"rollout.server_timeout_s, {self.timeout:g} s)") from e
         if reply["version"] != [self.session, step]:
             raise RolloutServerError(f"the rollout server at {self.address} holds {reply['version']} after a push of "
                                      f"step {step}")
