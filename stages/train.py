@@ -156,6 +156,9 @@ class GRPORecipe:
             completions_per_call=self.per_process * grpo.num_generations, dist=dist)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
         self.rollouts = Rollouts(self.engine, policy, self.rows, self.rewards, cfg, self.plan, dist, self.sampler)
+        # whether the rollout server was lost is agreed over a group of its own: a process that lost it must
+        # never be matched with one still inside a collective of the sampling (dynamic sampling's refills)
+        self._agreement = dist.side_channel() if self.serving else dist
         self.ref_model = (reference_model(policy, self.model_path, dist)
                           if grpo.beta > 0 and not policy.is_peft else None)
         # old log-probs are needed once the policy moves between sampling and training on a row
@@ -324,7 +327,7 @@ class GRPORecipe:
             result = fn(*args)
         except RolloutServerError as e:
             error = e
-        if self.dist.any_true(error is not None):
+        if self._agreement.any_true(error is not None):
             raise error or RolloutServerError("another training process lost the rollout server")
         return result
 

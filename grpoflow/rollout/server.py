@@ -568,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rollout-server %(levelname)s %(message)s")
+    if args.parent_pid is not None:  # the trainer's: Ctrl-C in its terminal is the trainer's to handle, it stops us
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = ServerSpec(**json.loads(args.spec))
     return serve(spec, host=args.host, port=args.port, key=server_key(), ready_file=args.ready_file,
                  parent_pid=args.parent_pid, timeout=args.timeout)
