@@ -173,12 +173,8 @@ def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
     assert after < 0.1 and all(len(c.token_ids) > 0 for (c,) in groups)
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path, finetune):
-    """rollout.mode async on the vLLM engine: the next generation is sampled in the rollout thread
-    (a CUDA stream of its own) while this one trains; its samples are one step old and the loss
-    weighs them with vLLM's own log-probs."""
-    pytest.importorskip("vllm")
+def short_run(tmp_path, finetune: str, rollout: dict, steps: int = 4) -> list[dict]:
+    """A few GRPO steps with the vLLM engine on 32 made-up prompts; the metrics of each step."""
     import json
 
     import pyarrow as pa
@@ -197,41 +193,7 @@ def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path
                                    "    return [t.count(' ') / max(1, len(t)) for t in completions]\n")
     cfg = validate_config({
         "model": {"finetune": finetune, "dtype": "bfloat16"},
-        "rollout": {"engine": "vllm", "mode": "async", "gpu_memory_utilization": 0.2, "enforce_eager": True},
-        "grpo": {"max_steps": 4, "num_generations": 4, "per_device_train_batch_size": 16, "max_completion_length": 32,
-                 "learning_rate": 1e-5, "reward_funcs": [f"{tmp_path / 'r.py'}:spaces"], "warmup": {"enabled": False},
-                 "save_steps": 100, "output_dir": str(tmp_path / "train")}})
-    result = run_train(cfg, train, heldout, MODEL, progress=False)
-    steps = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    print("async vLLM:", [(m["step"], round(m["step_seconds"], 3), round(m["rollout/wait_seconds"], 3),
-                           round(m["sampling/sampling_logp_difference/mean"], 4)) for m in steps])
-    assert [m["rollout/staleness"] for m in steps] == [0, 1, 1, 1]
-    for m in steps:
-        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
-        assert m["sampling/sampling_logp_difference/mean"] < 0.5  # the engine sampled this policy, one step old
-
-
-def _server_run(tmp_path, finetune: str, rollout: dict, steps: int = 4):
-    """A short GRPO run whose generations come from a rollout server (vLLM in a process of its own)."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from grpoflow.config import validate_config
-    from stages.train import run_train
-
-    rows = [{"id": str(i), "prompt": [{"role": "user", "content": f"Write a sentence about the number {i}."}],
-             "question": f"number {i}", "answer": str(i), "solution": None, "origin": f"t:{i}", "metadata": None}
-            for i in range(32)]
-    train, heldout = tmp_path / "train.parquet", tmp_path / "heldout.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), train)
-    pq.write_table(pa.Table.from_pylist(rows[:4]), heldout)
-    (tmp_path / "r.py").write_text("def spaces(prompts, completions, **_):\n"
-                                   "    return [t.count(' ') / max(1, len(t)) for t in completions]\n")
-    cfg = validate_config({
-        "model": {"finetune": finetune, "dtype": "bfloat16"},
-        "rollout": {"engine": "vllm", "placement": "server", "enforce_eager": True, **rollout},
+        "rollout": {"engine": "vllm", "enforce_eager": True, **rollout},
         "grpo": {"max_steps": steps, "num_generations": 4, "per_device_train_batch_size": 16,
                  "max_completion_length": 32, "learning_rate": 1e-5, "reward_funcs": [f"{tmp_path / 'r.py'}:spaces"],
                  "warmup": {"enabled": False}, "save_steps": 100, "output_dir": str(tmp_path / "train")}})
@@ -240,12 +202,27 @@ def _server_run(tmp_path, finetune: str, rollout: dict, steps: int = 4):
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path, finetune):
+    """rollout.mode async on the vLLM engine: the next generation is sampled in the rollout thread
+    (a CUDA stream of its own) while this one trains; its samples are one step old and the loss
+    weighs them with vLLM's own log-probs."""
+    pytest.importorskip("vllm")
+    steps = short_run(tmp_path, finetune, {"mode": "async", "gpu_memory_utilization": 0.2})
+    print("async vLLM:", [(m["step"], round(m["step_seconds"], 3), round(m["rollout/wait_seconds"], 3),
+                           round(m["sampling/sampling_logp_difference/mean"], 4)) for m in steps])
+    assert [m["rollout/staleness"] for m in steps] == [0, 1, 1, 1]
+    for m in steps:
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+        assert m["sampling/sampling_logp_difference/mean"] < 0.5  # the engine sampled this policy, one step old
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_rollout_server_on_the_trainers_card(tmp_path, finetune):
     """rollout.placement server with the server on the trainer's own card (one GPU): the weights go over
     gloo (NCCL refuses two ranks on one card), LoRA as adapter files; vLLM's log-probs of the pushed
     weights agree with the trainer's."""
     pytest.importorskip("vllm")
-    steps = _server_run(tmp_path, finetune, {"gpu_memory_utilization": 0.2})
+    steps = short_run(tmp_path, finetune, {"placement": "server", "gpu_memory_utilization": 0.2})
     print(f"rollout server, one card, {finetune}:", [(m["step"], round(m["step_seconds"], 3),
                                                      round(m["time/rollout_server_seconds"], 3),
                                                      round(m["sampling/sampling_logp_difference/mean"], 4)) for m in steps])
@@ -259,7 +236,8 @@ def test_rollout_server_on_a_gpu_of_its_own_gets_the_weights_over_nccl(tmp_path,
     import logging
 
     with caplog.at_level(logging.INFO, logger="grpoflow.rollout"):
-        steps = _server_run(tmp_path, "full", {"gpu_memory_utilization": 0.5, "server_gpus": [1]})
+        steps = short_run(tmp_path, "full", {"placement": "server", "gpu_memory_utilization": 0.5,
+                                                  "server_gpus": [1]})
     assert "weights over nccl" in caplog.text
     print("rollout server, GPU 1, full:", [(m["step"], round(m["step_seconds"], 3),
                                            round(m["time/rollout_server_seconds"], 3),
