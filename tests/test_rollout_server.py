@@ -379,3 +379,14 @@ def test_a_server_lost_by_a_two_process_job_stops_both_ranks_with_one_checkpoint
     assert report["finished"] and report["steps"] == 12
     steps = [m["step"] for m in metrics(SimpleNamespace(output_dir=report["output_dir"]))]
     assert steps == list(range(1, 13))  # every step logged once: the lost one redone, none twice
+
+
+def test_a_vllm_server_made_for_other_weights_is_refused_at_hello(thread_server, tiny_model):
+    """vLLM is started for LoRA (of some rank) or for full weights; a trainer of the other kind is told
+    at once, not at its first push (stand-in: the thread server says it runs vLLM without LoRA)."""
+    thread_server.server.engine.name = "vllm"
+    with pytest.raises(ConfigError, match=r"started for full fine-tuning, this run trains LoRA of rank 16: start the "
+                                          r"server with this run's config"):
+        ServerEngine(thread_server.address, KEY, None, rank=0, session="s", timeout=10, retries=0, push=True,
+                     lora_rank=16)
+    assert client(thread_server, AutoTokenizer.from_pretrained(tiny_model), 0).lora_rank is None  # full: welcome

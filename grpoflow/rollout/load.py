@@ -136,7 +136,7 @@ def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank
     try:
         engine = ServerEngine(address, key, policy.tokenizer, rank=rank, session=session,
                               timeout=rollout.server_timeout_s, retries=rollout.server_push_retries, push=rank == 0,
-                              sharded=getattr(policy, "fsdp", None) is not None)
+                              sharded=getattr(policy, "fsdp", None) is not None, lora_rank=lora_rank)
     except BaseException:
         if started is not None:
             started.close()

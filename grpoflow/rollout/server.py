@@ -47,7 +47,7 @@ from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Callable
 
-from grpoflow.errors import EngineError, RolloutServerError
+from grpoflow.errors import ConfigError, EngineError, RolloutServerError
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
@@ -68,11 +68,12 @@ class ServerEngine:
     name = "server"
 
     def __init__(self, address: str, key: bytes, tokenizer, *, rank: int, session: str, timeout: float,
-                 retries: int, push: bool, sharded: bool = False):
-        """sharded: the policy is FSDP2 shards, gathered by every process (a collective) at each push."""
+                 retries: int, push: bool, sharded: bool = False, lora_rank: int | None = None):
+        """sharded: the policy is FSDP2 shards, gathered by every process (a collective) at each push.
+        lora_rank: the run's adapters' rank (None: full fine-tuning); the server must be made for it."""
         self.address, self.key, self.tokenizer = address, key, tokenizer
         self.rank, self.session, self.timeout, self.retries = rank, session, timeout, retries
-        self.pushes, self.sharded = push, sharded
+        self.pushes, self.sharded, self.lora_rank = push, sharded, lora_rank
         self.version: int | None = None  # the weights the next generate asks for
         self.timings: dict[str, float] = {}
         self.batched = 0
@@ -175,6 +176,14 @@ class ServerEngine:
         if reply["protocol"] != PROTOCOL:
             raise RolloutServerError(f"the rollout server at {self.address} speaks protocol {reply['protocol']}, "
                                      f"this trainer {PROTOCOL}: run the same grpoflow version on both")
+        served = reply["lora_rank"]  # vLLM is made for LoRA of some rank or for full weights; transformers takes either
+        if reply["engine"] == "vllm" and ((self.lora_rank is None) != (served is None)
+                                          or (served or 0) < (self.lora_rank or 0)):
+            self.close()
+            raise ConfigError(f"the rollout server at {self.address} was started for "
+                              f"{'full fine-tuning' if served is None else f'LoRA up to rank {served}'}, this run "
+                              f"trains {'every weight' if self.lora_rank is None else f'LoRA of rank {self.lora_rank}'}: "
+                              "start the server with this run's config (model.finetune, model.lora.r)")
         if self.pushes:
             self._group = _timed(lambda: _weights_group(host, reply["store_port"], 0, reply["backend"], self.timeout),
                                  self.timeout, "opening the weights' process group")
@@ -279,8 +288,6 @@ class RolloutServer:
         self.version: tuple[str, int] | None = None  # (session, step) of the weights held
         self.pending: list[tuple[Connection, dict]] = []
         self.stopping = False
-        self._adapters = Path(tempfile.mkdtemp(prefix="grpoflow-server-lora-",
-                                               dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 
     def serve(self, parent_pid: int | None = None) -> None:
         """Until `stopping` (SIGTERM), or the process `parent_pid` is gone (the trainer that started it)."""
@@ -345,7 +352,8 @@ class RolloutServer:
         conn.close()
 
     def _hello(self, conn: Connection, message: dict) -> None:
-        reply = {"ok": True, "protocol": PROTOCOL, "engine": self.engine.name, "model": self.spec.model_path}
+        reply = {"ok": True, "protocol": PROTOCOL, "engine": self.engine.name, "model": self.spec.model_path,
+                 "lora_rank": self.spec.lora_rank}
         if message.get("weights"):
             import torch.distributed as torch_dist
 
@@ -486,13 +494,14 @@ class ServedTransformers:
         from peft import PeftModel, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        folder = Path(tempfile.mkdtemp(prefix="grpoflow-served-lora-")) / "adapters"
-        write(folder)
-        if isinstance(self.inner.model, PeftModel):
-            set_peft_model_state_dict(self.inner.model, load_file(folder / "adapter_model.safetensors"))
-        else:
-            self.inner.model = PeftModel.from_pretrained(self.inner.model, folder).eval()
-            self.inner._generate = self.inner.model.generate
+        with tempfile.TemporaryDirectory(prefix="grpoflow-served-lora-") as scratch:  # read into memory, then gone
+            folder = Path(scratch) / "adapters"
+            write(folder)
+            if isinstance(self.inner.model, PeftModel):
+                set_peft_model_state_dict(self.inner.model, load_file(folder / "adapter_model.safetensors"))
+            else:
+                self.inner.model = PeftModel.from_pretrained(self.inner.model, folder).eval()
+                self.inner._generate = self.inner.model.generate
 
 
 # -- starting one --------------------------------------------------------------------------------
