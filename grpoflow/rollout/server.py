@@ -372,6 +372,7 @@ class RolloutServer:
     def _receive(self, conn: Connection, message: dict) -> None:
         """A weight push: adapters in the message, or tensors over the process group."""
         version = (message["session"], message["version"])
+        started = time.perf_counter()
         try:
             if message["kind"] == "lora":
                 self._use_adapters(message["files"])
@@ -384,6 +385,7 @@ class RolloutServer:
             conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
             return
         self.version = version
+        log.info("weights of step %d loaded (%s) in %.2fs", version[1], message["kind"], time.perf_counter() - started)
         conn.send({"ok": True, "version": list(version)})
 
     def _load_full(self, header: list) -> None:
@@ -433,6 +435,8 @@ class RolloutServer:
                     self._reply(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
                 continue
             seconds = time.perf_counter() - started
+            log.info("step %d: %d prompts x %d from %d request(s) in %.2fs", self.version[1], len(ids), params.n,
+                     len(batch), seconds)
             start = 0
             for conn, message in batch:
                 count = len(message["ids"])
