@@ -435,8 +435,8 @@ class RolloutServer:
                     self._reply(conn, {"ok": False, "error": f"{type(e).__name__}: {e}"})
                 continue
             seconds = time.perf_counter() - started
-            log.info("step %d: %d prompts x %d from %d request(s) in %.2fs", self.version[1], len(ids), params.n,
-                     len(batch), seconds)
+            log.info("sampled %d prompts x %d with step %d's weights (%d request(s)) in %.2fs", len(ids), params.n,
+                     self.version[1], len(batch), seconds)
             start = 0
             for conn, message in batch:
                 count = len(message["ids"])
@@ -541,6 +541,9 @@ def start_server(spec: ServerSpec, *, gpus: list[int], timeout: float) -> Starte
             raise RolloutServerError(f"rollout.server_gpus {gpus}: this machine shows {len(names)} GPU(s) "
                                      f"(CUDA_VISIBLE_DEVICES), so {missing} is not one of them")
         env["CUDA_VISIBLE_DEVICES"] = ",".join(names[g] for g in gpus)
+    where = f"GPUs {gpus}" if gpus else "this process's card"
+    log.info("starting a rollout server on %s: %s engine, %s (it loads the model first)", where, spec.engine,
+             spec.model_path)
     with tempfile.TemporaryDirectory(prefix="grpoflow-server-") as folder:
         ready = Path(folder) / "address"
         process = subprocess.Popen(
@@ -559,7 +562,7 @@ def start_server(spec: ServerSpec, *, gpus: list[int], timeout: float) -> Starte
                                          f"(rollout.server_timeout_s, at least {START_PATIENCE_S:g} s)")
             time.sleep(0.2)
         address = ready.read_text()
-    log.info("rollout server started: %s on %s", address, f"GPUs {gpus}" if gpus else "this process's card")
+    log.info("rollout server started: %s on %s in %.0fs", address, where, time.monotonic() - (deadline - patience))
     return StartedServer(process, address, key.encode())
 
 
