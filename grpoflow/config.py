@@ -396,6 +396,14 @@ class RolloutConfig(Section):
         3, ge=0, le=100, description="server: a weight push that fails is tried again this many times (a new "
                                      "connection each time), never skipped; then the server counts as lost")
 
+    @model_validator(mode="after")
+    def _server_keys_need_a_server(self) -> "RolloutConfig":
+        given = [k for k in ("server_address", "server_gpus") if getattr(self, k)]
+        if given and self.placement != "server":
+            raise ValueError(f"{' and '.join(given)} set, but placement is {self.placement}: they are for "
+                             "placement: server (set it), else drop them")
+        return self
+
     @field_validator("server_address")
     @classmethod
     def _host_port(cls, v: str | None) -> str | None:

@@ -189,10 +189,14 @@ def test_a_wrong_key_is_refused_with_a_message(thread_server):
         ServerEngine(thread_server.address, b"not-the-key", None, rank=0, session="s", timeout=5, retries=0, push=True)
 
 
-def test_server_address_must_be_host_and_port():
+def test_server_keys_are_checked_and_need_the_server_placement():
     with pytest.raises(ConfigError, match="rollout.server_address.*not host:port"):
-        validate_config({"rollout": {"server_address": "localhost"}})
-    assert validate_config({"rollout": {"server_address": "10.0.0.5:47000"}}).rollout.server_address == "10.0.0.5:47000"
+        validate_config({"rollout": {"placement": "server", "server_address": "localhost"}})
+    given = {"placement": "server", "server_address": "10.0.0.5:47000"}
+    assert validate_config({"rollout": given}).rollout.server_address == "10.0.0.5:47000"
+    with pytest.raises(ConfigError, match="server_address and server_gpus set, but placement is colocate: they are "
+                                          "for placement: server"):
+        validate_config({"rollout": {"server_address": "10.0.0.5:47000", "server_gpus": [1]}})
 
 
 # -- a lost server during training ------------------------------------------------------------------
