@@ -219,7 +219,7 @@ class GRPORecipe:
             if self.evaluator is not None and state.step == 0 and not any(r["step"] == 0 for r in self.logger.eval_history):
                 # step 0: the policy GRPO starts from (after the format warm-up), the curve's first point
                 self.heartbeat.phase("evaluating on the held-out set at step 0")
-                self.logger.log_eval(0, self.evaluator.evaluate(self.policy, self.engine, 0))
+                self.logger.log_eval(0, self._on_every_process(self.evaluator.evaluate, self.policy, self.engine, 0))
             started, first_step = time.monotonic(), state.step  # the ETA: this call's steps
             task = bar.add_task("train", total=grpo.max_steps, completed=state.step, reward="-")
             while state.step < grpo.max_steps:
@@ -343,9 +343,9 @@ class GRPORecipe:
         was lost in before its optimizer step is undone (its micro-batches' gradients, the rows they
         reached); the generation being sampled is dropped, its prompts drawn again on resume."""
         start = self._step_start
-        if start is None:  # lost before the first step: nothing to keep
-            return RolloutServerError(f"{error}; no step had been trained: run the same command once a rollout "
-                                      "server answers")
+        if start is None:  # lost before this call's first step: nothing new to keep
+            return RolloutServerError(f"{error}; no step was trained in this call: run the same command once a "
+                                      "rollout server answers")
         undone = self.state.step == start["step"]  # lost before this step's optimizer step: it is undone
         self.rollouts.lost(undo_from=start["sampler"] if undone else None)
         if undone:

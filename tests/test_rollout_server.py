@@ -36,22 +36,31 @@ def served(cfg, address: str | None = None):
 
 
 def samples(result) -> list[tuple]:
-    return [(m["reward"], m["reward_std"], m["completions/mean_length"]) for m in metrics(result)]
+    return [(m["reward"], m["reward_std"], m["completions/mean_length"]) for m in metrics(result) if "reward" in m]
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_a_server_samples_what_the_colocated_engine_does(tiny_model, tmp_path, finetune):
     """The server started by the trainer, on the same seeds: the same completions at every step, so the
     pushes carried the weights whole (full: every tensor over gloo; LoRA: the adapter files). With the
-    importance-sampling correction off, as the colocated transformers engine has it, the same weights."""
+    importance-sampling correction off, as the colocated transformers engine has it, the same weights,
+    and the same answers to the held-out questions when evaluating during training (through the server)."""
     train, heldout = data(tmp_path)
     runs = {}
     for placement in ("colocate", "server"):
-        cfg = config(tmp_path / placement, max_steps=3, save_steps=3, vllm_importance_sampling_correction=False)
+        cfg = config(tmp_path / placement, max_steps=3, save_steps=3, vllm_importance_sampling_correction=False,
+                     eval_strategy="steps", eval_steps=2, eval_prompts=4)
         cfg.model.finetune = finetune
+        cfg.eval.reward_funcs = cfg.grpo.reward_funcs  # the spaces of the answers: a figure that moves
         cfg.rollout.placement = placement
         runs[placement] = run_train(cfg, train, heldout, str(tiny_model), progress=False)
     assert samples(runs["server"]) == samples(runs["colocate"])
+    evaluated = {p: [(r["step"], r["eval_reward"]) for r in metrics(run) if "eval_reward" in r]
+                 for p, run in runs.items()}
+    assert [step for step, _ in evaluated["server"]] == [0, 2, 3]
+    assert len({reward for _, reward in evaluated["server"]}) > 1  # the answers change as the policy does
+    for (_, server), (_, colocated) in zip(evaluated["server"], evaluated["colocate"]):
+        assert server == pytest.approx(colocated, abs=1e-9)
     colocated = trained_weights(Path(runs["colocate"].output_dir) / "checkpoints" / "step-000003")
     server = trained_weights(Path(runs["server"].output_dir) / "checkpoints" / "step-000003")
     assert colocated.keys() == server.keys()
