@@ -63,7 +63,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
         if policy is not None:
             return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
                             autocast=policy.autocast, generate=policy.generate)
-        return _transformers_engine(model_path, batch_size=batch_size, progress=progress)
+        return transformers_engine(model_path, batch_size=batch_size, progress=progress)
     from grpoflow.rollout.vllm import VLLMEngine
 
     base, tokenizer, adapters = model_path, None, None
@@ -94,7 +94,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     return engine
 
 
-def _transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
+def transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

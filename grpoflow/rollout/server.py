@@ -114,8 +114,7 @@ class ServerEngine:
         self.version = step
         if not self.pushes:
             if self.sharded:  # the gather is a collective: every process takes part, rank 0 sends
-                _drain(policy.whole_trained_weights(every_process=True) if policy.is_peft
-                       else policy.whole_parameters())
+                _gathered(policy)
             return
         weights = _weights_of(policy)  # gathered once, sent again on a retry
         for attempt in range(self.retries + 1):
@@ -240,22 +239,25 @@ class ServerEngine:
                                      f"step {step}")
 
 
+def _gathered(policy):
+    """The weights a push sends, whole: a LoRA policy's adapters (None: the model's own state dict),
+    or every (name, weight). Under FSDP2 a collective: every process calls it."""
+    if policy.is_peft:
+        return policy.whole_trained_weights(every_process=True)
+    return [(name, t.detach().contiguous()) for name, t in policy.whole_parameters()]
+
+
 def _weights_of(policy) -> dict:
-    """What a push sends: a LoRA policy's adapter files (PEFT's), or every weight, whole."""
+    """What a push sends: a LoRA policy's adapter files (PEFT's), or every weight."""
+    weights = _gathered(policy)
     if policy.is_peft:
         with tempfile.TemporaryDirectory(prefix="grpoflow-push-") as folder:
-            policy.model.save_pretrained(folder, state_dict=policy.whole_trained_weights(every_process=True))
+            policy.model.save_pretrained(folder, state_dict=weights)
             files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
         return {"header": {"kind": "lora", "files": files}, "tensors": []}
-    named = [(name, t.detach().contiguous()) for name, t in policy.whole_parameters()]
     return {"header": {"kind": "full", "tensors": [(n, tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                                                   for n, t in named]},
-            "tensors": [t for _, t in named]}
-
-
-def _drain(weights) -> None:
-    for _ in (weights.items() if isinstance(weights, dict) else weights or ()):
-        pass
+                                                   for n, t in weights]},
+            "tensors": [t for _, t in weights]}
 
 
 # -- the server's side --------------------------------------------------------------------------
@@ -469,17 +471,12 @@ class ServedTransformers:
     from spec.model_path, its weights replaced by each push (LoRA: the adapters, on the base model)."""
 
     def __init__(self, spec: ServerSpec):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from grpoflow.rollout.load import transformers_engine
 
-        from grpoflow.rollout.hf import HFEngine
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, spec.dtype) if device == "cuda" else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype).to(device).eval()
-        self.inner = HFEngine(model, tokenizer, batch_size=max(1, spec.completions_per_call or 16), progress=False)
-        self.name, self.tokenizer = "hf", tokenizer
+        # loaded as the evaluation engine loads it (bfloat16 on a GPU, float32 on the CPU)
+        self.inner = transformers_engine(spec.model_path, batch_size=max(1, spec.completions_per_call or 16),
+                                         progress=False)
+        self.name, self.tokenizer = "hf", self.inner.tokenizer
 
     def generate_ids(self, prompt_ids, params, seeds=None):
         return self.inner.generate_ids(prompt_ids, params, seeds)
