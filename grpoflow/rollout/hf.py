@@ -137,3 +137,16 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+def transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
+    """An engine on the model in `model_path` (evaluation, a rollout server without vLLM):
+    bfloat16 on a GPU, float32 on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    log.info("rollout engine: transformers generate on %s (%s)", device, str(dtype).removeprefix("torch."))
+    return HFEngine(model, tokenizer, batch_size=batch_size, progress=progress)

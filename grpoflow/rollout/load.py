@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from grpoflow.config import ConfigError, RolloutConfig
-from grpoflow.rollout.hf import HFEngine
+from grpoflow.rollout.hf import HFEngine, transformers_engine
 
 log = logging.getLogger("grpoflow.rollout")
 _warned_fallback = False
@@ -92,18 +92,6 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
             log.info("rollout.share_weights: not under grpo.distributed: fsdp (the policy's base weights are "
                      "shards); vLLM keeps its own copy")
     return engine
-
-
-def transformers_engine(model_path: str, *, batch_size: int, progress: bool) -> HFEngine:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    log.info("rollout engine: transformers generate on %s (%s)", device, str(dtype).removeprefix("torch."))
-    return HFEngine(model, tokenizer, batch_size=batch_size, progress=progress)
 
 
 def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank: int | None, dtype: str,

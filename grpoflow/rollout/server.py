@@ -471,7 +471,7 @@ class ServedTransformers:
     from spec.model_path, its weights replaced by each push (LoRA: the adapters, on the base model)."""
 
     def __init__(self, spec: ServerSpec):
-        from grpoflow.rollout.load import transformers_engine
+        from grpoflow.rollout.hf import transformers_engine
 
         # loaded as the evaluation engine loads it (bfloat16 on a GPU, float32 on the CPU)
         self.inner = transformers_engine(spec.model_path, batch_size=max(1, spec.completions_per_call or 16),
