@@ -17,6 +17,9 @@
 #                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them;
 #                                          # ENGINE=hf: transformers generate for both trainers, as staged by
 #                                          # LITE=1 benchmarks/stage_gpu.sh, which carries no vLLM)
+#   bash benchmarks/vllm_gpu.sh async-server  # issue #21: ours async with the rollout server on the trainer's card
+#                                          # (vLLM in a process of its own, weights read over CUDA IPC), TRL, ours
+#                                          # async-server again, ours async in a thread (MODELS= one of them)
 #   bash benchmarks/vllm_gpu.sh server     # issue #25 (2 GPUs): 512 completions a step, one GPU colocated vs the
 #                                          # trainer on GPU 0 + our rollout server on GPU 1, then TRL's server mode on
 #                                          # the same split; SmolLM2 and the Qwen3-0.6B shape (MODELS= one of them)
@@ -28,7 +31,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|server|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -75,6 +78,17 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|server|tests}" in
         --set grpo.warmup.rows=1024 --set grpo.warmup.batch_size=16 --set grpo.warmup.learning_rate=2e-5)
       bench --model "$model" --engine "$engine" --only ours "${extra[@]}" "${warm[@]}" --set rollout.mode=async \
         --set grpo.dynamic_sampling=true --tag "$name-async-dynamic"
+    done
+    ;;
+  async-server)
+    for model in ${MODELS:-/tmp/smollm2 /tmp/qwen3r}; do
+      name=$(basename "$model") && extra=()
+      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      server=(--set rollout.mode=async --set rollout.placement=server)
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" "${server[@]}" --tag "$name-async-server-1"
+      bench --model "$model" --engine vllm --only trl --tag "$name-1"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" "${server[@]}" --tag "$name-async-server-2"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async-thread"
     done
     ;;
   server)

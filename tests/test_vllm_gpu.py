@@ -216,11 +216,51 @@ def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path
         assert m["sampling/sampling_logp_difference/mean"] < 0.5  # the engine sampled this policy, one step old
 
 
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_full_weights_pushed_over_cuda_ipc_reach_a_server_on_the_same_card(engine, caplog):
+    """A rollout server on the trainer's card maps the trainer's own tensors (CUDA IPC) once and
+    reads them again at every push: weights changed in place reach its generation, and a second push
+    sends no handles."""
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    import logging
+
+    from grpoflow.config import validate_config
+    from grpoflow.rollout.server import ServerEngine, ServerSpec, start_server
+    from grpoflow.train.policy import load_policy
+
+    cfg = validate_config({"model": {"finetune": "full", "dtype": "bfloat16"}, "grpo": {"gradient_checkpointing": False}})
+    policy = load_policy(cfg.model, cfg.grpo, MODEL)
+    started = start_server(ServerSpec(model_path=MODEL, engine=engine, gpu_memory_utilization=0.2, enforce_eager=True),
+                           gpus=[], timeout=300)
+    try:
+        with caplog.at_level(logging.INFO, logger="grpoflow.rollout"):
+            server = ServerEngine(started.address, started.key, policy.tokenizer, rank=0, session="ipc", timeout=300,
+                                  retries=0, push=True)
+        assert server.backend == "ipc" and "weights over ipc" in caplog.text
+        timings = []
+        for step, scale in ((1, 1.0), (2, -1.0), (3, 3.0)):
+            with torch.no_grad():  # an optimizer step, exaggerated, in place: the tensors do not move
+                policy.model.model.layers[3].mlp.down_proj.weight.mul_(scale)
+            started_push = time.perf_counter()
+            server.sync_weights(policy, step)
+            timings.append(time.perf_counter() - started_push)
+            after, _ = vllm_vs_trainer(policy, server)
+            print(f"{engine} server, push {step} by reference in {timings[-1]:.3f}s: |dlogp| {after:.4f}")
+            assert after < 0.1  # a server still sampling the previous weights is far off (test above: > 5x)
+            if step == 1:
+                first = server._shared
+            assert server._shared is first  # the handles sent at step 1, not sent again
+        server.close()
+    finally:
+        started.close()
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_rollout_server_on_the_trainers_card(tmp_path, finetune):
-    """rollout.placement server with the server on the trainer's own card (one GPU): the weights go over
-    gloo (NCCL refuses two ranks on one card), LoRA as adapter files; vLLM's log-probs of the pushed
-    weights agree with the trainer's."""
+    """rollout.placement server with the server on the trainer's own card (one GPU): full weights are
+    read in place over CUDA IPC, LoRA goes as adapter files; vLLM's log-probs of the pushed weights
+    agree with the trainer's."""
     pytest.importorskip("vllm")
     steps = short_run(tmp_path, finetune, {"placement": "server", "gpu_memory_utilization": 0.2})
     print(f"rollout server, one card, {finetune}:", [(m["step"], round(m["step_seconds"], 3),

@@ -9,12 +9,17 @@ that owns its GPUs, the trainer's processes run elsewhere and ask it for complet
 The protocol (PROTOCOL), one connection per training process, messages as dicts over
 multiprocessing's authenticated connections (the key: GRPOFLOW_ROLLOUT_KEY, never logged):
 
-    hello     {rank, weights, backend} -> {engine, model, store_port}; weights=True (rank 0) also
-              opens a process group of two, the trainer rank 0 and the server rank 1, over NCCL when
-              both ends have a GPU and they are different cards, else gloo (via host memory)
-    push      {session, version, kind: "full", tensors: [(name, shape, dtype)]}, then each tensor
-              broadcast from the trainer in that order; or {kind: "lora", files: {name: bytes}},
-              PEFT's adapter files (a LoRA run sends its adapters, not the model)
+    hello     {rank, weights, backend, device, ipc} -> {engine, model, backend, store_port}; weights=True
+              (rank 0) also says how the weights will travel: "ipc" when both ends are on the same
+              card and the trainer's weights stay where they are (ipc=True: not FSDP shards), else a
+              process group of two, the trainer rank 0 and the server rank 1, over NCCL when both ends
+              have a GPU and they are different cards, else gloo (via host memory)
+    push      {session, version, kind: "full", tensors: [(name, shape, dtype)], handles}: over a group,
+              each tensor is then broadcast from the trainer in that order; over "ipc" the server reads
+              the trainer's own tensors on the card, through the CUDA IPC handles sent when they were
+              first pushed or have moved since (handles None: the ones it holds), and the trainer
+              changes nothing until the answer; or {kind: "lora", files: {name: bytes}}, PEFT's
+              adapter files (a LoRA run sends its adapters, not the model)
     generate  {ids, params, seeds, want: (session, version)} -> {groups, version}: served only once the
               server holds that version of that session's weights, so a process that asks before rank 0
               has pushed waits, and a batch always says which weights sampled it. Requests for the
@@ -80,6 +85,8 @@ class ServerEngine:
         self._lock = threading.Lock()  # the rollouts thread (rollout.mode async) and the trainer's take turns
         self._conn: Connection | None = None
         self._group = None
+        self.backend: str | None = None
+        self._shared: list | None = None  # over "ipc": the tensors whose handles the server holds, kept alive
         self.started: StartedServer | None = None  # a server this process started: stopped by close()
         self._connect()
 
@@ -143,7 +150,7 @@ class ServerEngine:
                 pass
             self._conn.close()
             self._conn = None
-        self._group = None
+        self._group, self._shared = None, None
         if self.started is not None:
             self.started.close()
             self.started = None
@@ -171,7 +178,8 @@ class ServerEngine:
                                          f"{type(e).__name__}: {e} (is {KEY_ENV} the server's key?)") from e
         backend = "nccl" if _cuda() else "gloo"
         reply = self._ask({"op": "hello", "protocol": PROTOCOL, "rank": self.rank, "weights": self.pushes,
-                           "backend": backend, "device": _device_uuid()}, "saying hello")
+                           "backend": backend, "device": _device_uuid(), "ipc": not self.sharded},
+                          "saying hello")  # FSDP's gathered weights are new tensors at every push: not by reference
         if reply["protocol"] != PROTOCOL:
             raise RolloutServerError(f"the rollout server at {self.address} speaks protocol {reply['protocol']}, "
                                      f"this trainer {PROTOCOL}: run the same grpoflow version on both")
@@ -184,16 +192,17 @@ class ServerEngine:
                               f"trains {'every weight' if self.lora_rank is None else f'LoRA of rank {self.lora_rank}'}: "
                               "start the server with this run's config (model.finetune, model.lora.r)")
         if self.pushes:
-            self._group = _timed(lambda: _weights_group(host, reply["store_port"], 0, reply["backend"], self.timeout),
-                                 self.timeout, "opening the weights' process group")
-            self.backend = reply["backend"]
+            self.backend, self._shared = reply["backend"], None
+            if self.backend != "ipc":
+                self._group = _timed(lambda: _weights_group(host, reply["store_port"], 0, self.backend, self.timeout),
+                                     self.timeout, "opening the weights' process group")
         log.info("rollout server at %s: %s engine, %s%s", self.address, reply["engine"], reply["model"],
                  f"; weights over {reply['backend']}" if self.pushes else "")
 
     def _reconnect(self) -> None:
         if self._conn is not None:
             self._conn.close()
-        self._conn, self._group = None, None
+        self._conn, self._group, self._shared = None, None, None
         try:
             self._connect()
         except RolloutServerError as e:
@@ -219,14 +228,18 @@ class ServerEngine:
         return reply
 
     def _push(self, weights: dict, step: int) -> None:
-        if self._conn is None or self._group is None:
+        by_reference = self.backend == "ipc" and weights["header"]["kind"] == "full"
+        if self._conn is None or (self._group is None and self.backend != "ipc"):
             raise RolloutServerError(f"not connected to the rollout server at {self.address}")
         message = {"op": "push", "session": self.session, "version": step, **weights["header"]}
+        if by_reference:
+            message["handles"] = self._handles(weights["tensors"])
         what = f"loading the weights of step {step}"
         try:
             _timed(lambda: self._conn.send(message), self.timeout, f"sending the weights of step {step}")
-            for tensor in weights["tensors"]:
-                self._group.broadcast(tensor.cuda() if self.backend == "nccl" else tensor.cpu(), 0).wait()
+            if not by_reference:
+                for tensor in weights["tensors"]:
+                    self._group.broadcast(tensor.cuda() if self.backend == "nccl" else tensor.cpu(), 0).wait()
             reply = self._answer(what)
         except (EOFError, OSError, RuntimeError) as e:  # gloo / NCCL raise RuntimeError when the peer goes
             if isinstance(e, RolloutServerError):
@@ -237,6 +250,21 @@ class ServerEngine:
         if reply["version"] != [self.session, step]:
             raise RolloutServerError(f"the rollout server at {self.address} holds {reply['version']} after a push of "
                                      f"step {step}")
+
+    def _handles(self, tensors: list) -> list | None:
+        """Over "ipc": the tensors' CUDA IPC handles when the server does not hold them yet (a new
+        connection, or a tensor that moved); None when it does. Waits for the card to finish writing
+        them: the server reads them on its own stream."""
+        import torch
+
+        torch.cuda.synchronize()
+        layout = [(t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors]
+        if self._shared is not None and layout == [(t.data_ptr(), tuple(t.shape), t.dtype) for t in self._shared]:
+            return None
+        self._shared = None  # until the server answers, it may hold none of them
+        handles = [_ipc_handle(t) for t in tensors]
+        self._shared = list(tensors)  # alive while the server maps them
+        return handles
 
 
 def _gathered(policy):
@@ -287,6 +315,8 @@ class RolloutServer:
         self._new: list[Connection] = []
         self._new_lock = threading.Lock()
         self.group = None
+        self.backend: str | None = None
+        self.shared: list | None = None  # over "ipc": the trainer's tensors, mapped from its handles
         self.version: tuple[str, int] | None = None  # (session, step) of the weights held
         self.pending: list[tuple[Connection, dict]] = []
         self.stopping = False
@@ -360,12 +390,17 @@ class RolloutServer:
             import torch.distributed as torch_dist
 
             same_card = message.get("device") is not None and message.get("device") == _device_uuid()
+            self.group, self.shared = None, None  # a new trainer (or a retry): the old group is gone with its peer
+            if same_card and message.get("ipc"):
+                self.backend = "ipc"  # NCCL refuses two ranks on one card; gloo would copy through host memory
+                reply.update(backend="ipc")
+                conn.send(reply)
+                return
             backend = "nccl" if message.get("backend") == "nccl" and _cuda() and not same_card else "gloo"
             store = torch_dist.TCPStore(self.host, 0, 2, True, timeout=datetime.timedelta(seconds=self.timeout),
                                         wait_for_workers=False)
             reply.update(store_port=store.port, backend=backend)
             conn.send(reply)
-            self.group = None  # a new trainer (or a retry): the old group is gone with its peer
             self.group = _weights_group_on(store, 1, backend, self.timeout)
             self._store, self.backend = store, backend
             return
@@ -378,11 +413,13 @@ class RolloutServer:
         try:
             if message["kind"] == "lora":
                 self._use_adapters(message["files"])
+            elif self.backend == "ipc":
+                self._load_shared(message["tensors"], message.get("handles"))
             else:
                 self._load_full(message["tensors"])
         except (RuntimeError, ValueError, KeyError) as e:
             self.version = None  # part of the weights may have changed: no version is whole
-            if message["kind"] == "full":
+            if message["kind"] == "full" and self.backend != "ipc":
                 self.group = None  # a broadcast that failed half-way leaves the group unusable: a new hello
             conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
             return
@@ -404,6 +441,23 @@ class RolloutServer:
                 yield name, tensor
 
         self.engine.load_weights(received())
+
+    def _load_shared(self, header: list, handles: list | None) -> None:
+        """Full weights read from the trainer's own tensors on this card (CUDA IPC)."""
+        import torch
+
+        if handles is not None:
+            if len(handles) != len(header):
+                raise ValueError(f"a push of {len(header)} tensors with {len(handles)} handles")
+            self.shared = None
+            self.shared = [_from_ipc(h) for h in handles]
+        if self.shared is None or len(self.shared) != len(header):
+            raise RuntimeError("a push by reference with no handles held (say hello, then push with handles)")
+        for (name, shape, _), tensor in zip(header, self.shared):
+            if tuple(shape) != tuple(tensor.shape):
+                raise ValueError(f"pushed weight {name!r}: shape {tuple(shape)}, the mapped tensor's {tuple(tensor.shape)}")
+        self.engine.load_weights((name, tensor) for (name, _, _), tensor in zip(header, self.shared))
+        torch.cuda.synchronize()  # read before the answer lets the trainer write them again
 
     def _use_adapters(self, files: dict[str, bytes]) -> None:
         def write(folder: Path) -> None:
@@ -657,6 +711,25 @@ def visible_gpus() -> list[str]:
 
         visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
     return [v for v in visible.split(",") if v]
+
+
+def _ipc_handle(tensor) -> tuple:
+    """What another process on this card needs to map `tensor` (torch's own CUDA IPC reduction)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(tensor.detach())
+    return args
+
+
+def _from_ipc(args: tuple):
+    """The tensor an _ipc_handle names, mapped into this process, on this process's card (the
+    trainer may number it differently: CUDA_VISIBLE_DEVICES)."""
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(args)
+    args[6] = torch.cuda.current_device()  # storage_device
+    return rebuild_cuda_tensor(*args)
 
 
 def _split(address: str) -> tuple[str, int]:
