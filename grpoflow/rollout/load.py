@@ -101,7 +101,7 @@ def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank
     one server they all reach: `grpoflow rollout-server`)."""
     import uuid
 
-    from grpoflow.rollout.server import ServerEngine, ServerSpec, server_key, start_server
+    from grpoflow.rollout.server import ServerEngine, server_key, start_server
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     started = None
@@ -111,10 +111,8 @@ def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank
             raise ConfigError("rollout.placement: server on several training processes needs one server they all "
                               "reach: start it with `grpoflow rollout-server -c CONFIG` and set "
                               "rollout.server_address to the address it prints")
-        spec = ServerSpec(model_path=model_path, engine=resolve_engine(rollout), dtype=dtype, lora_rank=lora_rank,
-                          max_model_len=max_model_len, seed=seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                          enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
-                          completions_per_call=completions_per_call)
+        spec = _spec(rollout, model_path, dtype=dtype, lora_rank=lora_rank, max_model_len=max_model_len, seed=seed,
+                     completions_per_call=completions_per_call)
         started = start_server(spec, gpus=rollout.server_gpus, timeout=rollout.server_timeout_s)
         address, key = started.address, started.key
     else:
@@ -137,13 +135,20 @@ def server_spec(cfg, model_path: str, num_processes: int):
     """What a rollout server started for a training job runs (`grpoflow rollout-server`, the launcher):
     the trainer's engine settings, sized to the whole generation of every process at once."""
     from grpoflow.batching import BatchPlan
-    from grpoflow.rollout.server import ServerSpec
 
     grpo, rollout = cfg.grpo, cfg.rollout
     plan = BatchPlan.from_config(grpo, num_processes=num_processes)
-    return ServerSpec(model_path=str(model_path), engine=resolve_engine(rollout), dtype=cfg.model.dtype,
-                      lora_rank=cfg.model.lora.r if cfg.model.finetune != "full" else None,
-                      max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
-                      seed=grpo.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+    return _spec(rollout, str(model_path), dtype=cfg.model.dtype,
+                 lora_rank=cfg.model.lora.r if cfg.model.finetune != "full" else None,
+                 max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
+                 seed=grpo.seed, completions_per_call=plan.unique_prompts * grpo.num_generations)
+
+
+def _spec(rollout: RolloutConfig, model_path: str, *, dtype: str, lora_rank: int | None, max_model_len: int,
+          seed: int, completions_per_call: int | None):
+    from grpoflow.rollout.server import ServerSpec
+
+    return ServerSpec(model_path=model_path, engine=resolve_engine(rollout), dtype=dtype, lora_rank=lora_rank,
+                      max_model_len=max_model_len, seed=seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
                       enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
-                      completions_per_call=plan.unique_prompts * grpo.num_generations)
+                      completions_per_call=completions_per_call)
