@@ -303,6 +303,11 @@ class VLLMEngine:
         self.wake_up({"weights"})  # the KV cache stays released until generate
         load_vllm_weights(self.llm, named)
         self.weights_current = True
+        # a KV cache that stays allocated (rollout.sleep false, async mode, the rollout server) holds the
+        # prompts' blocks computed by the old weights: prefix caching would reuse them for the new ones
+        if "kv_cache" in self.awake and self.llm.reset_prefix_cache() is False:
+            raise EngineError("vLLM could not drop its prefix cache after a weight update (a request still "
+                              "running?): the next generation would reuse keys and values of the old weights")
 
     def use_adapters(self, write) -> None:
         """LoRA: sample with the adapters `write(folder)` saves in a new folder (PEFT's files)."""
