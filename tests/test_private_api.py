@@ -237,34 +237,35 @@ def test_full_fine_tuning_sleeps_at_level_2_and_samples_only_after_a_sync(fake_v
     assert llm.kwargs["enable_sleep_mode"] is True and "enable_lora" not in llm.kwargs
 
     engine.sync_weights(policy, step=0)  # awake: nothing to wake, the weights loaded in place
-    assert llm.calls == [] and [list(loaded) for loaded in llm.model.loaded] == [names]
+    # the KV cache is allocated: its prompt blocks of the old weights are dropped
+    assert llm.calls == [("reset_prefix_cache",)] and [list(loaded) for loaded in llm.model.loaded] == [names]
     groups = engine.generate(PROMPTS, PARAMS)
-    assert llm.calls == [("generate", 2, None)]
+    assert llm.calls == [("reset_prefix_cache",), ("generate", 2, None)]
     assert [[(c.token_ids, c.logprobs) for c in g] for g in groups] == [[(GENERATED, [-0.5] * 3)] * 2] * 2
 
     down = policy.model.model.layers[0].mlp.down_proj.weight
     with torch.no_grad():  # an optimizer step
         down.mul_(-1.0)
     engine.sleep()
-    assert llm.calls[1:] == [("sleep", 2)]  # weights and KV cache released; the next sync rewrites the weights
+    assert llm.calls[2:] == [("sleep", 2)]  # weights and KV cache released; the next sync rewrites the weights
     assert allocator.released() == {"weights", "kv_cache"} and engine.awake == set() and not engine.weights_current
     engine.sleep()  # asleep already: vLLM is not asked twice
-    assert llm.calls[1:] == [("sleep", 2)]
+    assert llm.calls[2:] == [("sleep", 2)]
     with pytest.raises(EngineError, match="call sync_weights before generate"):
         engine.generate(PROMPTS, PARAMS)
-    assert llm.calls[1:] == [("sleep", 2)]  # refused before waking anything
+    assert llm.calls[2:] == [("sleep", 2)]  # refused before waking anything
 
     engine.sync_weights(policy, step=1)
-    assert llm.calls[2:] == [("wake_up", ["weights"])]  # the KV cache stays released until generate
+    assert llm.calls[3:] == [("wake_up", ["weights"])]  # the KV cache stays released until generate
     assert allocator.released() == {"kv_cache"} and engine.awake == {"weights"} and engine.weights_current
     assert list(llm.model.loaded[-1]) == names
     assert torch.equal(llm.model.loaded[-1]["model.layers.0.mlp.down_proj.weight"], down)  # the new weights
 
     engine.generate(PROMPTS, PARAMS)
-    assert llm.calls[3:] == [("wake_up", ["kv_cache"]), ("generate", 2, None)]
+    assert llm.calls[4:] == [("wake_up", ["kv_cache"]), ("generate", 2, None)]
     assert allocator.released() == set() and engine.awake == {"weights", "kv_cache"}
     engine.generate(PROMPTS, PARAMS)  # awake: no second wake
-    assert llm.calls[5:] == [("generate", 2, None)]
+    assert llm.calls[6:] == [("generate", 2, None)]
 
 
 def test_lora_sleeps_at_level_1_and_hands_adapters_over_without_touching_vllms_weights(fake_vllm, tiny_model):
@@ -335,5 +336,6 @@ def test_without_sleep_mode_vllm_is_never_put_to_sleep(fake_vllm, tiny_model):
     engine.sleep()  # the fake raises if vLLM's sleep is called without sleep mode
     engine.sync_weights(policy, step=1)
     engine.generate(PROMPTS, PARAMS)
-    assert llm.calls == [("generate", 2, None)] and len(llm.model.loaded) == 1
+    # the KV cache never sleeps: a weight load drops the prompt blocks of the old weights
+    assert llm.calls == [("reset_prefix_cache",), ("generate", 2, None)] and len(llm.model.loaded) == 1
     assert engine.awake == {"weights", "kv_cache"} and engine.weights_current
