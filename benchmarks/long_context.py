@@ -58,6 +58,7 @@ SHAPES = {
 }
 PROMPT = "Think about this for as long as you can, then answer."
 GENERATIONS = 8
+PROMPT_TOKENS = 128  # vLLM's max_model_len: the prompt (64 at most) and its chat template, and the completion
 
 
 def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
@@ -92,6 +93,24 @@ def write_data(folder: Path) -> Path:
     return folder
 
 
+def vllm_gib_for(model: str, length: int, quantized: bool, kv_bytes: int = 2, margin_gib: float = 4.0) -> float:
+    """vLLM's share that holds its weights and all GENERATIONS completions' KV cache at once (less,
+    and vLLM would run part of them and swap the rest in, or recompute them): the weights (4-bit
+    linears of the blocks, as bitsandbytes stores them, for a quantized engine), 1.05 x the KV cache
+    of GENERATIONS x max_model_len tokens (block rounding), and margin_gib for its activations,
+    sampler and CUDA graphs."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    blocks = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+                       + 3 * hidden * config["intermediate_size"])  # the linears of the blocks
+    embeddings = config["vocab_size"] * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    weights = embeddings * 2 + blocks * (0.5 + 4 / 64 if quantized else 2)  # nf4: 4 bits + an fp32 absmax per 64
+    kv = GENERATIONS * (PROMPT_TOKENS + length) * layers * 2 * kv_heads * head_dim * kv_bytes * 1.05
+    return round((weights + kv) / GIB + margin_gib, 1)
+
+
 def shares(cap_gib: float | None, vllm_gib: float) -> tuple[float, float | None]:
     """vLLM's gpu_memory_utilization for vllm_gib, and torch's memory fraction under the cap (None: no cap)."""
     total = torch.cuda.mem_get_info()[1] / GIB if torch.cuda.is_available() else 80.0
@@ -110,7 +129,8 @@ def run_ours(args, data: Path) -> dict:
     raw = {
         "model": {"finetune": args.finetune, "dtype": "bfloat16" if cuda else "float32"},
         "rollout": {"engine": "vllm" if cuda and not args.hf else "hf", "gpu_memory_utilization": utilization,
-                    "ignore_eos": True, "max_model_len": 64 + args.length + 64},
+                    "ignore_eos": True, "max_model_len": PROMPT_TOKENS + args.length,
+                    "kv_cache_dtype": args.kv_cache_dtype},
         "grpo": {"max_steps": args.steps, "num_generations": GENERATIONS, "per_device_train_batch_size": GENERATIONS,
                  "max_completion_length": args.length, "max_prompt_length": 64, "learning_rate": 1e-6,
                  "loss_type": "dapo", "beta": 0.0, "gradient_checkpointing": True,
@@ -147,7 +167,7 @@ def run_trl(args, data: Path) -> dict:
         num_generations=GENERATIONS, max_completion_length=args.length, learning_rate=1e-6, beta=0.0,
         loss_type="dapo", bf16=True, gradient_checkpointing=True, logging_steps=1, save_strategy="no",
         report_to="none", use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=utilization,
-        vllm_enable_sleep_mode=True, vllm_max_model_length=64 + args.length + 64,
+        vllm_enable_sleep_mode=True, vllm_max_model_length=PROMPT_TOKENS + args.length,
         generation_kwargs={"ignore_eos": True})
     lora = None if args.finetune == "full" else LoraConfig(
         r=16, lora_alpha=32, task_type="CAUSAL_LM",
@@ -187,6 +207,7 @@ def run(args) -> dict:
     record = {"trainer": args.trainer, "model": args.model, "finetune": args.finetune, "length": args.length,
               "generations": GENERATIONS, "steps_asked": args.steps, "cap_gib": args.cap_gib, "vllm_gib": args.vllm_gib,
               "offload_activations": args.offload, "max_tokens_per_forward": args.max_tokens_per_forward,
+              "kv_cache_dtype": args.kv_cache_dtype,
               "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "date": time.strftime("%Y-%m-%d"), "versions": versions("transformers", "peft", "vllm", "trl")}
     started = time.perf_counter()
@@ -218,7 +239,8 @@ def bisect(args) -> None:
         length = high if fits is None else (low + high) // 2
         command = [sys.executable, __file__, "run", "--model", args.model, "--finetune", args.finetune,
                    "--trainer", args.trainer, "--length", str(length), "--steps", str(args.steps),
-                   "--vllm-gib", str(args.vllm_gib), "--out", str(args.out), "--tag", f"{args.tag}-{length}"]
+                   "--kv-cache-dtype", args.kv_cache_dtype, "--out", str(args.out), "--tag", f"{args.tag}-{length}"]
+        command += ["--vllm-gib", str(args.vllm_gib)] if args.vllm_gib is not None else []  # else sized to the length
         command += ["--cap-gib", str(args.cap_gib)] if args.cap_gib is not None else []
         command += ["--offload"] if args.offload else []
         command += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)] if args.max_tokens_per_forward else []
@@ -255,8 +277,10 @@ def main() -> None:
         p.add_argument("--finetune", choices=["lora", "qlora", "full"], default="lora")
         p.add_argument("--trainer", choices=["ours", "trl"], default="ours")
         p.add_argument("--steps", type=int, default=3)
-        p.add_argument("--vllm-gib", type=float, default=24.0,
-                       help="vLLM's share of the card: weights (LoRA: shared with the trainer) and KV cache")
+        p.add_argument("--vllm-gib", type=float,
+                       help="vLLM's share of the card: weights (LoRA: shared with the trainer) and KV cache; default: "
+                            "what holds the weights and every completion's KV cache at once (vllm_gib_for)")
+        p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="rollout.kv_cache_dtype")
         p.add_argument("--cap-gib", type=float, help="hold the process to this much of the card (80: an H100)")
         p.add_argument("--offload", action="store_true", help="grpo.offload_activations")
         p.add_argument("--max-tokens-per-forward", type=int, help="grpo.max_tokens_per_forward")
@@ -274,6 +298,9 @@ def main() -> None:
         save_model(args.shape, args.tokenizer, args.out)
     elif args.command == "run":
         args.tag = args.tag or f"{args.finetune}-{args.length}"
+        if args.vllm_gib is None:  # QLoRA: vLLM loads the same checkpoint in 4 bits (rollout.quantization auto)
+            args.vllm_gib = vllm_gib_for(args.model, args.length, quantized=args.finetune == "qlora" and
+                                         args.trainer == "ours", kv_bytes=1 if args.kv_cache_dtype == "fp8" else 2)
         run(args)
     elif args.command == "bisect":
         args.tag = args.tag or args.finetune
@@ -282,7 +309,7 @@ def main() -> None:
         tokenizer = smoke_tokenizer()
         save_model("tiny", tokenizer, args.out / "tiny-model")
         smoke = argparse.Namespace(model=str(args.out / "tiny-model"), finetune="lora", trainer="ours", steps=2,
-                                   vllm_gib=1.0, cap_gib=None, offload=True, max_tokens_per_forward=96, tag="smoke",
+                                   vllm_gib=1.0, kv_cache_dtype="auto", cap_gib=None, offload=True, max_tokens_per_forward=96, tag="smoke",
                                    set=[], hf=True, length=40, out=args.out)
         record = run(smoke)
         if record["status"] != "ok" or any(s["completions/mean_length"] != 40 for s in record["steps"]):

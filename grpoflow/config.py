@@ -360,6 +360,13 @@ class RolloutConfig(Section):
         True, description="LoRA: the policy's frozen base weights are vLLM's own tensors, one copy on the card "
                           "(only tensors equal bit for bit are shared)")
     enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower generation")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="vLLM's KV cache: auto (the model's dtype) or fp8 (half the memory a token, so twice "
+                            "the completion length in the same share; unscaled, so sampling drifts a little from "
+                            "the trained policy, which truncated importance sampling corrects)")
+    quantization: Literal["auto", "none", "bitsandbytes"] = Field(
+        "auto", description="vLLM's weights: bitsandbytes loads them in 4 bits (nf4, as QLoRA's base: a quarter of "
+                            "the memory); auto: bitsandbytes when model.finetune is qlora, else none")
     seed_per_prompt: bool = Field(
         False, description="vLLM: each prompt's completions from a seed of its own, so the same on any number of "
                            "processes (the transformers engine always does this); costs vLLM one random draw per "
@@ -531,6 +538,14 @@ class PipelineConfig(Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     continuous: ContinuousConfig = ContinuousConfig()
     verifier: VerifierConfig = VerifierConfig()
+
+    @model_validator(mode="after")
+    def _quantized_rollouts_need_adapters(self) -> "PipelineConfig":
+        if self.rollout.quantization == "bitsandbytes" and self.model.finetune == "full":
+            raise ValueError("rollout.quantization: bitsandbytes with model.finetune: full: the trained weights are "
+                             "pushed into vLLM's after each step, and 4-bit weights cannot take them. Use it with lora "
+                             "or qlora (only the adapters travel), or set rollout.quantization: none")
+        return self
 
     @model_validator(mode="after")
     def _fsdp_can_shard(self) -> "PipelineConfig":

@@ -153,7 +153,7 @@ class GRPORecipe:
             dtype=cfg.model.dtype, seed=grpo.seed,
             max_model_len=cfg.rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
-            completions_per_call=self.per_process * grpo.num_generations, dist=dist)
+            completions_per_call=self.per_process * grpo.num_generations, dist=dist, finetune=cfg.model.finetune)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
         self.rollouts = Rollouts(self.engine, policy, self.rows, self.rewards, cfg, self.plan, dist, self.sampler)
         # whether the rollout server was lost is agreed over a group of its own: a process that lost it must

@@ -40,7 +40,8 @@ def test_unknown_key_names_the_closest_valid_one():
 def test_unknown_key_without_a_close_name_lists_the_valid_ones():
     message = error_of({"rollout": {"zzz": 1}})
     assert message == ("invalid config (test.yaml):\n  - rollout.zzz: unknown key; valid keys here: engine, "
-                       "gpu_memory_utilization, max_model_len, sleep, share_weights, enforce_eager, seed_per_prompt, "
+                       "gpu_memory_utilization, max_model_len, sleep, share_weights, enforce_eager, kv_cache_dtype, quantization, "
+                       "seed_per_prompt, "
                        "ignore_eos, mode, max_staleness, environment, max_turns, placement, server_address, server_gpus, "
                        "server_timeout_s, server_push_retries")
 
@@ -186,3 +187,9 @@ def test_config_warnings_name_the_rule_and_are_logged_once(caplog):
     assert config_warnings(big) == []
     # processes multiply the prompts of a generation
     assert config_warnings(validate_config({**raw, "orchestration": {"train_processes": 2}})) == []
+
+
+def test_4_bit_rollout_weights_with_full_fine_tuning_are_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"rollout\.quantization: bitsandbytes with model\.finetune: full"):
+        validate_config({"model": {"finetune": "full"}, "rollout": {"quantization": "bitsandbytes"}}, "c.yaml")
+    validate_config({"model": {"finetune": "full"}, "rollout": {"kv_cache_dtype": "fp8"}}, "c.yaml")  # fine

@@ -173,6 +173,35 @@ def test_vllm_is_sized_to_run_the_whole_generation_at_once_on_cuda_graphs(monkey
     assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
 
 
+@pytest.mark.parametrize("finetune, quantization, kv_cache_dtype, expected", [
+    ("qlora", "auto", "auto", {"quantization": "bitsandbytes"}),  # vLLM's base in nf4, as the trainer's
+    ("lora", "auto", "fp8", {"kv_cache_dtype": "fp8"}),
+    ("lora", "bitsandbytes", "auto", {"quantization": "bitsandbytes"}),
+    ("qlora", "none", "auto", {}),  # vLLM keeps the bf16 checkpoint
+    (None, "auto", "auto", {}),  # evaluation: the model as saved
+])
+def test_vllm_loads_4_bit_weights_for_qlora_and_an_fp8_kv_cache_when_asked(monkeypatch, gpu, tiny_model, finetune,
+                                                                          quantization, kv_cache_dtype, expected):
+    from grpoflow.rollout.load import make_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        __version__="0.26.0", LLM=_RecordingLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 2**31))
+    rollout = RolloutConfig(engine="vllm", quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    engine = make_engine(rollout, str(tiny_model), max_model_len=256, finetune=finetune)
+    assert {k: engine.llm.kwargs[k] for k in ("quantization", "kv_cache_dtype") if k in engine.llm.kwargs} == expected
+
+
+def test_a_rollout_server_for_a_qlora_run_loads_its_weights_in_4_bits(tiny_model):
+    from grpoflow.config import validate_config
+    from grpoflow.rollout.load import server_spec
+
+    cfg = validate_config({"model": {"finetune": "qlora"}, "rollout": {"kv_cache_dtype": "fp8"}}, "test")
+    spec = server_spec(cfg, str(tiny_model), num_processes=1)
+    assert (spec.quantization, spec.kv_cache_dtype) == ("bitsandbytes", "fp8")
+    assert server_spec(validate_config({}, "test"), str(tiny_model), 1).quantization is None  # lora: bf16
+
+
 def test_sampled_logprobs_read_from_the_flat_and_the_nested_layout():
     from grpoflow.rollout.vllm import _sampled_logprobs
 

@@ -104,7 +104,8 @@ def _start_llm(vllm, kwargs: dict):
                         f"vLLM could not start in the memory it was given ({text.splitlines()[0][:300]}): lower "
                         f"rollout.max_model_len ({kwargs['max_model_len']}) or raise rollout.gpu_memory_utilization "
                         f"({kwargs['gpu_memory_utilization']}) if the card has room; lower it if training runs out "
-                        "of memory") from e
+                        "of memory. rollout.kv_cache_dtype: fp8 halves the KV cache; rollout.quantization: "
+                        "bitsandbytes quarters vLLM's weights (LoRA)") from e
                 raise
             race = e
             if attempt < START_TRIES:
@@ -150,9 +151,11 @@ class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
                  enforce_eager: bool = False, seed_per_prompt: bool = False,
-                 completions_per_call: int | None = None):
+                 completions_per_call: int | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str = "auto"):
         """completions_per_call: the completions one generate call asks for (this process's prompts
-        x n); vLLM is sized to run them all at once, on CUDA graphs."""
+        x n); vLLM is sized to run them all at once, on CUDA graphs. quantization: "bitsandbytes"
+        loads the weights in 4 bits (rollout.quantization); kv_cache_dtype: "fp8" halves the KV cache."""
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
         self.tokenizer = tokenizer
@@ -174,6 +177,10 @@ class VLLMEngine:
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
         kwargs.update(_batch_limits(completions_per_call, enforce_eager))
+        if quantization:  # quantized as it loads, from the same bf16 checkpoint the trainer quantizes
+            kwargs["quantization"] = quantization
+        if kv_cache_dtype != "auto":
+            kwargs["kv_cache_dtype"] = kv_cache_dtype
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # under torchrun: one engine per process on its own GPU, inside the launcher's process
             # group (as TRL's colocate mode does), each drawing its own noise
@@ -344,7 +351,7 @@ class VLLMEngine:
         saved = 0
         with torch.no_grad():
             for name, p in policy.model.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad or not p.is_floating_point():  # 4-bit weights: each side packs its own
                     continue
                 key = _hf_name(name)
                 if key not in slices:
