@@ -3,27 +3,31 @@
 # where the last one stopped (send the same command again until it prints "all done"):
 #   lane chain: configs/chain-sum-gpu.yaml, train -> eval-trained -> report  (RUN=$WORK/chain)
 #   lane gsm8k: configs/gsm8k-gpu.yaml,     train -> eval-trained -> report  (RUN=$WORK/gsm8k-run)
-#   lane base:  both base models evaluated once (eval-trained reuses the figures)
+#   lane tool:  configs/gsm8k-python-tool-gpu.yaml (issue #24: the python tool), train -> eval-trained -> report
+#   lane base:  the base model evaluated once for each recipe lane that is on (eval-trained reuses the
+#               figures)
 #   lane trl:   TRL 1.16 on chain_sum, same data and step budget, then evaluated beside ours
 # A 135M model leaves an H100 or H200 mostly idle, so the four lanes share it: each vLLM engine gets
 # rollout.gpu_memory_utilization=$MEMORY, and each lane waits for the engines started before it (vLLM
 # measures free memory while it starts). Each phase's figures are copied to $WORK/out as it ends.
 # The device hands back at most 8 files, so the lanes write under $WORK (/tmp/recipes) and the call ends by
-# packing $WORK/out into $OUT/recipes.tgz beside the lanes' tails. LANES picks the lanes (default all four).
+# packing $WORK/out into $OUT/recipes.tgz beside the lanes' tails. LANES picks the lanes (default chain,
+# gsm8k, base and trl).
 #   OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
 #   LANES="gsm8k trl" OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
+#   LANES="tool base" OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
 set -uo pipefail
 DEADLINE_S=${DEADLINE_S:-540} MEMORY=${MEMORY:-0.12} BACK=${OUT:-/tmp/recipes-back} WORK=${WORK:-/tmp/recipes}
 LANES=${LANES:-chain gsm8k base trl} MODEL=${MODEL:-/tmp/smollm2}
-OUT=$WORK/out CHAIN=$WORK/chain GSM=$WORK/gsm8k-run TRL=$WORK/trl-chain
+OUT=$WORK/out CHAIN=$WORK/chain GSM=$WORK/gsm8k-run TRL=$WORK/trl-chain TOOL=$WORK/tool-run
 started=$SECONDS
-mkdir -p "$OUT" "$CHAIN" "$GSM" "$TRL"
+mkdir -p "$OUT" "$CHAIN" "$GSM" "$TRL" "$TOOL"
 export SETS="--set rollout.gpu_memory_utilization=$MEMORY"
 left() { echo $((DEADLINE_S - (SECONDS - started))); }
 save() { mkdir -p "$OUT/$2"; cp -r "$1"/*.json "$1"/*.log "$OUT/$2/" 2>/dev/null
          find "$1" -name metrics.jsonl -o -name 'eval*.jsonl' -o -name '*.png' -o -name 'summary*' \
            | while read -r f; do cp "$f" "$OUT/$2/$(echo "${f#"$1"/}" | tr / _)"; done; true; }
-engines() { cat "$CHAIN"/*.log "$GSM"/*.log 2>/dev/null | grep -c "rollout engine: vLLM" ; }
+engines() { cat "$CHAIN"/*.log "$GSM"/*.log "$TOOL"/*.log 2>/dev/null | grep -c "rollout engine: vLLM" ; }
 # waits until $1 engines have started (or 180 s, or the deadline)
 await_engines() { local t=$SECONDS; while [ "$(engines)" -lt "$1" ] && [ $((SECONDS - t)) -lt 180 ] && [ "$(left)" -gt 60 ]; do sleep 3; done; }
 finished() { grep -q '"finished": true' "$1/train.json" 2>/dev/null; }
@@ -40,7 +44,11 @@ lane_recipe() {  # RUN CONFIG NAME
   echo "$name: done"
 }
 lane_base() {
-  for pair in "$CHAIN configs/chain-sum-gpu.yaml chain-sum" "$GSM configs/gsm8k-gpu.yaml gsm8k"; do
+  local pairs=()
+  on chain && pairs+=("$CHAIN configs/chain-sum-gpu.yaml chain-sum")
+  on gsm8k && pairs+=("$GSM configs/gsm8k-gpu.yaml gsm8k")
+  on tool && pairs+=("$TOOL configs/gsm8k-python-tool-gpu.yaml gsm8k-python-tool")
+  for pair in "${pairs[@]}"; do
     set -- $pair
     [ -s "$1/eval-base.json" ] || { RUN=$1 CONFIG=$2 timeout $(( $(left) - 5 )) bash benchmarks/gsm8k_gpu.sh eval-base; save "$1" "$3"; }
   done
@@ -77,6 +85,8 @@ on() { [[ " $LANES " == *" $1 "* ]]; }
 n=$(engines)
 on chain && { lane_recipe "$CHAIN" configs/chain-sum-gpu.yaml chain-sum > "$OUT/lane-chain.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
 on gsm8k && { lane_recipe "$GSM" configs/gsm8k-gpu.yaml gsm8k > "$OUT/lane-gsm8k.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
+on tool && { lane_recipe "$TOOL" configs/gsm8k-python-tool-gpu.yaml gsm8k-python-tool > "$OUT/lane-tool.txt" 2>&1 &
+             n=$((n + 1)); await_engines $n; }
 on base && { lane_base > "$OUT/lane-base.txt" 2>&1 & n=$((n + 1)); await_engines $n; }
 on trl && { lane_trl > "$OUT/lane-trl.txt" 2>&1 & }
 wait

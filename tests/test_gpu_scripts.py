@@ -94,7 +94,8 @@ def checked_cli_commands(commands: list[list[str]]) -> list[str]:
     return verbs
 
 
-@pytest.mark.parametrize("config", ["configs/gsm8k-gpu.yaml", "configs/chain-sum-gpu.yaml"])
+@pytest.mark.parametrize("config", ["configs/gsm8k-gpu.yaml", "configs/chain-sum-gpu.yaml",
+                                    "configs/gsm8k-python-tool-gpu.yaml"])
 def test_each_phase_of_the_recipe_script_passes_the_config_checks(device, tmp_path, config):
     run = tmp_path / "run"
     for phase in ["train", "eval-base", "eval-trained"]:
@@ -113,6 +114,15 @@ def test_the_recipes_lanes_pass_the_config_checks_and_hand_back_one_archive(devi
     assert "trl: done" in (tmp_path / "work/out/lane-trl.txt").read_text()
     handed_back = sorted(p.name for p in back.iterdir())
     assert len(handed_back) <= 8 and "recipes.tgz" in handed_back  # the device returns at most 8 files
+
+
+def test_the_tool_lane_trains_and_evaluates_the_python_tool_recipe_beside_its_own_base(device, tmp_path):
+    commands = device("benchmarks/recipes_gpu.sh", LANES="tool base", OUT=str(tmp_path / "back"),
+                      WORK=str(tmp_path / "w"), DEADLINE_S="540")
+    cli = [args for args in commands if args[:2] == ["-m", "grpoflow.cli"]]
+    assert sorted(checked_cli_commands(cli)) == ["evaluate", "evaluate", "train"]  # the lanes run side by side
+    assert {args[args.index("-c") + 1] for args in cli} == {"configs/gsm8k-python-tool-gpu.yaml"}  # its base too
+    assert "gsm8k-python-tool: done" in (tmp_path / "w/out/lane-tool.txt").read_text()
 
 
 def test_trl_tries_again_when_its_vllm_lost_the_start_up_memory_check(device, tmp_path):
