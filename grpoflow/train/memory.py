@@ -71,6 +71,7 @@ def knobs(grpo: GRPOConfig, plan: BatchPlan | None = None) -> list[str]:
                    f"gradient_accumulation_steps or steps_per_generation up, the same batch in more micro-batches")
     out.append(f"a shorter grpo.max_completion_length ({grpo.max_completion_length})")
     out.append("rollout.gpu_memory_utilization lower (vLLM's share, KV cache included), or rollout.sleep: true")
+    out.append("rollout.kv_cache_dtype: fp8 (half the KV cache a token, for the same completions)")
     return out
 
 
