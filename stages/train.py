@@ -38,7 +38,7 @@ from grpoflow.config import PipelineConfig
 from grpoflow.errors import ConfigError, RolloutServerError, TrainingDiverged
 from grpoflow.progress import Heartbeat, bar_draws, duration
 from grpoflow.rewards import RewardSet
-from grpoflow.rollout.load import make_engine, resolve_engine
+from grpoflow.rollout.load import make_engine, resolve_engine, shares_base_weights
 from grpoflow.stopping import StopRequested, stop_requested
 from grpoflow.train.checkpoint import (
     TrainState,
@@ -136,7 +136,10 @@ class GRPORecipe:
         if grpo.distributed == "fsdp" and not dist.active:
             log.info("grpo.distributed: fsdp in one process: nothing to shard over, the policy trains whole "
                      "(start several processes with torchrun to shard it)")
-        self.policy = policy = load_policy(cfg.model, grpo, self.model_path, dist.device, to_device=not self.sharded)
+        # LoRA sharing vLLM's weights: the policy waits in host memory until vLLM has loaded its own copy
+        shared_later = not self.sharded and shares_base_weights(cfg)
+        self.policy = policy = load_policy(cfg.model, grpo, self.model_path, dist.device,
+                                           to_device=not (self.sharded or shared_later))
         newest = newest_checkpoint(self.out / "checkpoints", clean=dist.is_main)
         resume_from = newest if grpo.resume_from_checkpoint else None
         if resume_from:
@@ -154,6 +157,8 @@ class GRPORecipe:
             max_model_len=cfg.rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
             completions_per_call=self.per_process * grpo.num_generations, dist=dist, finetune=cfg.model.finetune)
+        if shared_later:  # the base weights are vLLM's now; the adapters and anything not shared follow
+            policy.model.to(dist.device)
         self.sampler = PromptSampler(len(self.rows), grpo.seed)
         self.rollouts = Rollouts(self.engine, policy, self.rows, self.rewards, cfg, self.plan, dist, self.sampler)
         # whether the rollout server was lost is agreed over a group of its own: a process that lost it must

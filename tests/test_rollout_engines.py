@@ -192,6 +192,24 @@ def test_vllm_loads_4_bit_weights_for_qlora_and_an_fp8_kv_cache_when_asked(monke
     assert {k: engine.llm.kwargs[k] for k in ("quantization", "kv_cache_dtype") if k in engine.llm.kwargs} == expected
 
 
+def test_only_a_colocated_unsharded_lora_run_on_vllm_shares_its_base_weights(monkeypatch, gpu):
+    from grpoflow.config import validate_config
+    from grpoflow.rollout.load import shares_base_weights
+
+    fake_vllm(monkeypatch, "0.26.0")
+
+    def shares(**sections) -> bool:
+        raw = {"model": {"finetune": "lora"}, "rollout": {"engine": "vllm"}}
+        for key, value in sections.items():
+            raw[key] = {**raw.get(key, {}), **value}
+        return shares_base_weights(validate_config(raw, "test"))
+
+    assert shares()
+    assert not shares(model={"finetune": "full"}) and not shares(model={"finetune": "qlora"})
+    assert not shares(rollout={"share_weights": False}) and not shares(rollout={"engine": "hf"})
+    assert not shares(rollout={"placement": "server"}) and not shares(grpo={"distributed": "fsdp"})
+
+
 def test_a_rollout_server_for_a_qlora_run_loads_its_weights_in_4_bits(tiny_model):
     from grpoflow.config import validate_config
     from grpoflow.rollout.load import server_spec

@@ -188,6 +188,29 @@ def test_lora_saves_adapters_only_and_qlora_needs_a_gpu(tiny_model, tmp_path):
             run_train(cfg, train, heldout, str(tiny_model), progress=False)
 
 
+def test_a_policy_sharing_vllms_weights_reaches_the_card_only_after_the_engine_started(tiny_model, tmp_path,
+                                                                                       monkeypatch):
+    """LoRA on a colocated vLLM (shares_base_weights): the policy loads into host memory, the engine
+    starts (and takes the base weights as its own), then the rest of the policy moves to the card;
+    never the base weights twice on the card. Forced here, with the transformers engine."""
+    events = []
+    real_load, real_engine, real_to = train_stage.load_policy, train_stage.make_engine, torch.nn.Module.to
+    monkeypatch.setattr(train_stage, "shares_base_weights", lambda cfg: True)
+    monkeypatch.setattr(train_stage, "load_policy", lambda *a, **k: (events.append(("load", k["to_device"])),
+                                                                     real_load(*a, **k))[1])
+    monkeypatch.setattr(train_stage, "make_engine", lambda *a, **k: (events.append(("engine",)),
+                                                                     real_engine(*a, **k))[1])
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (
+        events.append(("to", type(self).__name__)) if type(self).__name__.startswith("PeftModel") else None,
+        real_to(self, *a, **k))[1])
+    train, heldout = data(tmp_path)
+    cfg = config(tmp_path, max_steps=1).model_copy(deep=True)
+    cfg.model.finetune = "lora"
+    result = run_train(cfg, train, heldout, str(tiny_model), progress=False)
+    assert events[:3] == [("load", False), ("engine",), ("to", "PeftModelForCausalLM")]
+    assert result.finished and torch.isfinite(torch.tensor(metrics(result)[0]["loss"]))
+
+
 def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
     train, heldout = data(tmp_path)
     cfg = config(tmp_path, max_steps=1, warmup={"rows": 8, "batch_size": 4, "eval_prompts": 2, "epochs": 3,

@@ -40,6 +40,16 @@ def resolve_engine(cfg: RolloutConfig) -> str:
     return "vllm"
 
 
+def shares_base_weights(cfg) -> bool:
+    """Whether a training run's frozen base weights will be vLLM's own tensors (LoRA, vLLM colocated,
+    rollout.share_weights, unsharded): the policy then loads into host memory and moves to the card
+    only after vLLM started, so the card never holds the base weights twice (at start, vLLM's
+    copy and the policy's would both be there, 16 GB more for an 8B model)."""
+    rollout = cfg.rollout
+    return (cfg.model.finetune == "lora" and rollout.share_weights and rollout.placement == "colocate"
+            and cfg.grpo.distributed != "fsdp" and resolve_engine(rollout) == "vllm")
+
+
 def vllm_quantization(rollout: RolloutConfig, finetune: str | None) -> str | None:
     """vLLM's `quantization`: rollout.quantization, with auto read as bitsandbytes for a QLoRA run
     (vLLM quantizes the same checkpoint to nf4 as it loads, as the trainer's base is) and none else."""

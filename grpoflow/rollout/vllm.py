@@ -360,7 +360,8 @@ class VLLMEngine:
                 if vp.dtype != p.dtype or vp.shape[1:] != p.shape[1:] or offset + p.shape[0] > vp.shape[0]:
                     continue
                 view = vp[offset:offset + p.shape[0]]
-                if view.data_ptr() == p.data_ptr() or not torch.equal(view, p):
+                # the policy may still be in host memory (shares_base_weights): compared a tensor at a time
+                if view.data_ptr() == p.data_ptr() or not torch.equal(view, p.to(view.device)):
                     continue
                 saved += p.numel() * p.element_size()
                 p.data = view  # tied weights are one Parameter: both follow
