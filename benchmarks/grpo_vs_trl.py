@@ -76,7 +76,7 @@ def _peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chunked", engine: str = "hf",
+def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto", engine: str = "hf",
              finetune: str = "full", overrides: list[str] = (), tag: str = "") -> dict:
     from grpoflow.config import _apply_override, validate_config
     from stages.train import run_train
@@ -97,7 +97,10 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "chun
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    from grpoflow.train.logps import resolve_kernels
+
     return {"step_seconds": [r["step_seconds"] for r in records],
+            "kernels": resolve_kernels(kernels, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),
             # which phase sets the peak: generation, loss + backward, optimizer step
             "phase_peak_gib": {phase: max(r.get(f"memory/{phase}_peak_gib", float("nan")) for r in records)
@@ -228,8 +231,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours", "trl"])
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="rollouts: transformers generate (hf) or colocated vLLM, for both trainers")
-    parser.add_argument("--kernels", default="chunked",
-                        help="comma-separated grpo.kernels values to run ours with (chunked, naive)")
+    parser.add_argument("--kernels", default="auto",
+                        help="comma-separated grpo.kernels values to run ours with (auto, the trainer's default: "
+                             "triton on a GPU, chunked on the CPU; chunked, triton, naive)")
     parser.add_argument("--prompts", type=int, default=WORKLOAD["prompts"], help="prompts a step (smoke tests: 1)")
     parser.add_argument("--max-completion-length", type=int, default=WORKLOAD["max_completion_length"])
     parser.add_argument("--finetune", choices=["full", "lora"], default="full", help="for both trainers")

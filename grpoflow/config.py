@@ -219,12 +219,12 @@ class GRPOConfig(Section):
         False, description="gradient checkpointing's saved layer inputs wait in pinned host memory and come back for "
                            "the backward, the copies overlapped with compute (grpoflow/train/offload.py); for long "
                            "completions. Needs gradient_checkpointing; not with distributed: fsdp on several processes")
-    kernels: Literal["triton", "chunked", "naive"] = Field(
-        "chunked", description="log-probs and loss: chunked never makes the [B, T, V] logits (kernels/chunked.py, "
-                               "plain torch); triton fuses the lm_head, log-softmax and GRPO loss in Triton kernels "
-                               "(kernels/triton_logps.py, triton_loss.py; CUDA only: elsewhere, or without triton "
-                               "installed, it runs as chunked after one warning); naive is the model's own forward, "
-                               "the reference")
+    kernels: Literal["auto", "triton", "chunked", "naive"] = Field(
+        "auto", description="log-probs and loss: chunked never makes the [B, T, V] logits (kernels/chunked.py, "
+                            "plain torch); triton fuses the lm_head, log-softmax and GRPO loss in Triton kernels "
+                            "(kernels/triton_logps.py, triton_loss.py; CUDA only: elsewhere, or without triton "
+                            "installed, it runs as chunked after one warning); naive is the model's own forward, "
+                            "the reference; auto: triton on a CUDA GPU with triton installed, else chunked")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp keeps a whole replica of the policy in every process; fsdp shards "
                            "weights, gradients and optimizer state over the processes (FSDP2, per decoder layer) "

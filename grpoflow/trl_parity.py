@@ -90,7 +90,8 @@ NOT_TAKEN: dict[str, str] = {
     "activation_checkpointing_kwargs": "grpo.gradient_checkpointing (transformers' defaults)",
     "gradient_checkpointing_kwargs": "grpo.gradient_checkpointing (transformers' defaults)",
     "torch_compile": _COMPILE, "torch_compile_backend": _COMPILE, "torch_compile_mode": _COMPILE,
-    "use_liger_kernel": "grpo.kernels: chunked (default) or triton compute log-probs without the [B, T, V] logits",
+    "use_liger_kernel": ("grpo.kernels: auto (default: triton on a GPU, chunked elsewhere), chunked or triton "
+                         "compute log-probs without the [B, T, V] logits"),
     "liger_kernel_config": "grpo.kernels: chunked or triton",
     "cast_lm_head_to_fp32": "grpo.kernels: chunked and triton take log-softmax and entropy in float32 already",
     "use_cache": "not taken: generation uses the KV cache, the training forward does not",

@@ -337,6 +337,26 @@ def test_triton_without_a_gpu_falls_back_to_chunked_with_one_warning(monkeypatch
     assert caplog.text.count("grpo.kernels=triton") == 1 and "chunked" in caplog.text
 
 
+def test_auto_takes_triton_on_a_gpu_and_chunked_elsewhere_without_a_warning(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from grpoflow.kernels import triton_support
+    from grpoflow.kernels.reference import grpo_loss
+    from grpoflow.train import logps
+
+    monkeypatch.setattr(logps, "_warned", set())
+    with caplog.at_level("WARNING", logger="grpoflow.train"):
+        # the CPU takes chunked even where the interpreter could run the kernels (it is for tests: slow)
+        assert logps.resolve_kernels("auto", torch.device("cpu")) == "chunked"
+        assert logps.loss_function("auto", torch.device("cpu")) is grpo_loss
+        assert logps.resolve_kernels("auto", torch.device("cuda")) == "triton"  # triton is installed here
+        no_triton = SimpleNamespace(util=SimpleNamespace(find_spec=lambda name: None))
+        monkeypatch.setattr(triton_support, "importlib", no_triton)
+        assert logps.resolve_kernels("auto", torch.device("cuda")) == "chunked"  # a GPU without triton
+    assert caplog.text == ""  # auto says nothing: nothing asked for was refused
+    assert [logps.resolve_kernels(k, torch.device("cpu")) for k in ("chunked", "naive")] == ["chunked", "naive"]
+
+
 def test_without_triton_installed_the_reason_says_how_to_get_it(monkeypatch):
     from types import SimpleNamespace
 

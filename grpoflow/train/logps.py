@@ -2,12 +2,14 @@
 
 Three paths, chosen by `grpo.kernels`:
     chunked  the backbone's hidden states go through the lm_head in row chunks
-             (kernels/chunked.py): the [B, T, V] logits never exist; the default
+             (kernels/chunked.py): the [B, T, V] logits never exist
     triton   the same from hidden states, fused in Triton (kernels/triton_logps.py): vocabulary
              tiles with an online logsumexp, no [rows, V] tensor in the forward; CUDA only, else
              it falls back to chunked with one warning (see `triton_or_fallback`)
     naive    the model's own forward makes the logits, then log-softmax: the reference path,
              and the fallback for heads the fused paths do not model (see `plain_lm_head`)
+    auto     (the default) triton on a CUDA device with triton installed, chunked elsewhere,
+             silently: on an H100, triton took 0.19-0.49x chunked's time (benchmarks/RESULTS.md, issue #7)
 """
 
 from __future__ import annotations
@@ -30,20 +32,28 @@ _warned: set = set()  # each fallback is said once a process
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_len: int, *,
                      temperature: float, with_entropy: bool = False,
-                     kernels: str = "chunked") -> tuple[torch.Tensor, torch.Tensor | None]:
+                     kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """input_ids = [left-padded prompt | right-padded completion]  # [B, P + T]
 
     Returns log p(completion token) [B, T] and, if asked, the entropy of each position [B, T].
     Logits are divided by the sampling temperature, as the sampler did.
     """
-    if kernels == "triton":
-        kernels = triton_or_fallback(input_ids.device)
+    kernels = resolve_kernels(kernels, input_ids.device)
     if kernels in ("chunked", "triton"):
         head = plain_lm_head(model, kernels)
         if head is not None:
             return _from_hidden(model, head, input_ids, attention_mask, completion_len, temperature, with_entropy,
                                 kernels)
     return _naive(model, input_ids, attention_mask, completion_len, temperature, with_entropy)
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> str:
+    """The path grpo.kernels takes on `device`: auto is triton on CUDA where triton is installed and
+    chunked elsewhere (never the CPU interpreter, which is for tests); triton falls back to chunked
+    with one warning; the others as named."""
+    if kernels == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_unavailable(device) is None else "chunked"
+    return triton_or_fallback(device) if kernels == "triton" else kernels
 
 
 def triton_or_fallback(device: torch.device) -> str:
@@ -63,7 +73,7 @@ def triton_or_fallback(device: torch.device) -> str:
 def loss_function(kernels: str, device: torch.device):
     """The GRPO loss for `grpo.kernels`: the fused Triton one, or kernels/reference.py's (which
     chunked and naive use; both take the [B, T] log-probs, and the reference is fast at that size)."""
-    if kernels == "triton" and triton_or_fallback(device) == "triton":
+    if resolve_kernels(kernels, device) == "triton":
         from grpoflow.kernels.triton_loss import triton_grpo_loss
 
         return triton_grpo_loss
