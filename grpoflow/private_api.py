@@ -126,6 +126,18 @@ def load_vllm_weights(llm, weights: Iterable[tuple[str, Any]]) -> None:
     _LOAD_WEIGHTS.walk(vllm_model(llm), "model", "load_weights")(weights=weights)
 
 
+def vllm_released_bytes() -> int:
+    """Bytes of vLLM's sleep-mode allocations released now (asleep; a handle is (device, size, address,
+    memory handle)). torch's allocator statistics still count them as allocated, since vLLM keeps their
+    addresses reserved, though the card has the memory back: the trainer's memory metrics take them out
+    (StepMeter, grpoflow/train/log.py). Checked with vLLM 0.26.0."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    allocator = _RELEASE_KV_CACHE.walk(CuMemAllocator, "CuMemAllocator", "get_instance")()
+    allocations = _RELEASE_KV_CACHE.walk(allocator, "CuMemAllocator.get_instance()", "pointer_to_data").values()
+    return sum(int(data.handle[1]) for data in allocations if data.is_asleep)
+
+
 def wake_vllm_kv_cache(llm) -> None:
     """Map back the KV cache that release_vllm_kv_cache released: `worker.wake_up(tags=["kv_cache"])`,
     the worker's side of `LLM.wake_up`. Checked with vLLM 0.26.0."""

@@ -230,7 +230,7 @@ class GRPORecipe:
             while state.step < grpo.max_steps:
                 self.heartbeat.phase(f"step {state.step + 1} of {grpo.max_steps}")
                 self._step_start = self._snapshot()
-                self.meter = StepMeter(self.policy.device)
+                self.meter = StepMeter(self.policy.device, self.engine)
                 micro_metrics = [self.micro_step(i) for i in range(grpo.gradient_accumulation_steps)]
                 grad_norm = self.optimizer_step(micro_metrics)
                 record = self._log_step(micro_metrics, grad_norm)

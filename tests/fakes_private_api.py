@@ -62,10 +62,13 @@ class FakeCuMemAllocator:
     def get_instance() -> FakeCuMemAllocator:
         return FakeCuMemAllocator.instance
 
+    SIZE = 2**20  # bytes an allocation
+
     def allocate(self, tag: str, count: int) -> None:
         for _ in range(count):
             address = 0x1000 * (len(self.pointer_to_data) + 1)
-            self.pointer_to_data[address] = FakeAllocation(handle=(tag, address), tag=tag)
+            # vLLM's handle: (device, size, address, the CUDA memory handle)
+            self.pointer_to_data[address] = FakeAllocation(handle=(0, self.SIZE, address, tag), tag=tag)
 
     def released(self) -> set[str]:
         """The tags with an allocation released now."""

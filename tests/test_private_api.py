@@ -23,11 +23,13 @@ from grpoflow.private_api import (
     release_vllm_kv_cache,
     vllm_model,
     vllm_packed_modules,
+    vllm_released_bytes,
     vllm_worker,
     wake_vllm_kv_cache,
 )
 from grpoflow.rollout.base import SamplingParams
-from tests.fakes_private_api import GENERATED, VLLM_FUSED, FakeFSDPUnit, FakeVLLMModel, install_fake_vllm, vllm_layout
+from tests.fakes_private_api import (GENERATED, VLLM_FUSED, FakeCuMemAllocator, FakeFSDPUnit, FakeVLLMModel,
+                                    install_fake_vllm, vllm_layout)
 
 PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "Name a colour."}]]
 PARAMS = SamplingParams(max_tokens=4, n=2, logprobs=True)
@@ -81,6 +83,21 @@ def test_the_kv_cache_alone_is_released_after_the_gpu_is_done_and_mapped_back(fa
     wake_vllm_kv_cache(llm)
     assert llm.calls == [("worker.wake_up", ["kv_cache"])]
     assert allocator.events[4:] == [("map", "kv_cache"), ("map", "kv_cache")] and allocator.released() == set()
+
+
+def test_the_bytes_vllm_released_are_counted_until_they_are_mapped_again(fake_vllm, tiny_model):
+    """torch's statistics go on counting released sleep-mode memory as allocated: StepMeter takes
+    out what vllm_released_bytes says (the allocations' sizes, from their handles)."""
+    policy, cfg = policy_for(tiny_model, "full")
+    engine = engine_for(tiny_model, policy, cfg)
+    assert vllm_released_bytes() == 0 and engine.released_bytes() == 0 and engine.wakes == 0
+    engine.sync_weights(policy, step=0)
+    engine.sleep()  # full fine-tuning: weights and KV cache, 2 allocations each
+    assert engine.released_bytes() == vllm_released_bytes() == 4 * FakeCuMemAllocator.SIZE
+    engine.sync_weights(policy, step=1)  # the weights come back; the KV cache waits for generate
+    assert engine.released_bytes() == 2 * FakeCuMemAllocator.SIZE and engine.wakes == 1
+    engine.generate(PROMPTS, PARAMS)
+    assert engine.released_bytes() == 0 and engine.wakes == 2
 
 
 def _worker(llm):

@@ -211,6 +211,40 @@ def test_a_policy_sharing_vllms_weights_reaches_the_card_only_after_the_engine_s
     assert result.finished and torch.isfinite(torch.tensor(metrics(result)[0]["loss"]))
 
 
+def test_memory_vllm_released_for_a_whole_phase_is_not_in_that_phases_peak(monkeypatch):
+    """torch's allocator statistics count vLLM's released sleep-mode memory as allocated (its addresses
+    stay reserved): on an H100, an 8B LoRA step's train phase read 45.7 GiB while the card held about
+    25. A phase through which the memory stayed released has it taken out; one that mapped it again
+    (generation) keeps it."""
+    from types import SimpleNamespace
+
+    from grpoflow.train.log import StepMeter
+
+    gib = 2**30
+    allocated = {"now": 40 * gib, "peak": 40 * gib}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: allocated["now"])
+    engine = SimpleNamespace(released=20 * gib, wakes=0)
+    engine.released_bytes = lambda: engine.released
+    meter = StepMeter(torch.device("cuda"), engine)  # the KV cache (20 GiB) released by the step before
+
+    engine.released, engine.wakes = 0, 1  # generate maps it again
+    allocated["peak"] = 42 * gib
+    engine.released = 20 * gib  # and it is released when sampling ends
+    meter.end("generation")
+    meter.training_starts()
+    allocated["peak"] = 47 * gib  # the training pass: 7 GiB of activations over the 40 torch counts
+    meter.end("train")
+    meter.end("optimizer")
+    out = meter.metrics()
+    assert out["memory/generation_peak_gib"] == 42  # the KV cache was on the card then
+    assert out["memory/train_peak_gib"] == 27 and out["memory/train_transient_gib"] == 7
+    assert out["memory/optimizer_peak_gib"] == 20 and out["memory/peak_gib"] == 42
+    assert StepMeter(torch.device("cuda")).metrics().keys() == {"step_seconds", "train/tokens_per_second",
+                                                                 *StepMeter.PARTS.values()}  # no engine: as before
+
+
 def test_format_warmup_reports_before_and_after(tiny_model, tmp_path):
     train, heldout = data(tmp_path)
     cfg = config(tmp_path, max_steps=1, warmup={"rows": 8, "batch_size": 4, "eval_prompts": 2, "epochs": 3,

@@ -41,7 +41,7 @@ from pathlib import Path
 from grpoflow.config import ConfigError
 from grpoflow.errors import EngineError
 from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, release_vllm_kv_cache, vllm_model,
-                                  vllm_packed_modules, wake_vllm_kv_cache)
+                                  vllm_packed_modules, vllm_released_bytes, wake_vllm_kv_cache)
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
@@ -161,6 +161,7 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.sleep_enabled = sleep
         self.awake = {"weights", "kv_cache"}  # what vLLM holds on the GPU now
+        self.wakes = 0  # how many times released memory was mapped again (StepMeter reads it)
         self.full_weights = lora_rank is None  # every weight comes from the policy at each sync
         self.weights_current = True  # False after a level-2 sleep, until the next sync_weights
         self.shared_bytes = 0  # policy weights that are vLLM's own tensors (share_weights)
@@ -283,6 +284,13 @@ class VLLMEngine:
         else:
             self.llm.wake_up(tags=sorted(missing))
         self.awake |= missing
+        self.wakes += 1
+
+    def released_bytes(self) -> int:
+        """What vLLM has given back to the card while asleep (0 awake): torch's statistics still count it."""
+        if not self.sleep_enabled or self.awake == {"weights", "kv_cache"}:
+            return 0
+        return vllm_released_bytes()
 
     def _release_kv_cache(self) -> None:
         """sleep() for the KV cache alone (vLLM's own sleep unmaps every allocation, weights too)."""

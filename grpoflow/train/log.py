@@ -121,13 +121,19 @@ class RunLogger:
 class StepMeter:
     """Where one optimizer step's time and memory went: seconds by part (`timed`), the tokens
     trained on, and the peak GPU memory of each phase (`end`: generation, train, optimizer), so
-    that memory/peak_gib says how much and memory/<phase>_peak_gib which phase set it."""
+    that memory/peak_gib says how much and memory/<phase>_peak_gib which phase set it.
+
+    engine: the rollout engine, if it can release memory (vLLM's sleep: `released_bytes()` and a
+    `wakes` count). torch's statistics count vLLM's released memory as allocated still; a phase
+    through which it stayed released (no wake between its start and end) has it taken out."""
 
     PARTS = {"sync": "time/weight_sync_seconds", "train": "time/train_seconds", "optimizer": "time/optimizer_seconds"}
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, engine=None):
         self.started = time.perf_counter()
         self.cuda = device.type == "cuda"
+        self.engine = engine if callable(getattr(engine, "released_bytes", None)) else None
+        self.phase_start = self._released()  # (bytes released, wakes) when the current phase began
         self.seconds: dict[str, float] = defaultdict(float)
         self.train_tokens = 0
         self.peaks: dict[str, float] = {}
@@ -147,13 +153,21 @@ class StepMeter:
         """Before a micro-batch's training pass: what is allocated already (weights, optimizer,
         the generation's tensors), so that what the pass adds is known."""
         if self.cuda and self.train_base is None:
-            self.train_base = torch.cuda.memory_allocated() / 2**30
+            self.train_base = (torch.cuda.memory_allocated() - self._released()[0]) / 2**30
+
+    def _released(self) -> tuple[int, int]:
+        if not (self.cuda and self.engine):
+            return 0, 0
+        return self.engine.released_bytes(), self.engine.wakes
 
     def end(self, phase: str) -> None:
         if self.cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            (start, wakes), (now, wakes_now) = self.phase_start, self._released()
+            released = min(start, now) if wakes_now == wakes else 0  # released through the whole phase
+            peak = (torch.cuda.max_memory_allocated() - released) / 2**30
             self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
             torch.cuda.reset_peak_memory_stats()
+            self.phase_start = (now, wakes_now)
 
     def metrics(self) -> dict[str, float]:
         train = self.seconds["train"]
