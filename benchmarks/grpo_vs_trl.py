@@ -251,6 +251,11 @@ def main() -> None:
                "finetune": args.finetune, "model": args.model, "overrides": args.overrides,
                "trl_sleep": args.trl_sleep, "trl_server_gpu": args.trl_server, "date": time.strftime("%Y-%m-%d")}
     runs = []
+    if args.engine == "vllm" and (args.only is None or len(args.kernels.split(",")) > 1):
+        # vLLM's sleep-mode allocator is one per process: a second engine fails at its start (H100,
+        # 2026-12-06: the second of two --kernels values, after the first had run)
+        parser.error("--engine vllm runs one trainer a process: pass --only and a single --kernels value "
+                     "(benchmarks/vllm_gpu.sh starts each run as a process of its own)")
     if args.only in (None, "trl"):
         runs.append(("trl", lambda: run_trl(args.model, args.data, args.steps, args.out, args.engine, args.finetune,
                                             args.trl_sleep, args.trl_server)))
@@ -259,16 +264,16 @@ def main() -> None:
             runs.append((f"ours-{kernels}",
                          lambda k=kernels: run_ours(args.model, args.data, args.steps, args.out, k, args.engine,
                                                     args.finetune, args.overrides, args.tag)))
-    for name, fn in runs:
+    name = "grpo_vs_trl" + (f"-{args.only}" if args.only else "") + (f"-{args.tag}" if args.tag else "")
+    for run_name, fn in runs:
         with DevicePeak() as device:
-            results[name] = fn()
-        results[name]["device_peak_gib"] = device.gib
-        results[name]["median_step_seconds"] = statistics.median(results[name]["step_seconds"][1:])
+            results[run_name] = fn()
+        results[run_name]["device_peak_gib"] = device.gib
+        results[run_name]["median_step_seconds"] = statistics.median(results[run_name]["step_seconds"][1:])
+        (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")  # each run kept as it ends
         gc.collect()  # the previous trainer's model and optimizer must not count in the next one's peak
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    name = "grpo_vs_trl" + (f"-{args.only}" if args.only else "") + (f"-{args.tag}" if args.tag else "")
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{results['card']}, {args.steps} steps, median step time without step 1")
     print("| trainer | median step s | peak GiB (torch) | device peak GiB | step / TRL | peak / TRL |")
     print("|---|---|---|---|---|---|")

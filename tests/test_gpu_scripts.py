@@ -187,3 +187,12 @@ def test_the_async_benchmark_warms_up_only_where_there_is_a_format_to_learn(devi
     warm = {args[args.index("--tag") + 1]: "grpo.warmup.enabled=true" in args for args in bench}
     assert warm == {"smollm2-sync": False, "smollm2": False, "smollm2-async": False, "smollm2-async-dynamic": True,
                     "qwen3r-sync": False, "qwen3r": False, "qwen3r-async": False, "qwen3r-async-dynamic": False}
+
+
+def test_the_step_benchmark_refuses_two_vllm_trainers_in_one_process(tmp_path):
+    """vLLM's sleep-mode allocator is one per process: a second engine failed at its start on the H100
+    after the first run's six steps, and the whole call's figures went with it."""
+    done = subprocess.run([sys.executable, "benchmarks/grpo_vs_trl.py", "--model", "m", "--data", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--engine", "vllm", "--only", "ours",
+                           "--kernels", "auto,chunked"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "one trainer a process" in done.stderr
