@@ -93,22 +93,16 @@ def write_data(folder: Path) -> Path:
     return folder
 
 
-def vllm_gib_for(model: str, length: int, quantized: bool, kv_bytes: int = 2, margin_gib: float = 4.0) -> float:
+def vllm_gib_for(model: str, length: int, quantized: bool, kv_cache_dtype: str = "auto") -> float:
     """vLLM's share that holds its weights and all GENERATIONS completions' KV cache at once (less,
-    and vLLM would run part of them and swap the rest in, or recompute them): the weights (4-bit
-    linears of the blocks, as bitsandbytes stores them, for a quantized engine), 1.05 x the KV cache
-    of GENERATIONS x max_model_len tokens (block rounding), and margin_gib for its activations,
-    sampler and CUDA graphs."""
+    and vLLM would run part of them and hold the rest back, or recompute them): what
+    rollout.gpu_memory_utilization auto asks for (grpoflow/rollout/sizing.py), in GiB."""
+    from grpoflow.rollout.sizing import GIB, vllm_need
+
     config = json.loads((Path(model) / "config.json").read_text())
-    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    blocks = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-                       + 3 * hidden * config["intermediate_size"])  # the linears of the blocks
-    embeddings = config["vocab_size"] * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    weights = embeddings * 2 + blocks * (0.5 + 4 / 64 if quantized else 2)  # nf4: 4 bits + an fp32 absmax per 64
-    kv = GENERATIONS * (PROMPT_TOKENS + length) * layers * 2 * kv_heads * head_dim * kv_bytes * 1.05
-    return round((weights + kv) / GIB + margin_gib, 1)
+    need = vllm_need(config, sequences=GENERATIONS, max_model_len=PROMPT_TOKENS + length, quantized=quantized,
+                     kv_cache_dtype=kv_cache_dtype)
+    return round(need.total / GIB, 1)
 
 
 def shares(cap_gib: float | None, vllm_gib: float) -> tuple[float, float | None]:
@@ -300,7 +294,7 @@ def main() -> None:
         args.tag = args.tag or f"{args.finetune}-{args.length}"
         if args.vllm_gib is None:  # QLoRA: vLLM loads the same checkpoint in 4 bits (rollout.quantization auto)
             args.vllm_gib = vllm_gib_for(args.model, args.length, quantized=args.finetune == "qlora" and
-                                         args.trainer == "ours", kv_bytes=1 if args.kv_cache_dtype == "fp8" else 2)
+                                         args.trainer == "ours", kv_cache_dtype=args.kv_cache_dtype)
         run(args)
     elif args.command == "bisect":
         args.tag = args.tag or args.finetune

@@ -350,8 +350,10 @@ class RolloutConfig(Section):
         "auto", description="auto: vLLM when installed with a GPU, else transformers generate"
     )
     # vLLM (colocated: in the training process, on the training GPU)
-    gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="share of the GPU vLLM takes for weights and KV cache; the rest trains")
+    gpu_memory_utilization: float | Literal["auto"] = Field(
+        0.3, description="share of the GPU vLLM takes for weights and KV cache; the rest trains. auto: what holds "
+                         "its weights and the KV cache of a whole generation at once, plus 4 GiB "
+                         "(grpoflow/rollout/sizing.py), for long completions")
     max_model_len: int | None = Field(
         None, gt=0, description="longest prompt + completion vLLM plans for; null: max_prompt_length + "
                                 "max_completion_length")
@@ -402,6 +404,13 @@ class RolloutConfig(Section):
     server_push_retries: int = Field(
         3, ge=0, le=100, description="server: a weight push that fails is tried again this many times (a new "
                                      "connection each time), never skipped; then the server counts as lost")
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _a_share(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 < v <= 1:
+            raise ValueError(f"{v} is not a share of the card: a number in (0, 1], or auto")
+        return v
 
     @model_validator(mode="after")
     def _server_keys_need_a_server(self) -> "RolloutConfig":

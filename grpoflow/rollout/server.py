@@ -300,7 +300,7 @@ class ServerSpec:
     lora_rank: int | None = None
     max_model_len: int = 1024
     seed: int = 0
-    gpu_memory_utilization: float = 0.9  # the server's GPUs are its own
+    gpu_memory_utilization: float | str = 0.9  # the server's GPUs are its own; "auto": rollout/sizing.py
     enforce_eager: bool = False
     seed_per_prompt: bool = False
     completions_per_call: int | None = None

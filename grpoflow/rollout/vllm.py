@@ -138,6 +138,35 @@ def _root_logger_kept():
         root.setLevel(level)
 
 
+AUTO_EVAL_SEQUENCES = 64  # gpu_memory_utilization auto without a generation size (evaluation): completions at once
+AUTO_MOST = 0.95  # an automatic share above this leaves the trainer nothing
+
+
+def _auto_share(model_path: str, *, dtype: str, max_model_len: int, sequences: int, quantization: str | None,
+                kv_cache_dtype: str) -> float:
+    """rollout.gpu_memory_utilization auto: vLLM's need (grpoflow/rollout/sizing.py) over the card."""
+    import torch
+    from transformers import AutoConfig
+
+    from grpoflow.rollout.sizing import GIB, vllm_need
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    need = vllm_need(config, sequences=sequences, max_model_len=max_model_len, dtype=dtype,
+                     quantized=quantization == "bitsandbytes", kv_cache_dtype=kv_cache_dtype)
+    total = torch.cuda.mem_get_info()[1]
+    share = need.total / total
+    if share > AUTO_MOST:
+        raise ConfigError(
+            f"rollout.gpu_memory_utilization auto: vLLM needs {need.describe()} for {sequences} completions of "
+            f"up to {max_model_len} tokens at once, {share:.0%} of this card's {total / GIB:.1f} GiB. Set "
+            "rollout.kv_cache_dtype: fp8 (half the KV cache), a shorter grpo.max_completion_length or fewer "
+            "completions a generation, or a number for rollout.gpu_memory_utilization (vLLM then runs fewer "
+            "completions at once)")
+    log.info("rollout.gpu_memory_utilization auto: %.3f of the card (%s for %d completions of up to %d tokens)",
+             share, need.describe(), sequences, max_model_len)
+    return round(share, 4)
+
+
 def _empty_cuda_cache() -> None:
     import torch
 
@@ -148,14 +177,15 @@ def _empty_cuda_cache() -> None:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float,
+    def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float | str,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
                  enforce_eager: bool = False, seed_per_prompt: bool = False,
                  completions_per_call: int | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto"):
         """completions_per_call: the completions one generate call asks for (this process's prompts
         x n); vLLM is sized to run them all at once, on CUDA graphs. quantization: "bitsandbytes"
-        loads the weights in 4 bits (rollout.quantization); kv_cache_dtype: "fp8" halves the KV cache."""
+        loads the weights in 4 bits (rollout.quantization); kv_cache_dtype: "fp8" halves the KV cache.
+        gpu_memory_utilization "auto": sized to the weights and every completion's KV cache at once."""
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
         self.tokenizer = tokenizer
@@ -172,6 +202,10 @@ class VLLMEngine:
             self._lora_dir = Path(tempfile.mkdtemp(prefix="grpoflow-lora-",
                                                    dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
             weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
+        if gpu_memory_utilization == "auto":
+            gpu_memory_utilization = _auto_share(model_path, dtype=dtype, max_model_len=max_model_len,
+                                                 sequences=completions_per_call or AUTO_EVAL_SEQUENCES,
+                                                 quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep,
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)

@@ -1,0 +1,51 @@
+"""How much of the card vLLM needs: its weights, the KV cache of every completion of a generate call
+at once, and a margin for its activations, sampler and CUDA graphs (rollout.gpu_memory_utilization: auto).
+
+    need = vllm_need(config, sequences=8, max_model_len=20_128, dtype="bfloat16")
+    need.total / 2**30   # 39.6 GiB for the Llama-3.1-8B shape: 15.0 weights, 20.6 KV cache, 4.0 margin
+
+Less than this and vLLM runs part of the completions and holds the rest back, or recomputes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+MARGIN_BYTES = 4 * GIB  # vLLM's peak activation (1.8 GiB), CUDA graphs (1.4 GiB), non-torch memory: 8B, H100
+KV_ROUNDING = 1.05  # the KV cache comes in blocks: a sequence's last one is partly empty
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": None, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class VLLMNeed:
+    weights: int
+    kv_cache: int
+    margin: int = MARGIN_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.margin
+
+    def describe(self) -> str:
+        return (f"{self.total / GIB:.1f} GiB: weights {self.weights / GIB:.1f}, KV cache {self.kv_cache / GIB:.1f}, "
+                f"margin {self.margin / GIB:.1f}")
+
+
+def vllm_need(config, *, sequences: int, max_model_len: int, dtype: str = "bfloat16", quantized: bool = False,
+              kv_cache_dtype: str = "auto") -> VLLMNeed:
+    """config: the model's (a transformers config, or its config.json as a dict). quantized: the
+    linears of the decoder layers in 4 bits as bitsandbytes stores them (nf4 and an fp32 scale per 64);
+    embeddings and the head stay in `dtype`."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    layers, hidden = get("num_hidden_layers"), get("hidden_size")
+    heads, kv_heads = get("num_attention_heads"), get("num_key_value_heads") or get("num_attention_heads")
+    head_dim = get("head_dim") or hidden // heads
+    linears = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+                        + 3 * hidden * get("intermediate_size"))
+    embeddings = get("vocab_size") * hidden * (1 if get("tie_word_embeddings", False) else 2)
+    size = _BYTES[dtype]
+    weights = embeddings * size + linears * ((0.5 + 4 / 64) if quantized else size)
+    kv_size = _BYTES[kv_cache_dtype] or size
+    kv = sequences * max_model_len * layers * 2 * kv_heads * head_dim * kv_size * KV_ROUNDING
+    return VLLMNeed(weights=int(weights), kv_cache=int(kv))
