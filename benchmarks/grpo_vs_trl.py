@@ -17,6 +17,7 @@ Each trainer is best run in a process of its own (--only): a colocated vLLM stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -70,6 +71,27 @@ class DevicePeak:
     @property
     def gib(self) -> float:
         return self.peak / 2**30
+
+
+@contextlib.contextmanager
+def profiled(on: bool, path: Path):
+    """torch's profiler around the run (CPU and CUDA activity), its summary written to `path`: the
+    trainer's phase ranges first, then the kernels with the most device time."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    phases = [e for e in events if e.key.startswith("grpoflow.")]
+    lines = [f"{e.key}: {e.count} calls, CPU {e.cpu_time_total / 1e6:.3f} s, device "
+             f"{getattr(e, 'device_time_total', getattr(e, 'cuda_time_total', 0)) / 1e6:.3f} s" for e in phases]
+    path.write_text("\n".join(["phases (wall time on the CPU side; the device time of the kernels they launched):",
+                               *lines, "", events.table(sort_by=sort, row_limit=50)]) + "\n")
 
 
 def _peak_gib() -> float:
@@ -243,6 +265,9 @@ def main() -> None:
     parser.add_argument("--trl-server", type=int, default=None, metavar="GPU",
                         help="TRL with vllm_mode server: its vllm-serve on this GPU, the trainer on GPU 0")
     parser.add_argument("--tag", default="", help="appended to the output file name")
+    parser.add_argument("--profile", action="store_true",
+                        help="run under torch's profiler: <out>/profile-<name>.txt, the kernels by device time "
+                             "and the trainer's phases (grpoflow.generation, .train, .sync, .optimizer)")
     args = parser.parse_args()
     WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +291,7 @@ def main() -> None:
                                                     args.finetune, args.overrides, args.tag)))
     name = "grpo_vs_trl" + (f"-{args.only}" if args.only else "") + (f"-{args.tag}" if args.tag else "")
     for run_name, fn in runs:
-        with DevicePeak() as device:
+        with DevicePeak() as device, profiled(args.profile, args.out / f"profile-{name}-{run_name}.txt"):
             results[run_name] = fn()
         results[run_name]["device_peak_gib"] = device.gib
         results[run_name]["median_step_seconds"] = statistics.median(results[run_name]["step_seconds"][1:])

@@ -272,7 +272,7 @@ class GRPORecipe:
         next_at = step + (micro_index + self.plan.micro_steps_per_generation) // grpo.gradient_accumulation_steps
         self.rollouts.timed = self.meter.timed
         self.heartbeat.phase(f"step {step + 1} of {grpo.max_steps}: sampling a generation")
-        with self._explain_out_of_memory("generation"):
+        with self._explain_out_of_memory("generation"), torch.profiler.record_function("grpoflow.generation"):
             sampled = self._on_every_process(self.rollouts.next, step, next_at)
         if self._step_start is not None and self._step_start["sampler"] is None:
             self._step_start["sampler"] = sampled.drawn_from  # the step's first generation: undone with the step

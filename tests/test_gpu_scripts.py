@@ -196,3 +196,29 @@ def test_the_step_benchmark_refuses_two_vllm_trainers_in_one_process(tmp_path):
                            "--out", str(tmp_path / "out"), "--engine", "vllm", "--only", "ours",
                            "--kernels", "auto,chunked"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "one trainer a process" in done.stderr
+
+
+def test_the_step_benchmark_profiles_a_run_with_the_trainers_phases_named(tmp_path, tiny_model):
+    """--profile: torch's profiler around the run; its summary names the trainer's phases (the ranges
+    StepMeter and the generation open), so a GPU call shows where a step's device time goes."""
+    from tests.test_train import data
+
+    (tmp_path / "data").mkdir()
+    data(tmp_path / "data")
+    done = subprocess.run([sys.executable, "benchmarks/grpo_vs_trl.py", "--model", str(tiny_model), "--data",
+                           str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--only", "ours", "--steps", "2",
+                           "--prompts", "1", "--max-completion-length", "8", "--set", "model.dtype=float32",
+                           "--profile"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (tmp_path / "out" / "profile-grpo_vs_trl-ours-ours-auto.txt").read_text()
+    for phase in ("grpoflow.generation", "grpoflow.train", "grpoflow.optimizer"):
+        assert f"{phase}: 2 calls" in summary  # one a step
+    assert "Self CPU" in summary  # the operator table
+
+
+def test_the_profile_mode_profiles_sync_and_async_each_in_a_process_of_its_own(device, tmp_path):
+    commands = device("benchmarks/vllm_gpu.sh", "profile", OUT=str(tmp_path / "out"))
+    bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
+    assert [args[args.index("--tag") + 1] for args in bench] == ["qwen3r-profile-sync", "qwen3r-profile-async"]
+    assert all("--profile" in args and "--only" in args for args in bench)
+    assert "rollout.mode=async" in bench[1] and "rollout.mode=async" not in bench[0]

@@ -144,7 +144,8 @@ class StepMeter:
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
         started = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"grpoflow.{part}"):  # a range in a profiler's trace, if one runs
+            yield
         if part == "optimizer" and self.cuda:
             torch.cuda.synchronize()  # the optimizer's kernels are queued: time them here, not in the next phase
         self.seconds[part] += time.perf_counter() - started
