@@ -23,7 +23,7 @@ PROMPTS = [[{"role": "user", "content": "What is 12 times 7? Think step by step.
            [{"role": "user", "content": "Name three colours."}]]
 
 
-def policy_and_engine(finetune: str):
+def policy_and_engine(finetune: str, **engine):
     pytest.importorskip("vllm")
     from grpoflow.config import validate_config
     from grpoflow.rollout.vllm import VLLMEngine
@@ -33,8 +33,8 @@ def policy_and_engine(finetune: str):
                            "grpo": {"gradient_checkpointing": False}})
     policy = load_policy(cfg.model, cfg.grpo, MODEL)
     engine = VLLMEngine(MODEL, policy.tokenizer, dtype="bfloat16", gpu_memory_utilization=0.2, max_model_len=1024,
-                        seed=0, lora_rank=cfg.model.lora.r if finetune == "lora" else None, sleep=True,
-                        enforce_eager=True)
+                        seed=0, lora_rank=cfg.model.lora.r if finetune in ("lora", "qlora") else None, sleep=True,
+                        enforce_eager=True, **engine)
     return policy, engine
 
 
@@ -80,6 +80,27 @@ def test_lora_adapters_handed_over_reach_generation():
     after, _ = vllm_vs_trainer(policy, engine)
     print(f"lora: |dlogp| stale {stale:.4f}, after handing the adapters over {after:.4f}")
     assert stale > 5 * after and after < 0.1
+
+
+def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
+    """rollout.quantization auto for QLoRA: vLLM quantizes the checkpoint to nf4 as it loads (double
+    quantized, blocks of 64, as transformers quantizes the trainer's base), so the sampler and the
+    trainer run one 4-bit model; the adapters handed over reach generation."""
+    pytest.importorskip("bitsandbytes")
+    policy, engine = policy_and_engine("qlora", quantization="bitsandbytes")
+    assert engine.llm.llm_engine.vllm_config.model_config.quantization == "bitsandbytes"
+    engine.sync_weights(policy, step=0)
+    base, _ = vllm_vs_trainer(policy, engine)
+    with torch.no_grad():  # trained adapters, exaggerated
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    stale, _ = vllm_vs_trainer(policy, engine)
+    engine.sync_weights(policy, step=1)
+    after, _ = vllm_vs_trainer(policy, engine)
+    print(f"qlora: |dlogp| before training {base:.4f}, stale adapters {stale:.4f}, handed over {after:.4f}; "
+          f"vLLM took {engine.device_bytes / 2**30:.2f} GiB")
+    assert base < 0.1 and stale > 5 * after and after < 0.1
 
 
 def test_standby_releases_the_kv_cache_and_takes_it_back_fast():
