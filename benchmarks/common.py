@@ -16,6 +16,15 @@ QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=True)
 
 
+def log_grpoflow() -> None:
+    """grpoflow's own log lines (INFO: the engine's sizing, shared weights, each step) on stderr, one
+    plain line each, as the CLI writes them to a file; other libraries keep their own levels."""
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("grpoflow").setLevel(logging.INFO)
+
+
 def versions(*packages: str) -> dict[str, str | None]:
     """Python, torch and the given packages' installed versions (None: not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}

@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -269,6 +270,10 @@ def main() -> None:
                         help="run under torch's profiler: <out>/profile-<name>.txt, the kernels by device time "
                              "and the trainer's phases (grpoflow.generation, .train, .sync, .optimizer)")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
+    from benchmarks.common import log_grpoflow
+
+    log_grpoflow()
     WORKLOAD.update(prompts=args.prompts, max_completion_length=args.max_completion_length)
     args.out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
 
-from benchmarks.common import QWEN3_0_6B, versions  # noqa: E402
+from benchmarks.common import QWEN3_0_6B, log_grpoflow, versions  # noqa: E402
 from benchmarks.grpo_vs_trl import DevicePeak  # noqa: E402
 
 GIB = 2**30
@@ -288,6 +288,7 @@ def main() -> None:
             p.add_argument("--high", type=int, required=True)
             p.add_argument("--resolution", type=int, default=1024)
     args = parser.parse_args()
+    log_grpoflow()
     if args.command == "model":
         save_model(args.shape, args.tokenizer, args.out)
     elif args.command == "run":

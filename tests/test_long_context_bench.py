@@ -17,3 +17,4 @@ def test_the_long_context_benchmark_runs_whole_steps_on_a_tiny_shape(tmp_path):
     assert record["status"] == "ok" and record["offload_activations"] and record["max_tokens_per_forward"] == 96
     assert [s["completions/mean_length"] for s in record["steps"]] == [40, 40]  # ignore_eos: every token written
     assert all(s["memory/trainable_gib"] > 0 for s in record["steps"])
+    assert "grpoflow.train: policy:" in done.stderr  # grpoflow's own log lines come out
