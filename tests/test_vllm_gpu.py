@@ -38,6 +38,14 @@ def policy_and_engine(finetune: str, **engine):
     return policy, engine
 
 
+def train_adapters(policy) -> None:
+    """Trained adapters, exaggerated: every LoRA B matrix away from its zero start."""
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
 def vllm_vs_trainer(policy, engine) -> tuple[float, list]:
     """Mean |vLLM log-prob - trainer log-prob| over sampled completions of PROMPTS."""
     from grpoflow.rollout import SamplingParams
@@ -71,10 +79,7 @@ def test_full_weights_synced_in_place_reach_generation():
 
 def test_lora_adapters_handed_over_reach_generation():
     policy, engine = policy_and_engine("lora")
-    with torch.no_grad():  # trained adapters, exaggerated
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    train_adapters(policy)
     stale, _ = vllm_vs_trainer(policy, engine)
     engine.sync_weights(policy, step=1)
     after, _ = vllm_vs_trainer(policy, engine)
@@ -91,10 +96,7 @@ def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     assert engine.llm.llm_engine.vllm_config.model_config.quantization == "bitsandbytes"
     engine.sync_weights(policy, step=0)
     base, _ = vllm_vs_trainer(policy, engine)
-    with torch.no_grad():  # trained adapters, exaggerated
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    train_adapters(policy)
     stale, _ = vllm_vs_trainer(policy, engine)
     engine.sync_weights(policy, step=1)
     after, _ = vllm_vs_trainer(policy, engine)
@@ -152,10 +154,7 @@ def test_shared_base_weights_are_one_copy_and_adapters_still_reach_generation():
     vllm_ptrs = {p.untyped_storage().data_ptr() for p in vllm_model(engine.llm).parameters()}
     assert q.untyped_storage().data_ptr() in vllm_ptrs
 
-    with torch.no_grad():  # trained adapters, exaggerated
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    train_adapters(policy)
     engine.sync_weights(policy, step=1)
     before_sleep = torch.cuda.mem_get_info()[0]
     engine.sleep()
@@ -180,10 +179,7 @@ def test_evaluation_engine_applies_a_saved_adapters_folder(tmp_path):
 
     cfg = validate_config({"model": {"finetune": "lora", "dtype": "bfloat16"}, "grpo": {"gradient_checkpointing": False}})
     policy = load_policy(cfg.model, cfg.grpo, MODEL)
-    with torch.no_grad():  # trained adapters, exaggerated
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    train_adapters(policy)
     policy.model.save_pretrained(tmp_path / "adapters")
     policy.tokenizer.save_pretrained(tmp_path / "adapters")
     engine = make_engine(RolloutConfig(engine="vllm", gpu_memory_utilization=0.2, enforce_eager=True),
