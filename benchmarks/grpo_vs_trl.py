@@ -102,6 +102,7 @@ def _peak_gib() -> float:
 def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto", engine: str = "hf",
              finetune: str = "full", overrides: list[str] = (), tag: str = "") -> dict:
     from grpoflow.config import _apply_override, validate_config
+    from grpoflow.train.logps import resolve_kernels
     from stages.train import run_train
 
     w = WORKLOAD
@@ -120,8 +121,6 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    from grpoflow.train.logps import resolve_kernels
-
     return {"step_seconds": [r["step_seconds"] for r in records],
             "kernels": resolve_kernels(kernels, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),

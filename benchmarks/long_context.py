@@ -304,8 +304,8 @@ def main() -> None:
         tokenizer = smoke_tokenizer()
         save_model("tiny", tokenizer, args.out / "tiny-model")
         smoke = argparse.Namespace(model=str(args.out / "tiny-model"), finetune="lora", trainer="ours", steps=2,
-                                   vllm_gib=1.0, kv_cache_dtype="auto", cap_gib=None, offload=True, max_tokens_per_forward=96, tag="smoke",
-                                   set=[], hf=True, length=40, out=args.out)
+                                   vllm_gib=1.0, kv_cache_dtype="auto", cap_gib=None, offload=True,
+                                   max_tokens_per_forward=96, tag="smoke", set=[], hf=True, length=40, out=args.out)
         record = run(smoke)
         if record["status"] != "ok" or any(s["completions/mean_length"] != 40 for s in record["steps"]):
             sys.exit(f"smoke run failed: {record}")
