@@ -94,6 +94,9 @@ def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     pytest.importorskip("bitsandbytes")
     policy, engine = policy_and_engine("qlora", quantization="bitsandbytes")
     assert engine.llm.llm_engine.vllm_config.model_config.quantization == "bitsandbytes"
+    # what is not 4-bit stays in the compute dtype, as in vLLM: no float32 embeddings, lm_head or norms
+    kept = {p.dtype for name, p in policy.model.named_parameters() if "lora_" not in name and p.is_floating_point()}
+    assert kept == {torch.bfloat16}
     engine.sync_weights(policy, step=0)
     base, _ = vllm_vs_trainer(policy, engine)
     train_adapters(policy)

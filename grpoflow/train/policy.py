@@ -132,16 +132,18 @@ def load_policy(model_cfg: ModelConfig, grpo: GRPOConfig, model_path: str, devic
         model.config.use_cache = False
     is_peft = model_cfg.finetune in ("lora", "qlora")
     if is_peft:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, get_peft_model
 
-        if model_cfg.finetune == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grpo.gradient_checkpointing)
-        elif grpo.gradient_checkpointing:
+        # QLoRA is prepared as LoRA is, not with peft's prepare_model_for_kbit_training: that casts every
+        # tensor left in 16 bits (embeddings, lm_head, norms) to float32, 2 GB more for an 8B's vocabulary,
+        # an lm_head the loss path reads in float32, and a trainer that computes something other than the
+        # 16-bit sampler it shares rollouts with; it also turns checkpointing back to reentrant.
+        if grpo.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
         lora = model_cfg.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
-    if grpo.offload_activations:  # after peft, whose k-bit preparation sets the checkpointing function again
+    if grpo.offload_activations:  # on the checkpointed layers as peft leaves them
         if grpo.distributed == "fsdp" and not to_device:
             raise ConfigError("grpo.offload_activations is not supported with grpo.distributed: fsdp on several "
                               "processes (FSDP2 gathers a layer's weights around its call, which the recompute in "
