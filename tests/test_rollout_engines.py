@@ -162,15 +162,37 @@ def test_vllm_logs_go_to_stderr_keeping_stdout_for_the_json_result(gpu, monkeypa
 def test_vllm_is_sized_to_run_the_whole_generation_at_once_on_cuda_graphs(monkeypatch, tiny_model):
     from grpoflow.rollout.vllm import _batch_limits
 
-    assert _batch_limits(None, False) == _batch_limits(256, False) == {}  # vLLM's defaults hold 256
-    assert _batch_limits(512, False) == {"max_num_seqs": 512}  # graphs go to 512 by default
+    def graphs(limits):
+        return limits["compilation_config"]["max_cudagraph_capture_size"]
+
+    assert _batch_limits(None, False) == {}  # evaluation: vLLM's defaults
+    # graphs only up to the calls the run makes: 8 completions replay the graph of 8, not of 512
+    assert _batch_limits(8, False) == {"compilation_config": {"max_cudagraph_capture_size": 8}}
+    assert [graphs(_batch_limits(n, False)) for n in (1, 2, 3, 5, 64, 250, 256, 257)] == [1, 2, 4, 8, 64, 256, 256, 272]
+    assert _batch_limits(8, True) == {}  # eager: no graphs to capture
+    # evaluation during training asks for more than a generation: graphs and max_num_seqs hold it
+    assert graphs(_batch_limits(8, False, largest=32)) == 32
+    assert _batch_limits(256, False, largest=300)["max_num_seqs"] == 300
     assert _batch_limits(1000, False) == {"max_num_seqs": 1000,
                                           "compilation_config": {"max_cudagraph_capture_size": 1008}}
-    assert _batch_limits(1000, True) == {"max_num_seqs": 1000}  # eager: no graphs to capture
-    assert _batch_limits(10_000, False)["compilation_config"] == {"max_cudagraph_capture_size": 2048}
+    assert _batch_limits(1000, True) == {"max_num_seqs": 1000}
+    assert graphs(_batch_limits(10_000, False)) == 2048  # more would make start-up long
     engine = _recording_engine(monkeypatch, tiny_model, world_size=1, rank=0, seed_per_prompt=False, batch=1024)
     assert engine.llm.kwargs["max_num_seqs"] == 1024
     assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
+
+
+def test_a_training_engine_captures_graphs_for_its_largest_call():
+    from grpoflow.config import validate_config
+    from grpoflow.rollout.load import largest_call
+
+    cfg = validate_config({"grpo": {"warmup": {"enabled": False}}})
+    assert largest_call(cfg.grpo, 16) == 16
+    cfg = validate_config({"grpo": {"eval_strategy": "steps", "eval_prompts": 48}})
+    assert largest_call(cfg.grpo, 16) == 48  # the held-out questions go in one call
+    assert largest_call(cfg.grpo, 64) == 64
+    cfg = validate_config({"grpo": {"warmup": {"enabled": True, "eval_prompts": 24}}})
+    assert largest_call(cfg.grpo, 16) == 24  # the warm-up's format check before and after
 
 
 @pytest.mark.parametrize("finetune, quantization, kv_cache_dtype, expected", [

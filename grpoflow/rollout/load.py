@@ -60,8 +60,8 @@ def vllm_quantization(rollout: RolloutConfig, finetune: str | None) -> str | Non
 
 def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_rank: int | None = None,
                 dtype: str = "bfloat16", max_model_len: int, seed: int = 0, batch_size: int = 16,
-                completions_per_call: int | None = None, progress: bool = True, dist=None,
-                finetune: str | None = None):
+                completions_per_call: int | None = None, largest_call: int | None = None,
+                progress: bool = True, dist=None, finetune: str | None = None):
     """The engine `rollout.engine` names, for training or for evaluation.
 
     Training (`policy`: the model being trained, `lora_rank` its adapters' rank, None for full
@@ -70,7 +70,8 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     (`sync_weights`), sleeps while the trainer works (rollout.sleep) and shares a LoRA policy's
     frozen base weights (rollout.share_weights). Evaluation (no policy): the model in `model_path`,
     a folder, a Hub id or a LoRA adapters folder.
-    batch_size: prompts per transformers generate call; completions_per_call: what vLLM runs at once.
+    batch_size: prompts per transformers generate call; completions_per_call: what vLLM runs at once;
+    largest_call: the most completions any call asks for (`largest_call(grpo, ...)`).
     finetune: model.finetune of the run being trained (rollout.quantization's auto reads it).
     rollout.placement server (training only; dist: the training processes): a rollout server
     generates, grpoflow/rollout/server.py.
@@ -78,7 +79,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     if policy is not None and rollout.placement == "server":
         return _server_engine(rollout, model_path, policy=policy, lora_rank=lora_rank, dtype=dtype,
                               max_model_len=max_model_len, seed=seed, completions_per_call=completions_per_call,
-                              dist=dist, finetune=finetune)
+                              largest_call=largest_call, dist=dist, finetune=finetune)
     if resolve_engine(rollout) == "hf":
         if policy is not None:
             return HFEngine(policy.model, policy.tokenizer, batch_size=batch_size, progress=False,
@@ -100,8 +101,8 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
                         gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=max_model_len,
                         seed=seed, lora_rank=lora_rank, sleep=training and rollout.sleep,
                         enforce_eager=rollout.enforce_eager, seed_per_prompt=training and rollout.seed_per_prompt,
-                        completions_per_call=completions_per_call, quantization=vllm_quantization(rollout, finetune),
-                        kv_cache_dtype=rollout.kv_cache_dtype)
+                        completions_per_call=completions_per_call, largest_call=largest_call,
+                        quantization=vllm_quantization(rollout, finetune), kv_cache_dtype=rollout.kv_cache_dtype)
     if adapters:
         from vllm.lora.request import LoRARequest
 
@@ -116,7 +117,8 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
 
 
 def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank: int | None, dtype: str,
-                   max_model_len: int, seed: int, completions_per_call: int | None, dist, finetune: str | None = None):
+                   max_model_len: int, seed: int, completions_per_call: int | None, dist, finetune: str | None = None,
+                   largest_call: int | None = None):
     """The trainer's side of rollout.placement server: a connection to rollout.server_address, or to
     a server this process starts on rollout.server_gpus (one training process only; several need
     one server they all reach: `grpoflow rollout-server`)."""
@@ -133,7 +135,7 @@ def _server_engine(rollout: RolloutConfig, model_path: str, *, policy, lora_rank
                               "reach: start it with `grpoflow rollout-server -c CONFIG` and set "
                               "rollout.server_address to the address it prints")
         spec = _spec(rollout, model_path, dtype=dtype, lora_rank=lora_rank, max_model_len=max_model_len, seed=seed,
-                     completions_per_call=completions_per_call, finetune=finetune)
+                     completions_per_call=completions_per_call, largest_call=largest_call, finetune=finetune)
         started = start_server(spec, gpus=rollout.server_gpus, timeout=rollout.server_timeout_s)
         address, key = started.address, started.key
     else:
@@ -159,19 +161,27 @@ def server_spec(cfg, model_path: str, num_processes: int):
 
     grpo, rollout = cfg.grpo, cfg.rollout
     plan = BatchPlan.from_config(grpo, num_processes=num_processes)
+    per_call = plan.unique_prompts * grpo.num_generations
     return _spec(rollout, str(model_path), dtype=cfg.model.dtype,
                  lora_rank=cfg.model.lora.r if cfg.model.finetune != "full" else None,
                  max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
-                 seed=grpo.seed, completions_per_call=plan.unique_prompts * grpo.num_generations,
+                 seed=grpo.seed, completions_per_call=per_call, largest_call=largest_call(grpo, per_call),
                  finetune=cfg.model.finetune)
 
 
+def largest_call(grpo, completions_per_call: int) -> int:
+    """The most completions one generate call of a training run's engine asks for: a generation's,
+    the held-out questions of evaluation during training, or the warm-up's format check."""
+    return max(completions_per_call, grpo.eval_prompts if grpo.eval_strategy == "steps" else 0,
+               grpo.warmup.eval_prompts if grpo.warmup.enabled else 0)
+
+
 def _spec(rollout: RolloutConfig, model_path: str, *, dtype: str, lora_rank: int | None, max_model_len: int,
-          seed: int, completions_per_call: int | None, finetune: str | None):
+          seed: int, completions_per_call: int | None, finetune: str | None, largest_call: int | None = None):
     from grpoflow.rollout.server import ServerSpec
 
     return ServerSpec(model_path=model_path, engine=resolve_engine(rollout), dtype=dtype, lora_rank=lora_rank,
                       max_model_len=max_model_len, seed=seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
                       enforce_eager=rollout.enforce_eager, seed_per_prompt=rollout.seed_per_prompt,
-                      completions_per_call=completions_per_call, quantization=vllm_quantization(rollout, finetune),
-                      kv_cache_dtype=rollout.kv_cache_dtype)
+                      completions_per_call=completions_per_call, largest_call=largest_call,
+                      quantization=vllm_quantization(rollout, finetune), kv_cache_dtype=rollout.kv_cache_dtype)

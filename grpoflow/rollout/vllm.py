@@ -180,11 +180,13 @@ class VLLMEngine:
     def __init__(self, model_path: str, tokenizer, *, dtype: str, gpu_memory_utilization: float | str,
                  max_model_len: int, seed: int, lora_rank: int | None = None, sleep: bool = True,
                  enforce_eager: bool = False, seed_per_prompt: bool = False,
-                 completions_per_call: int | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 completions_per_call: int | None = None, largest_call: int | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto"):
         """completions_per_call: the completions one generate call asks for (this process's prompts
-        x n); vLLM is sized to run them all at once, on CUDA graphs. quantization: "bitsandbytes"
-        loads the weights in 4 bits (rollout.quantization); kv_cache_dtype: "fp8" halves the KV cache.
+        x n); vLLM is sized to run them all at once, on CUDA graphs. largest_call: the most any call
+        asks for (evaluation during training may ask for more); default completions_per_call.
+        quantization: "bitsandbytes" loads the weights in 4 bits (rollout.quantization);
+        kv_cache_dtype: "fp8" halves the KV cache.
         gpu_memory_utilization "auto": sized to the weights and every completion's KV cache at once."""
         vllm = import_vllm()
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the model is reachable
@@ -211,7 +213,7 @@ class VLLMEngine:
                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", max_logprobs=0)
         # cascade attention computed wrong results on some versions; GRPO's shared prompts would trigger it
         kwargs["disable_cascade_attn"] = True
-        kwargs.update(_batch_limits(completions_per_call, enforce_eager))
+        kwargs.update(_batch_limits(completions_per_call, enforce_eager, largest_call))
         if quantization:  # quantized as it loads, from the same bf16 checkpoint the trainer quantizes
             kwargs["quantization"] = quantization
         if kv_cache_dtype != "auto":
@@ -422,18 +424,31 @@ def _sampled_logprobs(logprobs, tokens: list[int]) -> list[float]:
     return [step[t].logprob for step, t in zip(logprobs, tokens)]
 
 
-def _batch_limits(batch: int | None, enforce_eager: bool) -> dict:
-    """vLLM's limits for a generate call of `batch` completions, where its defaults would split it.
-    vLLM runs at most max_num_seqs sequences at once (256 by default on cards under 70 GB) and
-    replays CUDA graphs for decoding batches up to 512; a larger batch would decode in waves, or
-    eagerly until it shrank to 512. Graphs above 512 come in steps of 16: capped at 2048 (more
-    would make start-up long)."""
-    if not batch or batch <= 256:
+def _batch_limits(batch: int | None, enforce_eager: bool, largest: int | None = None) -> dict:
+    """vLLM's limits for generate calls of `batch` completions, `largest` the biggest call.
+
+    vLLM runs at most max_num_seqs sequences at once (256 by default on cards under 70 GB): raised
+    to hold the largest call, or it would decode in waves. It captures a CUDA graph for each decoding
+    batch size up to 512 by default, 51 sizes twice over (full and piecewise): 52 s of start-up and
+    1.53 GiB on the 8B shape (H100, 2026-12-06), for training calls of 8 completions that replay one
+    graph. Captured up to the largest call instead, in vLLM's steps (1, 2, 4, then 8s, then 16s from
+    256), capped at 2048: a bigger call decodes without graphs until it shrinks to that."""
+    if not batch:
         return {}
-    limits = {"max_num_seqs": batch}
-    if batch > 512 and not enforce_eager:
-        limits["compilation_config"] = {"max_cudagraph_capture_size": min(-(-batch // 16) * 16, 2048)}
+    largest = max(batch, largest or 0)
+    limits = {"max_num_seqs": largest} if largest > 256 else {}
+    if not enforce_eager:
+        limits["compilation_config"] = {"max_cudagraph_capture_size": _graph_size(largest)}
     return limits
+
+
+def _graph_size(n: int) -> int:
+    """The smallest of vLLM's CUDA graph sizes that holds a decoding batch of n, 2048 at most."""
+    if n <= 4:
+        return 1 << (n - 1).bit_length()
+    if n < 256:
+        return -(-n // 8) * 8
+    return min(-(-n // 16) * 16, 2048)
 
 
 def _hf_name(peft_name: str) -> str:
