@@ -20,6 +20,9 @@
 #   bash benchmarks/vllm_gpu.sh async-server  # issue #21: ours async with the rollout server on the trainer's card
 #                                          # (vLLM in a process of its own, weights read over CUDA IPC), TRL, ours
 #                                          # async-server again, ours async in a thread (MODELS= one of them)
+#   bash benchmarks/vllm_gpu.sh async-overlap  # issue #21: what keeps the async thread's two phases from overlapping:
+#                                          # ours async as is, TRL, then with rollout.async_priority=high, with a
+#                                          # 0.5 ms interpreter switch interval, and both (MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh profile    # issue #21: sync and async under torch's profiler, 4 steps each: where a
 #                                          # step's device time goes (bench/profile-*.txt; MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh server     # issue #25 (2 GPUs): 512 completions a step, one GPU colocated vs the
@@ -33,7 +36,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|profile|server|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|profile|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -91,6 +94,19 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|profil
       bench --model "$model" --engine vllm --only trl --tag "$name-1"
       bench --model "$model" --engine vllm --only ours "${extra[@]}" "${server[@]}" --tag "$name-async-server-2"
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async-thread"
+    done
+    ;;
+  async-overlap)
+    for model in ${MODELS:-/tmp/qwen3r}; do
+      name=$(basename "$model") && extra=(--set rollout.mode=async)
+      [ "$name" = qwen3r ] && extra+=(--set grpo.max_nonfinite_steps=100)
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-async"
+      bench --model "$model" --engine vllm --only trl --tag "$name"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.async_priority=high \
+        --tag "$name-async-high"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --switch-interval 0.0005 --tag "$name-async-switch"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.async_priority=high \
+        --switch-interval 0.0005 --tag "$name-async-high-switch"
     done
     ;;
   profile)

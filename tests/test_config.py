@@ -40,10 +40,9 @@ def test_unknown_key_names_the_closest_valid_one():
 def test_unknown_key_without_a_close_name_lists_the_valid_ones():
     message = error_of({"rollout": {"zzz": 1}})
     assert message == ("invalid config (test.yaml):\n  - rollout.zzz: unknown key; valid keys here: engine, "
-                       "gpu_memory_utilization, max_model_len, sleep, share_weights, enforce_eager, kv_cache_dtype, quantization, "
-                       "seed_per_prompt, "
-                       "ignore_eos, mode, max_staleness, environment, max_turns, placement, server_address, server_gpus, "
-                       "server_timeout_s, server_push_retries")
+                       "gpu_memory_utilization, max_model_len, sleep, share_weights, enforce_eager, kv_cache_dtype, "
+                       "quantization, seed_per_prompt, ignore_eos, mode, max_staleness, async_priority, environment, "
+                       "max_turns, placement, server_address, server_gpus, server_timeout_s, server_push_retries")
 
 
 def test_bad_value_names_the_key_and_the_allowed_values():

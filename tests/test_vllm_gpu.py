@@ -221,13 +221,14 @@ def short_run(tmp_path, finetune: str, rollout: dict, steps: int = 4) -> list[di
     return [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path, finetune):
+@pytest.mark.parametrize("finetune, priority", [("full", "normal"), ("lora", "high")])
+def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path, finetune, priority):
     """rollout.mode async on the vLLM engine: the next generation is sampled in the rollout thread
-    (a CUDA stream of its own) while this one trains; its samples are one step old and the loss
-    weighs them with vLLM's own log-probs."""
+    (a CUDA stream of its own, of high priority with rollout.async_priority) while this one trains;
+    its samples are one step old and the loss weighs them with vLLM's own log-probs."""
     pytest.importorskip("vllm")
-    steps = short_run(tmp_path, finetune, {"mode": "async", "gpu_memory_utilization": 0.2})
+    steps = short_run(tmp_path, finetune, {"mode": "async", "gpu_memory_utilization": 0.2,
+                                           "async_priority": priority})
     print("async vLLM:", [(m["step"], round(m["step_seconds"], 3), round(m["rollout/wait_seconds"], 3),
                            round(m["sampling/sampling_logp_difference/mean"], 4)) for m in steps])
     assert [m["rollout/staleness"] for m in steps] == [0, 1, 1, 1]

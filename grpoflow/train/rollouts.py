@@ -95,7 +95,9 @@ class Rollouts:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grpoflow-rollouts")
         # collectives of the thread ahead (dynamic sampling) go over a group of their own
         self._coll = dist.side_channel()
-        self._stream = torch.cuda.Stream(device=dist.device) if dist.device.type == "cuda" else None
+        # high: decoding (latency-bound, few blocks a kernel) goes before the training pass's queued blocks
+        priority = -1 if cfg.rollout.async_priority == "high" else 0  # lower runs first
+        self._stream = torch.cuda.Stream(device=dist.device, priority=priority) if dist.device.type == "cuda" else None
         log.info("rollouts: async, weights at most %d optimizer step(s) old%s", self.max_staleness,
                  "" if engine.name == "hf" else "; vLLM's KV cache stays allocated")
 
