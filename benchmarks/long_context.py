@@ -6,6 +6,8 @@ sync, log-probs, loss, backward, optimizer), the device memory of the whole proc
     python benchmarks/long_context.py run --model /tmp/llama8b --finetune lora --length 20000 --trainer trl --out $OUT
     python benchmarks/long_context.py bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 \\
         --low 32768 --high 65536 --out $OUT
+    python benchmarks/long_context.py run --model /tmp/llama8b --finetune qlora --length 49152 --cap-gib 80 \\
+        --decoded 64 --out $OUT                                         # memory only, see --decoded
     python benchmarks/long_context.py smoke --out /tmp/long-context      # a tiny shape on the CPU, same code
 
 `model` saves a randomly initialised model of a real shape (the Hub is out of reach; random weights
@@ -19,6 +21,13 @@ holds the process to less than the card: vLLM's share (rollout.gpu_memory_utiliz
 against the cap, torch's allocator gets the cap's remainder as its memory fraction, and a run whose
 peak passes the cap counts as not fitting. Each run is a process of its own (one vLLM engine per
 process); `bisect` starts them and keeps every try in <out>/long_context-bisect-<tag>.json.
+
+--decoded N measures memory only, where decoding every token would not fit the time there is (an
+8B decodes 8 completions at 11.5 ms a token on an H100, so 47,500 tokens take 9 minutes): vLLM
+decodes N tokens of each completion, and they are repeated, with their log-probs, to the full
+length, for ours and TRL alike (both call vllm.LLM.generate). The memory is the full-length run's:
+vLLM allocates the KV cache of every completion at full length when it starts, whatever it then
+decodes, and the training pass gets completions of full length. The step's time is not.
 
 Ours: LoRA r16 on every linear of the blocks (or QLoRA nf4, or full), bf16, gradient checkpointing,
 grpo.kernels triton, loss dapo, beta 0, grpo.max_tokens_per_forward and grpo.offload_activations as
@@ -112,6 +121,41 @@ def shares(cap_gib: float | None, vllm_gib: float) -> tuple[float, float | None]
     return utilization, (None if cap_gib is None else max(0.05, (cap_gib - vllm_gib) / total))
 
 
+def decode_only(decoded: int, length: int) -> None:
+    """--decoded: every vllm.LLM.generate in this process decodes `decoded` tokens a completion, then
+    repeats them, with their log-probs, to `length` tokens (completions are forced to their length)."""
+    import vllm
+
+    generate = vllm.LLM.generate
+
+    def shortened(params):
+        params = params.clone()
+        params.max_tokens, params.min_tokens = decoded, min(params.min_tokens, decoded)
+        return params
+
+    def generate_then_repeat(self, prompts, sampling_params=None, *args, **kwargs):
+        if sampling_params is not None:
+            sampling_params = ([shortened(p) for p in sampling_params] if isinstance(sampling_params, list)
+                               else shortened(sampling_params))
+        outputs = generate(self, prompts, sampling_params, *args, **kwargs)
+        for request in outputs:
+            for completion in request.outputs:
+                repeat_to(completion, length)
+        return outputs
+
+    vllm.LLM.generate = generate_then_repeat
+
+
+def repeat_to(completion, length: int) -> None:
+    """A vLLM CompletionOutput's tokens, and log-probs if any (a list of {token: Logprob} a position, or
+    vLLM's FlatLogprobs, which appends the same way), repeated in turn up to `length`."""
+    decoded = len(completion.token_ids)
+    completion.token_ids = [completion.token_ids[i % decoded] for i in range(length)]
+    if completion.logprobs is not None:
+        for i in range(decoded, length):
+            completion.logprobs.append(completion.logprobs[i % decoded])
+
+
 def run_ours(args, data: Path) -> dict:
     from grpoflow.config import _apply_override, validate_config
     from stages.train import run_train
@@ -198,7 +242,10 @@ def run(args) -> dict:
     """One process, one trainer, one length; the result whatever happens (an out-of-memory included)."""
     args.out.mkdir(parents=True, exist_ok=True)
     data = write_data(args.out / "data")
+    if args.decoded:
+        decode_only(args.decoded, args.length)
     record = {"trainer": args.trainer, "model": args.model, "finetune": args.finetune, "length": args.length,
+              "decoded": args.decoded,  # not None: memory only, the step's time is not the full-length one
               "generations": GENERATIONS, "steps_asked": args.steps, "cap_gib": args.cap_gib, "vllm_gib": args.vllm_gib,
               "offload_activations": args.offload, "max_tokens_per_forward": args.max_tokens_per_forward,
               "kv_cache_dtype": args.kv_cache_dtype,
@@ -218,8 +265,8 @@ def run(args) -> dict:
         record["status"] = "over_cap"
     path = args.out / f"long_context-{args.trainer}-{args.tag}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({k: record.get(k) for k in ("trainer", "finetune", "length", "status", "device_peak_gib",
-                                                 "seconds", "error")}))
+    print(json.dumps({k: record.get(k) for k in ("trainer", "finetune", "length", "decoded", "status",
+                                                 "device_peak_gib", "seconds", "error")}))
     return record
 
 
@@ -238,6 +285,7 @@ def bisect(args) -> None:
         command += ["--cap-gib", str(args.cap_gib)] if args.cap_gib is not None else []
         command += ["--offload"] if args.offload else []
         command += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)] if args.max_tokens_per_forward else []
+        command += ["--decoded", str(args.decoded)] if args.decoded else []
         subprocess.run(command, check=False)
         result_file = args.out / f"long_context-{args.trainer}-{args.tag}-{length}.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "crashed"}
@@ -281,6 +329,8 @@ def main() -> None:
         p.add_argument("--tag", default="")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more grpoflow config")
         p.add_argument("--hf", action="store_true", help="the transformers engine instead of vLLM")
+        p.add_argument("--decoded", type=int, metavar="N",
+                       help="memory only: vLLM decodes N tokens a completion, repeated to the full length")
         if name == "run":
             p.add_argument("--length", type=int, required=True)
         else:
@@ -305,7 +355,8 @@ def main() -> None:
         save_model("tiny", tokenizer, args.out / "tiny-model")
         smoke = argparse.Namespace(model=str(args.out / "tiny-model"), finetune="lora", trainer="ours", steps=2,
                                    vllm_gib=1.0, kv_cache_dtype="auto", cap_gib=None, offload=True,
-                                   max_tokens_per_forward=96, tag="smoke", set=[], hf=True, length=40, out=args.out)
+                                   max_tokens_per_forward=96, tag="smoke", set=[], hf=True, length=40, out=args.out,
+                                   decoded=None)
         record = run(smoke)
         if record["status"] != "ok" or any(s["completions/mean_length"] != 40 for s in record["steps"]):
             sys.exit(f"smoke run failed: {record}")

@@ -4,16 +4,20 @@
 #   bash benchmarks/long_context_gpu.sh model   # /tmp/llama8b: the shape with random weights (16 GB on disk)
 #   bash benchmarks/long_context_gpu.sh lora    # 8 x 20,000 tokens, LoRA r16: ours, then TRL
 #   bash benchmarks/long_context_gpu.sh qlora   # the same with QLoRA (nf4)
-#   bash benchmarks/long_context_gpu.sh cap     # held to 80 GB: the longest QLoRA completion, 47,500 to 98,304
+#   bash benchmarks/long_context_gpu.sh cap     # held to 80 GB, QLoRA at LENGTH tokens (default 49,152), memory only
+#   bash benchmarks/long_context_gpu.sh cap-trl # the same for TRL 1.16
 # One trainer at a time, for a machine that runs a command 10 minutes at most (an 8B step at 20,000 tokens
-# is mostly its generation, about 5 minutes of decoding): lora-ours, lora-trl, qlora-ours, qlora-trl.
-# STEPS: GRPO steps per run (default 3; STEPS=1 fits one run in a 10-minute call).
+# is mostly its generation, about 4 minutes of decoding in bf16, more in nf4): lora-ours, lora-trl,
+# qlora-ours, qlora-trl. STEPS: GRPO steps per run (default 3; STEPS=1 fits one run in a 10-minute call).
+# DECODED=N: memory only, vLLM decodes N tokens a completion, repeated to the full length
+# (long_context.py --decoded); cap always runs so (DECODED default 64): 8 x 49,152 tokens would take an
+# 8B ten minutes to decode.
 set -uo pipefail
 OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-bench() { python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long"; }
+bench() { python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}; }
 mkdir -p "$OUT/long"
-case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap}" in
+case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl}" in
   model) python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b ;;
   lora|lora-ours|qlora|qlora-ours)
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --offload --max-tokens-per-forward 40000
@@ -22,7 +26,11 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap}" in
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --trainer trl
     ;;
   cap)
-    bench bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 --low 47500 --high 98304 \
-      --offload --max-tokens-per-forward 50000
+    DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
+      --offload --max-tokens-per-forward 50000 --tag "qlora-cap-${LENGTH:-49152}"
+    ;;
+  cap-trl)
+    DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
+      --trainer trl --tag "qlora-cap-${LENGTH:-49152}"
     ;;
 esac

@@ -2,9 +2,11 @@
 length, activation offload and forwards by token budget together, through the benchmark's own code."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,3 +20,55 @@ def test_the_long_context_benchmark_runs_whole_steps_on_a_tiny_shape(tmp_path):
     assert [s["completions/mean_length"] for s in record["steps"]] == [40, 40]  # ignore_eos: every token written
     assert all(s["memory/trainable_gib"] > 0 for s in record["steps"])
     assert "grpoflow.train: policy:" in done.stderr  # grpoflow's own log lines come out
+
+
+def test_decoded_tokens_repeat_with_their_log_probs_to_the_full_length(monkeypatch):
+    """--decoded (memory only): what vLLM decoded, repeated in turn; every position keeps its own token's log-prob."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.long_context import repeat_to
+
+    completion = SimpleNamespace(token_ids=(5, 6, 7), logprobs=[{5: -0.5}, {6: -1.5}, {7: -2.5}])
+    repeat_to(completion, 8)
+    assert completion.token_ids == [5, 6, 7, 5, 6, 7, 5, 6]
+    assert [list(position) for position in completion.logprobs] == [[t] for t in completion.token_ids]
+    assert [next(iter(position.values())) for position in completion.logprobs][3:6] == [-0.5, -1.5, -2.5]
+    without = SimpleNamespace(token_ids=[9], logprobs=None)  # log-probs not asked for
+    repeat_to(without, 3)
+    assert without.token_ids == [9, 9, 9] and without.logprobs is None
+
+
+def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatch):
+    """long_context_gpu.sh cap / cap-trl: one run held to 80 GB at LENGTH tokens, vLLM decoding 64 of
+    them (8 x 49,152 tokens would not decode in a 10-minute call); checked against the benchmark's parser."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                    "open(os.environ['RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "python").chmod(0o755)
+    record = tmp_path / "record.jsonl"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o")}
+    for mode, extra in (("cap", {}), ("cap-trl", {"LENGTH": "65536"}), ("qlora-ours", {"DECODED": "32"}),
+                        ("lora-ours", {})):
+        done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", mode], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    runs = [json.loads(line) for line in record.read_text().splitlines()]
+    parsed = [_parse(args, monkeypatch) for args in runs]
+    assert [(a.trainer, a.finetune, a.length, a.cap_gib, a.decoded) for a in parsed] == [
+        ("ours", "qlora", 49152, 80.0, 64), ("trl", "qlora", 65536, 80.0, 64), ("ours", "qlora", 20000, None, 32),
+        ("ours", "lora", 20000, None, None)]  # without DECODED every token is decoded
+
+
+def _parse(args: list[str], monkeypatch):
+    """The arguments as long_context.py's own parser reads them (its run and sizing stood in for)."""
+    assert args[0] == "benchmarks/long_context.py"
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.long_context as bench
+
+    captured = []
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.setattr(bench, "run", captured.append)
+    monkeypatch.setattr(bench, "vllm_gib_for", lambda *a, **k: 1.0)
+    monkeypatch.setattr(bench, "log_grpoflow", lambda: None)
+    bench.main()
+    return captured[0]
