@@ -71,7 +71,8 @@ PROMPT_TOKENS = 128  # vLLM's max_model_len: the prompt (64 at most) and its cha
 
 
 def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
-    """A random model of `shape` in bfloat16, with the tokenizer of `tokenizer_dir`, made on the GPU if any."""
+    """A random model of `shape` in bfloat16, with the tokenizer of `tokenizer_dir`, made on the GPU if any
+    (the 32B shape: 61 GiB on disk, more than a 1-GPU machine's 64 GiB disk holds with the rest)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     family, dims = SHAPES[shape]
@@ -82,8 +83,13 @@ def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
                    else (Qwen3Config(**dims, **ids), Qwen3ForCausalLM))
     started = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = cls(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16: the 32B shape in float32 (131 GB) fits no card
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())

@@ -6,6 +6,10 @@
 #   bash benchmarks/long_context_gpu.sh qlora   # the same with QLoRA (nf4)
 #   bash benchmarks/long_context_gpu.sh cap     # held to 80 GB, QLoRA at LENGTH tokens (default 49,152), memory only
 #   bash benchmarks/long_context_gpu.sh cap-trl # the same for TRL 1.16
+#   bash benchmarks/long_context_gpu.sh model32 # /tmp/qwen32b: the Qwen3-32B shape (61 GiB on disk: a 2-GPU machine's
+#                                               # 128 GiB disk, one of its cards used)
+#   bash benchmarks/long_context_gpu.sh cap32   # held to 80 GB, LoRA 16-bit on the 32B shape at LENGTH tokens (default
+#                                               # 6,656), fp8 KV cache, memory only; cap32-trl: TRL 1.16
 # One trainer at a time, for a machine that runs a command 10 minutes at most (an 8B step at 20,000 tokens
 # is mostly its generation, about 4 minutes of decoding in bf16, more in nf4): lora-ours, lora-trl,
 # qlora-ours, qlora-trl. STEPS: GRPO steps per run (default 3; STEPS=1 fits one run in a 10-minute call).
@@ -17,7 +21,7 @@ OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 bench() { python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}; }
 mkdir -p "$OUT/long"
-case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl}" in
+case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|model32|cap32|cap32-trl}" in
   model) python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b ;;
   lora|lora-ours|qlora|qlora-ours)
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --offload --max-tokens-per-forward 40000
@@ -32,5 +36,14 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl}
   cap-trl)
     DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
       --trainer trl --tag "qlora-cap-${LENGTH:-49152}"
+    ;;
+  model32) python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b ;;
+  cap32)
+    DECODED=${DECODED:-64} bench run --model /tmp/qwen32b --finetune lora --cap-gib 80 --length "${LENGTH:-6656}" \
+      --kv-cache-dtype fp8 --offload --max-tokens-per-forward 8192 --tag "lora32-cap-${LENGTH:-6656}"
+    ;;
+  cap32-trl)
+    DECODED=${DECODED:-64} bench run --model /tmp/qwen32b --finetune lora --cap-gib 80 --length "${LENGTH:-6656}" \
+      --trainer trl --tag "lora32-cap-${LENGTH:-6656}"
     ;;
 esac

@@ -38,8 +38,8 @@ def test_decoded_tokens_repeat_with_their_log_probs_to_the_full_length(monkeypat
 
 
 def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatch):
-    """long_context_gpu.sh cap / cap-trl: one run held to 80 GB at LENGTH tokens, vLLM decoding 64 of
-    them (8 x 49,152 tokens would not decode in a 10-minute call); checked against the benchmark's parser."""
+    """long_context_gpu.sh cap / cap-trl / cap32: one run held to 80 GB at LENGTH tokens, vLLM decoding 64
+    of them (8 x 49,152 tokens would not decode in a 10-minute call); checked against the benchmark's parser."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
@@ -48,7 +48,7 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
     record = tmp_path / "record.jsonl"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o")}
     for mode, extra in (("cap", {}), ("cap-trl", {"LENGTH": "65536"}), ("qlora-ours", {"DECODED": "32"}),
-                        ("lora-ours", {})):
+                        ("lora-ours", {}), ("cap32", {})):
         done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", mode], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -56,7 +56,9 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
     parsed = [_parse(args, monkeypatch) for args in runs]
     assert [(a.trainer, a.finetune, a.length, a.cap_gib, a.decoded) for a in parsed] == [
         ("ours", "qlora", 49152, 80.0, 64), ("trl", "qlora", 65536, 80.0, 64), ("ours", "qlora", 20000, None, 32),
-        ("ours", "lora", 20000, None, None)]  # without DECODED every token is decoded
+        ("ours", "lora", 20000, None, None),  # without DECODED every token is decoded
+        ("ours", "lora", 6656, 80.0, 64)]  # the 32B shape, LoRA 16-bit
+    assert parsed[-1].model == "/tmp/qwen32b" and parsed[-1].kv_cache_dtype == "fp8"
 
 
 def _parse(args: list[str], monkeypatch):
