@@ -315,6 +315,49 @@ def test_lora_sleeps_at_level_1_and_hands_adapters_over_without_touching_vllms_w
     assert llm.calls[4:] == [("wake_up", ["kv_cache", "weights"]), ("generate", 2, engine.lora_request)]
 
 
+class Params4bit(torch.nn.Parameter):
+    """bitsandbytes' 4-bit parameter as share_weights sees it: packed nf4 bytes (uint8, two weights a
+    byte, one column) and its quantization state, which stays the policy's own."""
+
+
+def test_qlora_shares_vllms_packed_4_bit_bytes_where_they_are_equal(monkeypatch, tiny_model):
+    from grpoflow.rollout.vllm import _hf_name
+
+    policy, cfg = policy_for(tiny_model, "lora")
+    generator = torch.Generator().manual_seed(0)
+    packed = {}  # each frozen linear weight as a QLoRA trainer holds it: nf4 bytes, rows = numel / 2
+    for module in policy.model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, torch.nn.Linear):
+            data = torch.randint(0, 256, (base.weight.numel() // 2, 1), dtype=torch.uint8, generator=generator)
+            base.weight = Params4bit(data, requires_grad=False)
+            base.weight.quant_state = "the policy's own"
+            packed[_hf_name(f"{module_name(policy.model, module)}.base_layer.weight")] = data
+    frozen_float = {_hf_name(n): p for n, p in policy.model.named_parameters()
+                    if not p.requires_grad and p.is_floating_point()}
+    vllm_bytes = dict(packed)
+    vllm_bytes["model.layers.0.mlp.down_proj.weight"] = packed["model.layers.0.mlp.down_proj.weight"] ^ 1  # packed otherwise
+    model = FakeVLLMModel(vllm_layout({**vllm_bytes, **frozen_float}))
+    fake_vllm_at(monkeypatch, model=model)
+    engine = engine_for(tiny_model, policy, cfg)
+
+    saved = engine.share_weights(policy)
+    attention = policy.model.base_model.model.model.layers[0].self_attn
+    qkv = dict(model.named_parameters())["model.layers.0.self_attn.qkv_proj.base_layer.weight"]
+    q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
+    k_rows = attention.k_proj.base_layer.weight.shape[0]
+    assert q.data_ptr() == qkv.data_ptr() and v.data_ptr() == qkv[q.shape[0] + k_rows:].data_ptr()
+    assert type(q) is Params4bit and q.quant_state == "the policy's own"  # the parameter object stays
+    down = policy.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+    assert all(down.data_ptr() != t.data_ptr() for t in model.parameters())  # bytes that differ stay apart
+    assert saved == (sum(t.numel() for t in packed.values()) - down.numel()
+                     + sum(p.numel() * p.element_size() for p in frozen_float.values()))
+
+
+def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def test_shared_base_weights_release_the_kv_cache_alone(monkeypatch, tiny_model):
     from grpoflow.rollout.vllm import _hf_name
 

@@ -90,13 +90,17 @@ def test_lora_adapters_handed_over_reach_generation():
 def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     """rollout.quantization auto for QLoRA: vLLM quantizes the checkpoint to nf4 as it loads (double
     quantized, blocks of 64, as transformers quantizes the trainer's base), so the sampler and the
-    trainer run one 4-bit model; the adapters handed over reach generation."""
+    trainer run one 4-bit model, held once (share_weights); the adapters handed over reach generation."""
     pytest.importorskip("bitsandbytes")
     policy, engine = policy_and_engine("qlora", quantization="bitsandbytes")
     assert engine.llm.llm_engine.vllm_config.model_config.quantization == "bitsandbytes"
     # what is not 4-bit stays in the compute dtype, as in vLLM: no float32 embeddings, lm_head or norms
     kept = {p.dtype for name, p in policy.model.named_parameters() if "lora_" not in name and p.is_floating_point()}
     assert kept == {torch.bfloat16}
+    # the same checkpoint packed to nf4 the same way on both sides: the trainer's 4-bit bytes are rows of vLLM's
+    packed = sum(p.numel() for p in policy.model.parameters() if type(p).__name__ == "Params4bit")
+    saved = engine.share_weights(policy)
+    assert saved >= packed > 0
     engine.sync_weights(policy, step=0)
     base, _ = vllm_vs_trainer(policy, engine)
     train_adapters(policy)
@@ -104,7 +108,7 @@ def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     engine.sync_weights(policy, step=1)
     after, _ = vllm_vs_trainer(policy, engine)
     print(f"qlora: |dlogp| before training {base:.4f}, stale adapters {stale:.4f}, handed over {after:.4f}; "
-          f"vLLM took {engine.device_bytes / 2**30:.2f} GiB")
+          f"vLLM took {engine.device_bytes / 2**30:.2f} GiB, shares {saved / 2**30:.3f} GiB with the trainer")
     assert base < 0.1 and stale > 5 * after and after < 0.1
 
 

@@ -375,7 +375,10 @@ class VLLMEngine:
     def share_weights(self, policy) -> int:
         """LoRA: make the policy's frozen base weights views of vLLM's tensors, so the card holds
         one copy. Only tensors that are equal, bit for bit, are shared (vLLM stacks q/k/v and
-        gate/up: their rows are slices of its fused tensors). Returns the bytes freed."""
+        gate/up: their rows are slices of its fused tensors). QLoRA's too: vLLM packs each
+        checkpoint weight to nf4 as transformers does (blocks of 64, double quantization) and
+        stacks the packed bytes in the same order, so a 4-bit weight's bytes are rows of vLLM's
+        (each side keeps its own quantization state, a few percent of it). Returns the bytes freed."""
         import torch
 
         model = vllm_model(self.llm)
@@ -395,7 +398,7 @@ class VLLMEngine:
         saved = 0
         with torch.no_grad():
             for name, p in policy.model.named_parameters():
-                if p.requires_grad or not p.is_floating_point():  # 4-bit weights: each side packs its own
+                if p.requires_grad or not (p.is_floating_point() or type(p).__name__ == "Params4bit"):
                     continue
                 key = _hf_name(name)
                 if key not in slices:
