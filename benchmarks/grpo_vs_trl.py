@@ -269,8 +269,8 @@ def main() -> None:
                         help="run under torch's profiler: <out>/profile-<name>.txt, the kernels by device time "
                              "and the trainer's phases (grpoflow.generation, .train, .sync, .optimizer)")
     parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
-                        help="sys.setswitchinterval in this process (Python's default 0.005): how long a thread waiting for "
-                             "the interpreter lock waits before it asks the holder to drop it")
+                        help="sys.setswitchinterval in this process (Python's default 0.005): how long a thread "
+                             "waiting for the interpreter lock waits before it asks the holder to drop it")
     args = parser.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
@@ -283,7 +283,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"card": card, "workload": WORKLOAD, "steps": args.steps, "engine": args.engine,
                "finetune": args.finetune, "model": args.model, "overrides": args.overrides,
-               "switch_interval": sys.getswitchinterval(), "trl_sleep": args.trl_sleep, "trl_server_gpu": args.trl_server, "date": time.strftime("%Y-%m-%d")}
+               "switch_interval": sys.getswitchinterval(), "trl_sleep": args.trl_sleep,
+               "trl_server_gpu": args.trl_server, "date": time.strftime("%Y-%m-%d")}
     runs = []
     if args.engine == "vllm" and (args.only is None or len(args.kernels.split(",")) > 1):
         # vLLM's sleep-mode allocator is one per process: a second engine fails at its start (H100,

@@ -19,7 +19,9 @@
 set -uo pipefail
 OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-bench() { python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}; }
+bench() {
+  python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}
+}
 mkdir -p "$OUT/long"
 case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|model32|cap32|cap32-trl}" in
   model) python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b ;;

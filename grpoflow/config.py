@@ -381,8 +381,9 @@ class RolloutConfig(Section):
     max_staleness: int = Field(1, ge=1, description="async: optimizer steps the sampling weights may lag the "
                                                     "trained ones (1: one-step-off-policy)")
     async_priority: Literal["normal", "high"] = Field(
-        "normal", description="async on a GPU: the CUDA stream priority of the generation ahead. high: its decoding "
-                              "kernels are scheduled before the training pass's waiting blocks (docs/async-rollouts.md)")
+        "normal", description="async on a GPU: the CUDA stream priority of the generation ahead. high: its "
+                              "decoding kernels are scheduled before the training pass's waiting blocks "
+                              "(docs/async-rollouts.md)")
     environment: Literal["single_turn", "python_tool"] = Field(
         "single_turn", description="what answers the model's turns (grpoflow/environments.py, docs/tools.md). "
                                    "python_tool: a turn with a ```python block gets the block's output from the code "

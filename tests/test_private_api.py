@@ -336,7 +336,8 @@ def test_qlora_shares_vllms_packed_4_bit_bytes_where_they_are_equal(monkeypatch,
     frozen_float = {_hf_name(n): p for n, p in policy.model.named_parameters()
                     if not p.requires_grad and p.is_floating_point()}
     vllm_bytes = dict(packed)
-    vllm_bytes["model.layers.0.mlp.down_proj.weight"] = packed["model.layers.0.mlp.down_proj.weight"] ^ 1  # packed otherwise
+    down = "model.layers.0.mlp.down_proj.weight"
+    vllm_bytes[down] = packed[down] ^ 1  # a weight vLLM packed otherwise
     model = FakeVLLMModel(vllm_layout({**vllm_bytes, **frozen_float}))
     fake_vllm_at(monkeypatch, model=model)
     engine = engine_for(tiny_model, policy, cfg)

@@ -520,7 +520,8 @@ def _server_engine(spec: ServerSpec):
                           gpu_memory_utilization=spec.gpu_memory_utilization, max_model_len=spec.max_model_len,
                           seed=spec.seed, lora_rank=spec.lora_rank, sleep=False, enforce_eager=spec.enforce_eager,
                           seed_per_prompt=spec.seed_per_prompt, completions_per_call=spec.completions_per_call,
-                          largest_call=spec.largest_call, quantization=spec.quantization, kv_cache_dtype=spec.kv_cache_dtype)
+                          largest_call=spec.largest_call, quantization=spec.quantization,
+                          kv_cache_dtype=spec.kv_cache_dtype)
     return ServedTransformers(spec)
 
 
