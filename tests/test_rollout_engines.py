@@ -182,9 +182,9 @@ def test_vllm_is_sized_to_run_the_whole_generation_at_once_on_cuda_graphs(monkey
     assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 1024}
 
 
-def test_a_training_engine_captures_graphs_for_its_largest_call():
+def test_a_training_engine_captures_graphs_for_its_largest_call(monkeypatch, gpu, tiny_model):
     from grpoflow.config import validate_config
-    from grpoflow.rollout.load import largest_call
+    from grpoflow.rollout.load import largest_call, make_engine, server_spec
 
     cfg = validate_config({"grpo": {"warmup": {"enabled": False}}})
     assert largest_call(cfg.grpo, 16) == 16
@@ -193,6 +193,17 @@ def test_a_training_engine_captures_graphs_for_its_largest_call():
     assert largest_call(cfg.grpo, 64) == 64
     cfg = validate_config({"grpo": {"warmup": {"enabled": True, "eval_prompts": 24}}})
     assert largest_call(cfg.grpo, 16) == 24  # the warm-up's format check before and after
+    # what the engine is started with, colocated and as a rollout server's spec
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        __version__="0.26.0", LLM=_RecordingLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 2**31))
+    engine = make_engine(RolloutConfig(engine="vllm"), str(tiny_model), max_model_len=256, completions_per_call=16,
+                         largest_call=largest_call(cfg.grpo, 16))
+    assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 24}
+    cfg = validate_config({"rollout": {"engine": "vllm"}, "grpo": {"eval_strategy": "steps", "eval_prompts": 48,
+                                                                   "per_device_train_batch_size": 16}})
+    spec = server_spec(cfg, str(tiny_model), num_processes=1)
+    assert (spec.completions_per_call, spec.largest_call) == (16, 48)
 
 
 @pytest.mark.parametrize("finetune, quantization, kv_cache_dtype, expected", [
