@@ -42,6 +42,10 @@ from grpoflow.errors import ConfigError
 # The GRPO batching guide (Unsloth's advanced RL documentation): unique_prompts = effective_batch_size /
 # num_generations "must be > 2". A warning, not an error: a small CPU run may want fewer.
 MIN_UNIQUE_PROMPTS = 3
+# Dynamic sampling: a refill draws the groups still missing divided by the share kept so far, at most
+# this many times the groups missing (grpoflow/train/rollouts.py), so a generate call asks for up to
+# this many times a generation's completions.
+MAX_REFILL = 8
 
 
 @dataclass

@@ -193,6 +193,8 @@ def test_a_training_engine_captures_graphs_for_its_largest_call(monkeypatch, gpu
     assert largest_call(cfg.grpo, 64) == 64
     cfg = validate_config({"grpo": {"warmup": {"enabled": True, "eval_prompts": 24}}})
     assert largest_call(cfg.grpo, 16) == 24  # the warm-up's format check before and after
+    dynamic = validate_config({"grpo": {"dynamic_sampling": True, "warmup": {"enabled": False}}})
+    assert largest_call(dynamic.grpo, 16) == 128  # a refill draws up to 8x the groups still missing
     # what the engine is started with, colocated and as a rollout server's spec
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
         __version__="0.26.0", LLM=_RecordingLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))

@@ -170,9 +170,13 @@ def server_spec(cfg, model_path: str, num_processes: int):
 
 
 def largest_call(grpo, completions_per_call: int) -> int:
-    """The most completions one generate call of a training run's engine asks for: a generation's,
-    the held-out questions of evaluation during training, or the warm-up's format check."""
-    return max(completions_per_call, grpo.eval_prompts if grpo.eval_strategy == "steps" else 0,
+    """The most completions one generate call of a training run's engine asks for: a generation's
+    (a dynamic-sampling refill's, up to MAX_REFILL times that), the held-out questions of evaluation
+    during training, or the warm-up's format check."""
+    from grpoflow.batching import MAX_REFILL
+
+    generation = completions_per_call * (MAX_REFILL if grpo.dynamic_sampling else 1)
+    return max(generation, grpo.eval_prompts if grpo.eval_strategy == "steps" else 0,
                grpo.warmup.eval_prompts if grpo.warmup.enabled else 0)
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from grpoflow.batching import BatchPlan
+from grpoflow.batching import MAX_REFILL, BatchPlan
 from grpoflow.config import PipelineConfig
 from grpoflow.environments import make_environment
 from grpoflow.errors import ConfigError
@@ -61,7 +61,7 @@ from grpoflow.train.sampler import PromptSampler
 
 log = logging.getLogger("grpoflow.train")
 
-MIN_KEEP_RATE = 1 / 8  # a refill draws at most 8x the groups still missing
+MIN_KEEP_RATE = 1 / MAX_REFILL  # a refill draws at most 8x the groups still missing
 
 
 class Rollouts:
