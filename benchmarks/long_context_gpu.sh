@@ -31,21 +31,15 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|
   lora|lora-trl|qlora|qlora-trl)
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --trainer trl
     ;;
-  cap)
+  cap|cap-trl)  # ours with activation offload and forwards of 50,000 tokens at most
+    mine=(--offload --max-tokens-per-forward 50000) && [ "$1" = cap-trl ] && mine=(--trainer trl)
     DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
-      --offload --max-tokens-per-forward 50000 --tag "qlora-cap-${LENGTH:-49152}"
-    ;;
-  cap-trl)
-    DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
-      --trainer trl --tag "qlora-cap-${LENGTH:-49152}"
+      "${mine[@]}" --tag "qlora-cap-${LENGTH:-49152}"
     ;;
   model32) python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b ;;
-  cap32)
+  cap32|cap32-trl)
+    mine=(--kv-cache-dtype fp8 --offload --max-tokens-per-forward 8192) && [ "$1" = cap32-trl ] && mine=(--trainer trl)
     DECODED=${DECODED:-64} bench run --model /tmp/qwen32b --finetune lora --cap-gib 80 --length "${LENGTH:-6656}" \
-      --kv-cache-dtype fp8 --offload --max-tokens-per-forward 8192 --tag "lora32-cap-${LENGTH:-6656}"
-    ;;
-  cap32-trl)
-    DECODED=${DECODED:-64} bench run --model /tmp/qwen32b --finetune lora --cap-gib 80 --length "${LENGTH:-6656}" \
-      --trainer trl --tag "lora32-cap-${LENGTH:-6656}"
+      "${mine[@]}" --tag "lora32-cap-${LENGTH:-6656}"
     ;;
 esac

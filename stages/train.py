@@ -38,7 +38,7 @@ from grpoflow.config import PipelineConfig
 from grpoflow.errors import ConfigError, RolloutServerError, TrainingDiverged
 from grpoflow.progress import Heartbeat, bar_draws, duration
 from grpoflow.rewards import RewardSet
-from grpoflow.rollout.load import largest_call, make_engine, resolve_engine, shares_base_weights
+from grpoflow.rollout.load import largest_call_for, make_engine, resolve_engine, shares_base_weights
 from grpoflow.stopping import StopRequested, stop_requested
 from grpoflow.train.checkpoint import (
     TrainState,
@@ -151,13 +151,13 @@ class GRPORecipe:
         self.scaler = make_scaler(policy)
         self.rewards = RewardSet(grpo.reward_funcs, grpo.reward_weights)
         # one generate call per generation (all its prompts), and the warm-up's format check in one call too
+        per_call = self.per_process * grpo.num_generations
         self.engine = make_engine(
             cfg.rollout, self.model_path, policy=policy, lora_rank=cfg.model.lora.r if policy.is_peft else None,
             dtype=cfg.model.dtype, seed=grpo.seed,
             max_model_len=cfg.rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
             batch_size=max(self.per_process, grpo.warmup.eval_prompts),
-            completions_per_call=self.per_process * grpo.num_generations,
-            largest_call=largest_call(grpo, self.per_process * grpo.num_generations), dist=dist,
+            completions_per_call=per_call, largest_call=largest_call_for(grpo, per_call), dist=dist,
             finetune=cfg.model.finetune)
         if shared_later:  # the base weights are vLLM's now; the adapters and anything not shared follow
             policy.model.to(dist.device)

@@ -184,23 +184,23 @@ def test_vllm_is_sized_to_run_the_whole_generation_at_once_on_cuda_graphs(monkey
 
 def test_a_training_engine_captures_graphs_for_its_largest_call(monkeypatch, gpu, tiny_model):
     from grpoflow.config import validate_config
-    from grpoflow.rollout.load import largest_call, make_engine, server_spec
+    from grpoflow.rollout.load import largest_call_for, make_engine, server_spec
 
     cfg = validate_config({"grpo": {"warmup": {"enabled": False}}})
-    assert largest_call(cfg.grpo, 16) == 16
+    assert largest_call_for(cfg.grpo, 16) == 16
     cfg = validate_config({"grpo": {"eval_strategy": "steps", "eval_prompts": 48}})
-    assert largest_call(cfg.grpo, 16) == 48  # the held-out questions go in one call
-    assert largest_call(cfg.grpo, 64) == 64
+    assert largest_call_for(cfg.grpo, 16) == 48  # the held-out questions go in one call
+    assert largest_call_for(cfg.grpo, 64) == 64
     cfg = validate_config({"grpo": {"warmup": {"enabled": True, "eval_prompts": 24}}})
-    assert largest_call(cfg.grpo, 16) == 24  # the warm-up's format check before and after
+    assert largest_call_for(cfg.grpo, 16) == 24  # the warm-up's format check before and after
     dynamic = validate_config({"grpo": {"dynamic_sampling": True, "warmup": {"enabled": False}}})
-    assert largest_call(dynamic.grpo, 16) == 128  # a refill draws up to 8x the groups still missing
+    assert largest_call_for(dynamic.grpo, 16) == 128  # a refill draws up to 8x the groups still missing
     # what the engine is started with, colocated and as a rollout server's spec
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
         __version__="0.26.0", LLM=_RecordingLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw)))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**30, 2**31))
     engine = make_engine(RolloutConfig(engine="vllm"), str(tiny_model), max_model_len=256, completions_per_call=16,
-                         largest_call=largest_call(cfg.grpo, 16))
+                         largest_call=largest_call_for(cfg.grpo, 16))
     assert engine.llm.kwargs["compilation_config"] == {"max_cudagraph_capture_size": 24}
     cfg = validate_config({"rollout": {"engine": "vllm"}, "grpo": {"eval_strategy": "steps", "eval_prompts": 48,
                                                                    "per_device_train_batch_size": 16}})

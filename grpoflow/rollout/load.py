@@ -71,7 +71,7 @@ def make_engine(rollout: RolloutConfig, model_path: str, *, policy=None, lora_ra
     frozen base weights (rollout.share_weights). Evaluation (no policy): the model in `model_path`,
     a folder, a Hub id or a LoRA adapters folder.
     batch_size: prompts per transformers generate call; completions_per_call: what vLLM runs at once;
-    largest_call: the most completions any call asks for (`largest_call(grpo, ...)`).
+    largest_call: the most completions any call asks for (`largest_call_for(grpo, ...)`).
     finetune: model.finetune of the run being trained (rollout.quantization's auto reads it).
     rollout.placement server (training only; dist: the training processes): a rollout server
     generates, grpoflow/rollout/server.py.
@@ -165,11 +165,11 @@ def server_spec(cfg, model_path: str, num_processes: int):
     return _spec(rollout, str(model_path), dtype=cfg.model.dtype,
                  lora_rank=cfg.model.lora.r if cfg.model.finetune != "full" else None,
                  max_model_len=rollout.max_model_len or grpo.max_prompt_length + grpo.max_completion_length,
-                 seed=grpo.seed, completions_per_call=per_call, largest_call=largest_call(grpo, per_call),
+                 seed=grpo.seed, completions_per_call=per_call, largest_call=largest_call_for(grpo, per_call),
                  finetune=cfg.model.finetune)
 
 
-def largest_call(grpo, completions_per_call: int) -> int:
+def largest_call_for(grpo, completions_per_call: int) -> int:
     """The most completions one generate call of a training run's engine asks for: a generation's
     (a dynamic-sampling refill's, up to MAX_REFILL times that), the held-out questions of evaluation
     during training, or the warm-up's format check."""

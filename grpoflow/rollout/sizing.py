@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-MARGIN_BYTES = 4 * GIB  # vLLM's peak activation (1.8 GiB), CUDA graphs (1.4 GiB), non-torch memory: 8B, H100
+MARGIN_BYTES = 4 * GIB  # vLLM's peak activation (1.8-2.0 GiB), CUDA graphs (1.4-1.5 GiB for the 51 sizes
+# captured before they were limited to a run's largest call), non-torch memory: 8B, H100
 KV_ROUNDING = 1.05  # the KV cache comes in blocks: a sequence's last one is partly empty
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": None, "fp8": 1}
 

@@ -61,7 +61,7 @@ from grpoflow.train.sampler import PromptSampler
 
 log = logging.getLogger("grpoflow.train")
 
-MIN_KEEP_RATE = 1 / MAX_REFILL  # a refill draws at most 8x the groups still missing
+MIN_KEEP_RATE = 1 / MAX_REFILL  # a refill draws at most MAX_REFILL x the groups still missing
 
 
 class Rollouts:
