@@ -1,7 +1,7 @@
 // Headless Chromium for the check_*.mjs scripts: Debian's /usr/bin/chromium (or CHROMIUM), driven by
 // playwright-core from PLAYWRIGHT_DIR (.cache/ui-test, installed by make ui-test-setup).
 import { createRequire } from 'module';
-import { mkdtempSync } from 'fs';
+import { mkdtempSync, rmSync } from 'fs';
 import { tmpdir } from 'os';
 import { join } from 'path';
 
@@ -11,8 +11,10 @@ const { chromium } = require('playwright-core');
 export const timeout = 30_000;
 
 // A fresh profile, no background traffic: the page talks only to the Prefect server under test.
+// The profile (4 MB) goes when the returned context is closed, once Chromium has let go of it.
 export async function openPage() {
-  const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'grpoflow-ui-profile-')), {
+  const profile = mkdtempSync(join(tmpdir(), 'grpoflow-ui-profile-'));
+  const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -21,7 +23,11 @@ export async function openPage() {
   });
   const page = context.pages()[0] || await context.newPage();
   page.setDefaultTimeout(timeout);
-  return { context, page };
+  const close = async () => {
+    await context.close();
+    rmSync(profile, { recursive: true, force: true, maxRetries: 5, retryDelay: 200 });
+  };
+  return { context: { close }, page };
 }
 
 // A full-page screenshot in outDir, its path added to report.screenshots.
