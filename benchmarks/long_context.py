@@ -18,9 +18,10 @@ decode to nothing, and lengths are what count. Completions are forced to L token
 Memory is the card's, as cudaMemGetInfo sees it, polled every 20 ms through the whole run: vLLM's
 pool, the CUDA context and torch's allocator together, not torch's statistics alone. --cap-gib
 holds the process to less than the card: vLLM's share (rollout.gpu_memory_utilization) is sized
-against the cap, torch's allocator gets the cap's remainder as its memory fraction, and a run whose
-peak passes the cap counts as not fitting. Each run is a process of its own (one vLLM engine per
-process); `bisect` starts them and keeps every try in <out>/long_context-bisect-<tag>.json.
+against the cap, torch's allocator gets the cap as its memory fraction (vLLM's weights and KV cache
+are allocated through it too, so the fraction holds both sides), and a run whose peak, CUDA context
+and libraries' workspaces included, passes the cap counts as not fitting. Each run is a process of
+its own (one vLLM engine per process); `bisect` starts them and keeps every try in <out>/long_context-bisect-<tag>.json.
 
 --decoded N measures memory only, where decoding every token would not fit the time there is (an
 8B decodes 8 completions at 11.5 ms a token on an H100, so 47,500 tokens take 9 minutes): vLLM
@@ -120,11 +121,18 @@ def vllm_gib_for(model: str, length: int, quantized: bool, kv_cache_dtype: str =
     return round(need.total / GIB, 1)
 
 
-def shares(cap_gib: float | None, vllm_gib: float) -> tuple[float, float | None]:
-    """vLLM's gpu_memory_utilization for vllm_gib, and torch's memory fraction under the cap (None: no cap)."""
-    total = torch.cuda.mem_get_info()[1] / GIB if torch.cuda.is_available() else 80.0
-    utilization = vllm_gib / total
-    return utilization, (None if cap_gib is None else max(0.05, (cap_gib - vllm_gib) / total))
+def shares(cap_gib: float | None, vllm_gib: float, total_gib: float | None = None) -> tuple[float, float | None]:
+    """vLLM's gpu_memory_utilization for vllm_gib, and torch's memory fraction under the cap (None: no cap).
+
+    The fraction is the whole cap, not what vLLM leaves of it: vLLM allocates its weights and KV cache
+    through torch's allocator in this process, so they count against the fraction too (the cap's
+    remainder alone stopped vLLM from starting, H100, 2026-12-06)."""
+    if total_gib is None:
+        total_gib = torch.cuda.mem_get_info()[1] / GIB if torch.cuda.is_available() else 80.0
+    if cap_gib is not None and vllm_gib >= cap_gib:
+        raise RuntimeError(f"out of memory under --cap-gib {cap_gib}: vLLM's share alone takes {vllm_gib} GiB "
+                           f"(weights and every completion's KV cache), nothing is left for training")
+    return vllm_gib / total_gib, (None if cap_gib is None else min(1.0, cap_gib / total_gib))
 
 
 def decode_only(decoded: int, length: int) -> None:

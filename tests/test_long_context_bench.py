@@ -37,6 +37,22 @@ def test_decoded_tokens_repeat_with_their_log_probs_to_the_full_length(monkeypat
     assert without.token_ids == [9, 9, 9] and without.logprobs is None
 
 
+def test_the_cap_holds_torchs_whole_allocator_where_vllm_allocates_too(monkeypatch):
+    """--cap-gib: vLLM's share sized on the card, torch's fraction the whole cap (vLLM's KV cache and
+    weights are torch allocations of the same process; the cap less vLLM's share stopped vLLM starting)."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.long_context import shares
+
+    utilization, fraction = shares(80.0, 60.0, total_gib=140.0)  # an H200 held to an H100
+    assert utilization == 60.0 / 140.0 and fraction == 80.0 / 140.0
+    assert shares(80.0, 60.0, total_gib=79.2)[1] == 1.0  # a cap above the card holds nothing back
+    assert shares(None, 30.0, total_gib=79.2) == (30.0 / 79.2, None)
+    with pytest.raises(RuntimeError, match="out of memory under --cap-gib 80.0: vLLM's share alone takes 81.0 GiB"):
+        shares(80.0, 81.0, total_gib=140.0)
+
+
 def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatch):
     """long_context_gpu.sh cap / cap-trl / cap32: one run held to 80 GB at LENGTH tokens, vLLM decoding 64
     of them (8 x 49,152 tokens would not decode in a 10-minute call); checked against the benchmark's parser."""
