@@ -9,6 +9,8 @@ is one function here, written against the versions the lock files pin:
     vllm_worker(llm)              LLM.llm_engine.model_executor.driver_worker.worker     vLLM 0.26
     vllm_model(llm)               ...worker.model_runner.model                           vLLM 0.26
     vllm_packed_modules(llm)      ...model.packed_modules_mapping                        vLLM 0.26
+    vllm_4bit_shards(param)       a bitsandbytes weight's bnb_quant_state and             vLLM 0.26
+                                  bnb_shard_offsets (vLLM's bitsandbytes loader)
     load_vllm_weights(llm, ...)   ...model.load_weights(weights=...)                     vLLM 0.26
     wake_vllm_kv_cache(llm)       ...worker.wake_up(tags=["kv_cache"])                   vLLM 0.26
     release_vllm_kv_cache()       CuMemAllocator.get_instance().pointer_to_data,         vLLM 0.26
@@ -97,6 +99,7 @@ class _Shim:
 _VLLM_WORKER = _Shim("vllm_worker", "vllm", _VLLM_TODO, missing=_IN_PROCESS)
 _VLLM_MODEL = _Shim("vllm_model", "vllm", _VLLM_TODO)
 _LOAD_WEIGHTS = _Shim("load_vllm_weights", "vllm", _VLLM_TODO)
+_VLLM_4BIT = _Shim("vllm_4bit_shards", "vllm", _VLLM_TODO)
 _WAKE_KV_CACHE = _Shim("wake_vllm_kv_cache", "vllm", _VLLM_TODO)
 _RELEASE_KV_CACHE = _Shim("release_vllm_kv_cache", "vllm", _VLLM_TODO)
 
@@ -118,6 +121,19 @@ def vllm_packed_modules(llm) -> dict[str, list[str]]:
     e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}, a class attribute of vLLM's model classes. A
     model without fused layers may declare none: {} then, not an error. Checked with vLLM 0.26.0."""
     return dict(getattr(vllm_model(llm), "packed_modules_mapping", None) or {})
+
+
+def vllm_4bit_shards(param) -> dict[int, tuple[int, Any]]:
+    """The 4-bit shards of one of vLLM's bitsandbytes weights: {byte offset in its packed tensor: (shard
+    index, bitsandbytes QuantState)}. vLLM's loader quantizes each checkpoint weight on its own and stacks
+    the packed bytes (q/k/v, gate/up) with their states as `bnb_quant_state` {index: state} and
+    `bnb_shard_offsets` (the shards' starts, then the end); its double-quantized scales are already
+    float32. {} for a weight that is not 4-bit. Checked with vLLM 0.26.0."""
+    if getattr(param, "bnb_quant_state", None) is None:
+        return {}
+    states = _VLLM_4BIT.walk(param, "param", "bnb_quant_state")
+    starts = [int(s) for s in _VLLM_4BIT.walk(param, "param", "bnb_shard_offsets")][:-1]
+    return {start: (index, states[index]) for index, start in enumerate(starts)}
 
 
 def load_vllm_weights(llm, weights: Iterable[tuple[str, Any]]) -> None:

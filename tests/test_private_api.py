@@ -317,42 +317,140 @@ def test_lora_sleeps_at_level_1_and_hands_adapters_over_without_touching_vllms_w
 
 class Params4bit(torch.nn.Parameter):
     """bitsandbytes' 4-bit parameter as share_weights sees it: packed nf4 bytes (uint8, two weights a
-    byte, one column) and its quantization state, which stays the policy's own."""
+    byte, one column) and its quantization state."""
 
 
-def test_qlora_shares_vllms_packed_4_bit_bytes_where_they_are_equal(monkeypatch, tiny_model):
+def quant_state(shape, scale: float, dtype=torch.bfloat16) -> types.SimpleNamespace:
+    """A bitsandbytes QuantState as share_weights reads it; `scale` stands for its blocks' scales."""
+    return types.SimpleNamespace(shape=torch.Size(shape), blocksize=64, quant_type="nf4", dtype=dtype, scale=scale)
+
+
+def stand_in_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantize_4bit, as far as the check needs it: the bytes' values times the scale."""
+    return (packed.reshape(-1).float() * state.scale).to(state.dtype)
+
+
+def test_qlora_takes_vllms_4_bit_bytes_and_quantization_state_for_its_own_weights(monkeypatch, tiny_model, caplog):
+    """QLoRA: each 4-bit weight becomes rows of vLLM's packed tensor and computes with vLLM's state of
+    that shard (its scales, the policy's output dtype), so trainer and sampler run one 4-bit model.
+    Codes that differ near a boundary (vLLM quantized a float32 checkpoint, the trainer its bf16 cast)
+    still make the same weight; a shard holding another weight stays apart, and the log says why."""
+    import grpoflow.rollout.vllm as vllm_engine
     from grpoflow.rollout.vllm import _hf_name
 
+    monkeypatch.setattr(vllm_engine, "_dequantize_4bit", stand_in_dequantize)
     policy, cfg = policy_for(tiny_model, "lora")
     generator = torch.Generator().manual_seed(0)
-    packed = {}  # each frozen linear weight as a QLoRA trainer holds it: nf4 bytes, rows = numel / 2
+    packed, shapes = {}, {}  # each frozen linear weight as a QLoRA trainer holds it: nf4 bytes, rows = numel / 2
     for module in policy.model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, torch.nn.Linear):
+            name = _hf_name(f"{module_name(policy.model, module)}.base_layer.weight")
+            shapes[name] = tuple(base.weight.shape)
             data = torch.randint(0, 256, (base.weight.numel() // 2, 1), dtype=torch.uint8, generator=generator)
             base.weight = Params4bit(data, requires_grad=False)
-            base.weight.quant_state = "the policy's own"
-            packed[_hf_name(f"{module_name(policy.model, module)}.base_layer.weight")] = data
+            base.weight.quant_state = quant_state(shapes[name], scale=1.0)
+            packed[name] = data
     frozen_float = {_hf_name(n): p for n, p in policy.model.named_parameters()
                     if not p.requires_grad and p.is_floating_point()}
     vllm_bytes = dict(packed)
-    down = "model.layers.0.mlp.down_proj.weight"
-    vllm_bytes[down] = packed[down] ^ 1  # a weight vLLM packed otherwise
+    down, other = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    near = packed[down].clone()
+    near[::100] += 1  # a code in a hundred one step away: the same weight, quantized from other input
+    vllm_bytes[down] = near
+    vllm_bytes[other] = torch.randint(0, 256, packed[other].shape, dtype=torch.uint8, generator=generator)
     model = FakeVLLMModel(vllm_layout({**vllm_bytes, **frozen_float}))
+    # vLLM's loader: each stacked 4-bit tensor carries its shards' states and where each starts
+    part_of = {part: (fused, i) for fused, parts in VLLM_FUSED.items() for i, part in enumerate(parts)}
+    for name, tensor in vllm_bytes.items():
+        module, _, leaf = name.rpartition(".")
+        prefix, _, layer = module.rpartition(".")
+        fused, index = part_of.get(layer, (layer, 0))
+        vp = dict(model.named_parameters())[f"{prefix}.{fused}.base_layer.{leaf}"]
+        if not hasattr(vp, "bnb_quant_state"):
+            vp.bnb_quant_state, vp.bnb_shard_offsets = {}, [0]
+        vp.bnb_quant_state[index] = quant_state(shapes[name], scale=1.001, dtype=torch.float32)  # its own scales
+        vp.bnb_shard_offsets.append(vp.bnb_shard_offsets[-1] + tensor.shape[0])
     fake_vllm_at(monkeypatch, model=model)
     engine = engine_for(tiny_model, policy, cfg)
 
-    saved = engine.share_weights(policy)
+    with caplog.at_level("INFO", logger="grpoflow.rollout"):
+        saved = engine.share_weights(policy)
     attention = policy.model.base_model.model.model.layers[0].self_attn
     qkv = dict(model.named_parameters())["model.layers.0.self_attn.qkv_proj.base_layer.weight"]
     q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
     k_rows = attention.k_proj.base_layer.weight.shape[0]
     assert q.data_ptr() == qkv.data_ptr() and v.data_ptr() == qkv[q.shape[0] + k_rows:].data_ptr()
-    assert type(q) is Params4bit and q.quant_state == "the policy's own"  # the parameter object stays
-    down = policy.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
-    assert all(down.data_ptr() != t.data_ptr() for t in model.parameters())  # bytes that differ stay apart
-    assert saved == (sum(t.numel() for t in packed.values()) - down.numel()
+    assert type(q) is Params4bit  # the parameter object stays, with vLLM's state of the shard it now is
+    assert q.quant_state.scale == 1.001 and q.quant_state.dtype == torch.bfloat16
+    assert v.quant_state is not qkv.bnb_quant_state[2] and v.quant_state.shape == qkv.bnb_quant_state[2].shape
+    layers = policy.model.base_model.model.model.layers
+    assert any(layers[0].mlp.down_proj.base_layer.weight.data_ptr() == t.data_ptr() for t in model.parameters())
+    up = layers[1].mlp.up_proj.base_layer.weight
+    assert all(up.data_ptr() != t.data_ptr() for t in model.parameters()) and up.quant_state.scale == 1.0
+    assert saved == (sum(t.numel() for t in packed.values()) - up.numel()
                      + sum(p.numel() * p.element_size() for p in frozen_float.values()))
+    assert ("1 frozen tensors (0.00 GiB) stay the policy's own: vLLM's 4-bit shard is another weight or "
+            "quantized otherwise") in caplog.text
+
+
+def test_qlora_sharing_with_bitsandbytes_itself(monkeypatch, tiny_model):
+    """The same with bitsandbytes' own Params4bit, QuantState and kernels (installed on the GPU machine;
+    skipped where it is not): vLLM's side quantized as its loader does, from the float32 checkpoint, its
+    double-quantized scales made float32; the trainer's from its bf16 cast. After sharing, every 4-bit
+    weight of the policy dequantizes to vLLM's, bit for bit, and the policy still runs."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise, quantize_4bit
+    from safetensors.torch import load_file
+
+    from grpoflow.rollout.vllm import _hf_name
+
+    policy, cfg = policy_for(tiny_model, "lora")
+    checkpoint = load_file(tiny_model / "model.safetensors")  # float32
+    vllm_weights, states = {}, {}
+    for module in list(policy.model.modules()):
+        base = getattr(module, "base_layer", None)
+        if not isinstance(base, torch.nn.Linear):
+            continue
+        name = _hf_name(f"{module_name(policy.model, module)}.base_layer.weight")
+        packed, state = quantize_4bit(checkpoint[name], compress_statistics=True, quant_type="nf4")
+        state.absmax, state.nested = dequantize_blockwise(state.absmax, state.state2) + state.offset, False
+        vllm_weights[name], states[name] = packed, state
+        four_bit = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                     quant_type="nf4")
+        four_bit.weight = bnb.nn.Params4bit(base.weight.data, requires_grad=False, compress_statistics=True,
+                                            quant_type="nf4").to("cpu")  # quantized here, from bf16
+        module.base_layer = four_bit
+    frozen_float = {_hf_name(n): p for n, p in policy.model.named_parameters()
+                    if not p.requires_grad and p.is_floating_point()}
+    model = FakeVLLMModel(vllm_layout({**vllm_weights, **frozen_float}))
+    part_of = {part: (fused, i) for fused, parts in VLLM_FUSED.items() for i, part in enumerate(parts)}
+    params = dict(model.named_parameters())
+    for name, packed in vllm_weights.items():
+        module, _, leaf = name.rpartition(".")
+        prefix, _, layer = module.rpartition(".")
+        fused, index = part_of.get(layer, (layer, 0))
+        vp = params[f"{prefix}.{fused}.base_layer.{leaf}"]
+        if not hasattr(vp, "bnb_quant_state"):
+            vp.bnb_quant_state, vp.bnb_shard_offsets = {}, torch.tensor([0])
+        vp.bnb_quant_state[index] = states[name]
+        vp.bnb_shard_offsets = torch.cat([vp.bnb_shard_offsets, vp.bnb_shard_offsets[-1:] + packed.shape[0]])
+    fake_vllm_at(monkeypatch, model=model)
+    engine = engine_for(tiny_model, policy, cfg)
+
+    four_bit = {_hf_name(n): p for n, p in policy.model.named_parameters() if type(p).__name__ == "Params4bit"}
+    differing = sum(int(not torch.equal(p.data, vllm_weights[n])) for n, p in four_bit.items())
+    saved = engine.share_weights(policy)
+    assert differing > 0  # quantized from float32 and from bf16, the bytes differ somewhere
+    assert saved >= sum(p.numel() for p in four_bit.values())
+    storage = [(t.data_ptr(), t.data_ptr() + t.numel()) for t in model.parameters()]
+    for name, p in four_bit.items():
+        assert any(low <= p.data_ptr() < high for low, high in storage), name
+        assert p.quant_state.dtype == torch.bfloat16  # vLLM's scales, the policy's compute dtype
+        assert torch.equal(dequantize_4bit(p.data, p.quant_state),
+                           dequantize_4bit(vllm_weights[name], states[name]).to(torch.bfloat16)), name
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(policy.model(input_ids=ids).logits).all()
 
 
 def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:

@@ -92,15 +92,21 @@ def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     quantized, blocks of 64, as transformers quantizes the trainer's base), so the sampler and the
     trainer run one 4-bit model, held once (share_weights); the adapters handed over reach generation."""
     pytest.importorskip("bitsandbytes")
+    from grpoflow.private_api import vllm_model
+
     policy, engine = policy_and_engine("qlora", quantization="bitsandbytes")
     assert engine.llm.llm_engine.vllm_config.model_config.quantization == "bitsandbytes"
     # what is not 4-bit stays in the compute dtype, as in vLLM: no float32 embeddings, lm_head or norms
     kept = {p.dtype for name, p in policy.model.named_parameters() if "lora_" not in name and p.is_floating_point()}
     assert kept == {torch.bfloat16}
-    # the same checkpoint packed to nf4 the same way on both sides: the trainer's 4-bit bytes are rows of vLLM's
-    packed = sum(p.numel() for p in policy.model.parameters() if type(p).__name__ == "Params4bit")
+    # the same checkpoint packed to nf4 on both sides (vLLM from its float32, the trainer from its bf16 cast):
+    # every 4-bit weight of the trainer becomes rows of vLLM's, with vLLM's scales, one 4-bit model held once
+    four_bit = [p for p in policy.model.parameters() if type(p).__name__ == "Params4bit"]
     saved = engine.share_weights(policy)
-    assert saved >= packed > 0
+    storage = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+               for t in vllm_model(engine.llm).parameters()]
+    assert four_bit and all(any(low <= p.data_ptr() < high for low, high in storage) for p in four_bit)
+    assert saved >= sum(p.numel() for p in four_bit)
     engine.sync_weights(policy, step=0)
     base, _ = vllm_vs_trainer(policy, engine)
     train_adapters(policy)

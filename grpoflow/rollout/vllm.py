@@ -40,8 +40,8 @@ from pathlib import Path
 
 from grpoflow.config import ConfigError
 from grpoflow.errors import EngineError
-from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, release_vllm_kv_cache, vllm_model,
-                                  vllm_packed_modules, vllm_released_bytes, wake_vllm_kv_cache)
+from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, release_vllm_kv_cache, vllm_4bit_shards,
+                                  vllm_model, vllm_packed_modules, vllm_released_bytes, wake_vllm_kv_cache)
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
@@ -374,11 +374,12 @@ class VLLMEngine:
 
     def share_weights(self, policy) -> int:
         """LoRA: make the policy's frozen base weights views of vLLM's tensors, so the card holds
-        one copy. Only tensors that are equal, bit for bit, are shared (vLLM stacks q/k/v and
-        gate/up: their rows are slices of its fused tensors). QLoRA's too: vLLM packs each
-        checkpoint weight to nf4 as transformers does (blocks of 64, double quantization) and
-        stacks the packed bytes in the same order, so a 4-bit weight's bytes are rows of vLLM's
-        (each side keeps its own quantization state, a few percent of it). Returns the bytes freed."""
+        one copy. 16-bit weights are shared where they are equal, bit for bit (vLLM stacks q/k/v and
+        gate/up: their rows are slices of its fused tensors). QLoRA's 4-bit weights: vLLM packs each
+        checkpoint weight to nf4 on its own and stacks the packed bytes in the same order, so a
+        4-bit weight is rows of vLLM's; the policy takes vLLM's bytes and quantization state both
+        (`_adopted_4bit_state`), and trainer and sampler compute with one 4-bit model. Returns the
+        bytes freed; what stays the policy's own is logged with the reason."""
         import torch
 
         model = vllm_model(self.llm)
@@ -395,27 +396,76 @@ class VLLMEngine:
                 hf_name = f"{prefix}.{part}.{leaf}" if prefix else f"{part}.{leaf}"
                 slices[hf_name] = (vp, offset)
                 offset += rows.get(hf_name, 0)
-        saved = 0
+        saved, kept = 0, {}  # kept: reason -> [tensors, bytes] of what stays the policy's own
         with torch.no_grad():
             for name, p in policy.model.named_parameters():
-                if p.requires_grad or not (p.is_floating_point() or type(p).__name__ == "Params4bit"):
+                four_bit = type(p).__name__ == "Params4bit"
+                if p.requires_grad or not (p.is_floating_point() or four_bit):
                     continue
+                size = p.numel() * p.element_size()
                 key = _hf_name(name)
-                if key not in slices:
+                vp, offset = slices.get(key, (None, 0))
+                if (vp is None or vp.dtype != p.dtype or vp.shape[1:] != p.shape[1:]
+                        or offset + p.shape[0] > vp.shape[0]):
+                    why = "not in vLLM's model in this dtype and shape"
+                else:
+                    view = vp[offset:offset + p.shape[0]]
+                    if view.data_ptr() == p.data_ptr():
+                        continue
+                    if four_bit:
+                        state = _adopted_4bit_state(vp, offset, view, p)
+                        why = "vLLM's 4-bit shard is another weight or quantized otherwise" if state is None else None
+                    else:  # the policy may still be in host memory (shares_base_weights): a tensor at a time
+                        why = None if torch.equal(view, p.to(view.device)) else "values differ from vLLM's"
+                if why is not None:
+                    count = kept.setdefault(why, [0, 0])
+                    count[0], count[1] = count[0] + 1, count[1] + size
                     continue
-                vp, offset = slices[key]
-                if vp.dtype != p.dtype or vp.shape[1:] != p.shape[1:] or offset + p.shape[0] > vp.shape[0]:
-                    continue
-                view = vp[offset:offset + p.shape[0]]
-                # the policy may still be in host memory (shares_base_weights): compared a tensor at a time
-                if view.data_ptr() == p.data_ptr() or not torch.equal(view, p.to(view.device)):
-                    continue
-                saved += p.numel() * p.element_size()
+                if four_bit:
+                    p.quant_state = state
+                saved += size
                 p.data = view  # tied weights are one Parameter: both follow
         torch.cuda.empty_cache()
         self.shared_bytes = saved
         log.info("vLLM and the policy share %.2f GiB of base weights", saved / 2**30)
+        for why, (count, size) in kept.items():
+            log.info("rollout.share_weights: %d frozen tensors (%.2f GiB) stay the policy's own: %s",
+                     count, size / 2**30, why)
         return saved
+
+
+# A 4-bit weight counts as the one vLLM holds when their dequantized values differ by at most this much
+# of the weight's mean magnitude. vLLM quantizes the checkpoint's tensors as stored (float32 in some
+# checkpoints), the trainer after casting them to its dtype: near a boundary a code can differ (0.8% of
+# the bytes, 0.4% of the magnitude, for a float32 checkpoint); another weight is ~140% away.
+SAME_4BIT_WEIGHT = 0.05
+
+
+def _adopted_4bit_state(vllm_param, offset: int, view, p):
+    """The quantization state for the policy's 4-bit weight `p` to compute with vLLM's packed bytes
+    `view` (at `offset` of vLLM's tensor `vllm_param`): vLLM's own state of that shard, in p's output
+    dtype. None unless the shard is p's weight (same shape, block size and type; dequantized values
+    within SAME_4BIT_WEIGHT of p's)."""
+    import copy
+
+    mine, shard = getattr(p, "quant_state", None), vllm_4bit_shards(vllm_param).get(offset)
+    if mine is None or shard is None:
+        return None
+    theirs = shard[1]
+    if (tuple(theirs.shape) != tuple(mine.shape) or theirs.blocksize != mine.blocksize
+            or theirs.quant_type != mine.quant_type):
+        return None
+    adopted = copy.copy(theirs)  # vLLM's scales, not a copy of them
+    adopted.dtype = mine.dtype
+    ours = _dequantize_4bit(p.data.to(view.device), mine).float()
+    gap = (_dequantize_4bit(view, adopted).float() - ours).abs().mean() / ours.abs().mean().clamp_min(1e-30)
+    return adopted if float(gap) <= SAME_4BIT_WEIGHT else None
+
+
+def _dequantize_4bit(packed, state):
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(packed, quant_state=state)
 
 
 def _sampled_logprobs(logprobs, tokens: list[int]) -> list[float]:
