@@ -2,7 +2,7 @@
 at once, and a margin for its activations, sampler and CUDA graphs (rollout.gpu_memory_utilization: auto).
 
     need = vllm_need(config, sequences=8, max_model_len=20_128, dtype="bfloat16")
-    need.total / 2**30   # 39.6 GiB for the Llama-3.1-8B shape: 15.0 weights, 20.6 KV cache, 4.0 margin
+    need.total / 2**30   # 37.6 GiB for the Llama-3.1-8B shape: 15.0 weights, 19.7 KV cache, 3.0 margin
 
 Less than this and vLLM runs part of the completions and holds the rest back, or recomputes them.
 """
@@ -12,9 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-MARGIN_BYTES = 4 * GIB  # vLLM's peak activation (1.8-2.0 GiB), CUDA graphs (1.4-1.5 GiB for the 51 sizes
-# captured before they were limited to a run's largest call), non-torch memory: 8B, H100
-KV_ROUNDING = 1.05  # the KV cache comes in blocks: a sequence's last one is partly empty
+# vLLM's peak activation (1.95 GiB) and CUDA graphs (0.41 GiB for the 5 sizes of 8 completions), its non-torch
+# memory (-0.83 GiB: freed below its start), as its log counted them for the Llama-3.1-8B shape in nf4 (H100,
+# 2026-12-06); the rest is slack. More margin is not wasted memory only in name: vLLM turns all of it into KV cache.
+MARGIN_BYTES = 3 * GIB
+KV_BLOCK = 64  # tokens: the KV cache comes in blocks (16 in vLLM's usual backends; 64 covers the largest),
+# so a sequence takes its length rounded up to whole blocks
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": None, "fp8": 1}
 
 
@@ -48,5 +51,5 @@ def vllm_need(config, *, sequences: int, max_model_len: int, dtype: str = "bfloa
     size = _BYTES[dtype]
     weights = embeddings * size + linears * ((0.5 + 4 / 64) if quantized else size)
     kv_size = _BYTES[kv_cache_dtype] or size
-    kv = sequences * max_model_len * layers * 2 * kv_heads * head_dim * kv_size * KV_ROUNDING
+    kv = sequences * -(-max_model_len // KV_BLOCK) * KV_BLOCK * layers * 2 * kv_heads * head_dim * kv_size
     return VLLMNeed(weights=int(weights), kv_cache=int(kv))
