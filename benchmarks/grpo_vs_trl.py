@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -77,7 +79,10 @@ class DevicePeak:
 @contextlib.contextmanager
 def profiled(on: bool, path: Path):
     """torch's profiler around the run (CPU and CUDA activity), its summary written to `path`: the
-    trainer's phase ranges first, then the kernels with the most device time."""
+    trainer's phase ranges first, then the kernels with the most device time, then the calls with the
+    most time on the host (a wait shows there: cudaStreamSynchronize, a copy to pageable memory). The
+    timeline goes beside it as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev): where the
+    generation's thread and the trainer's wait on each other, which a table cannot show."""
     if not on:
         yield
         return
@@ -91,8 +96,14 @@ def profiled(on: bool, path: Path):
     phases = [e for e in events if e.key.startswith("grpoflow.")]
     lines = [f"{e.key}: {e.count} calls, CPU {e.cpu_time_total / 1e6:.3f} s, device "
              f"{getattr(e, 'device_time_total', getattr(e, 'cuda_time_total', 0)) / 1e6:.3f} s" for e in phases]
+    host = ["", "by time on the host:", events.table(sort_by="self_cpu_time_total", row_limit=30)]
     path.write_text("\n".join(["phases (wall time on the CPU side; the device time of the kernels they launched):",
-                               *lines, "", events.table(sort_by=sort, row_limit=50)]) + "\n")
+                               *lines, "", events.table(sort_by=sort, row_limit=50), *host]) + "\n")
+    trace = path.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
 
 
 def _peak_gib() -> float:

@@ -8,6 +8,7 @@ replaced by a stand-in that records each command line and answers as a finished 
 vLLM on this machine); every `grpoflow.cli` command recorded is then checked with `load_config`, and
 what a script hands back is checked for size and content."""
 
+import gzip
 import json
 import os
 import shlex
@@ -213,7 +214,11 @@ def test_the_step_benchmark_profiles_a_run_with_the_trainers_phases_named(tmp_pa
     summary = (tmp_path / "out" / "profile-grpo_vs_trl-ours-ours-auto.txt").read_text()
     for phase in ("grpoflow.generation", "grpoflow.train", "grpoflow.optimizer"):
         assert f"{phase}: 2 calls" in summary  # one a step
-    assert "Self CPU" in summary  # the operator table
+    assert "Self CPU" in summary and "by time on the host:" in summary  # the operator tables
+    trace = json.loads(gzip.decompress((tmp_path / "out" / "profile-grpo_vs_trl-ours-ours-auto.trace.json.gz")
+                                       .read_bytes()))
+    ranges = {event["name"] for event in trace["traceEvents"] if event.get("ph") == "X"}
+    assert {"grpoflow.generation", "grpoflow.train"} <= ranges  # the timeline, each phase on it
 
 
 def test_the_profile_mode_profiles_sync_and_async_each_in_a_process_of_its_own(device, tmp_path):
