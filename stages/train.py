@@ -179,7 +179,7 @@ class GRPORecipe:
             self.state.warmup = run_format_warmup(policy, self.engine, rows, [r["prompt"] for r in heldout],
                                                   grpo.warmup, max_tokens=grpo.max_completion_length,
                                                   max_prompt_length=grpo.max_prompt_length, seed=grpo.seed,
-                                                  env=self.rollouts.env)
+                                                  env=self.rollouts.env, kernels=grpo.kernels)
         if dist.active and not self.sharded:
             # DDP: built after the warm-up and the resume, it broadcasts rank 0's weights to every replica
             policy.ddp = wrap_ddp(policy.model, dist)

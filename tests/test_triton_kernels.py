@@ -326,6 +326,32 @@ def test_trainer_loss_and_lora_gradients_match_naive(gen, monkeypatch, loss_type
         assert _rel(grad, ref_grad.double()) <= 1e-4
 
 
+def test_the_warm_up_cross_entropy_matches_transformers_labels_loss_on_every_path(gen, monkeypatch):
+    """The format warm-up's loss (labelled_nll): transformers' `labels=` cross-entropy, value and LoRA
+    gradients, through the Triton and chunked kernels too, which never make the [B, L, V] logits."""
+    from grpoflow.train.logps import labelled_nll
+
+    calls = []
+    fn = triton_logps.triton_selective_logps
+    monkeypatch.setattr(triton_logps, "triton_selective_logps", lambda *a, **k: calls.append(1) or fn(*a, **k))
+    policy = _tiny_lora_policy()
+    input_ids = torch.randint(3, 160, (3, 9), generator=gen).to(DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, -3:] = 0  # a shorter row, right-padded
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[attention_mask == 0] = -100
+    adapters = [p for p in policy.model.parameters() if p.requires_grad]
+    expected = policy.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    expected_grads = torch.autograd.grad(expected, adapters)
+    for kernels in ("triton", "chunked", "naive"):
+        loss = labelled_nll(policy.model, input_ids, attention_mask, labels, kernels=kernels)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5), kernels
+        for grad, ref in zip(torch.autograd.grad(loss, adapters), expected_grads):
+            assert _rel(grad, ref.double()) <= 1e-4, kernels
+    assert calls == [1]  # the Triton path ran its kernel
+
+
 def test_triton_without_a_gpu_falls_back_to_chunked_with_one_warning(monkeypatch, caplog):
     from grpoflow.train import logps
 

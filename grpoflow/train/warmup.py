@@ -28,6 +28,7 @@ from grpoflow.config import FormatWarmupConfig
 from grpoflow.progress import Heartbeat
 from grpoflow.rollout import RolloutEngine, SamplingParams
 from grpoflow.rollout.episodes import ToolMessages
+from grpoflow.train.logps import labelled_nll
 from grpoflow.train.policy import make_scaler
 from grpoflow.verifiers.verdicts import in_format
 
@@ -50,8 +51,9 @@ def warmup_learning_rate(cfg: FormatWarmupConfig, adapters: bool) -> float:
 
 def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
                       cfg: FormatWarmupConfig, *, max_tokens: int, max_prompt_length: int, seed: int,
-                      env=None) -> dict[str, Any]:
-    """env: the rollout environment; python_tool makes the worked examples call the tool."""
+                      env=None, kernels: str = "auto") -> dict[str, Any]:
+    """env: the rollout environment; python_tool makes the worked examples call the tool. kernels:
+    grpo.kernels, the log-prob path of the cross-entropy too (without the [B, L, V] logits)."""
     rows = [r for r in train_rows if r.get("solution")]
     tool = env is not None and env.name == "python_tool"
     tool_turns: dict[int, tuple[str, str]] = {}  # row index -> (first turn, tool message)
@@ -68,10 +70,11 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
         return {"skipped": "no worked solutions"}
     with Heartbeat(log, "format warm-up") as heartbeat:  # no bar: a line at least every 30 s, terminal or not
         return _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, max_prompt_length, seed,
-                       heartbeat)
+                       heartbeat, kernels)
 
 
-def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, max_prompt_length, seed, heartbeat):
+def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, max_prompt_length, seed, heartbeat,
+            kernels):
     started = time.perf_counter()
     heartbeat.phase(f"format rate before, on {len(heldout_prompts)} held-out prompts")
     before = format_rate(engine, heldout_prompts, max_tokens)
@@ -94,7 +97,7 @@ def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, 
             input_ids, attention_mask, labels = _sft_batch(tokenizer, batch, max_prompt_length, max_tokens, policy.device,
                                                            turns)
             with policy.autocast():  # every process the same rows: under FSDP2 the average is any one's gradient
-                loss = policy.run(_sft_loss, input_ids, attention_mask, labels)
+                loss = policy.run(labelled_nll, input_ids, attention_mask, labels, kernels=kernels)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
@@ -119,8 +122,6 @@ def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, 
     return report
 
 
-def _sft_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
 # A calculation in a GSM8K solution, as the text keeps it once the calculator annotations are gone:
