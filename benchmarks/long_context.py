@@ -357,9 +357,10 @@ def main() -> None:
         save_model(args.shape, args.tokenizer, args.out)
     elif args.command == "run":
         args.tag = args.tag or f"{args.finetune}-{args.length}"
-        if args.vllm_gib is None:  # QLoRA: vLLM loads the same checkpoint in 4 bits (rollout.quantization auto)
-            args.vllm_gib = vllm_gib_for(args.model, args.length, quantized=args.finetune == "qlora" and
-                                         args.trainer == "ours", kv_cache_dtype=args.kv_cache_dtype)
+        if args.vllm_gib is None:  # QLoRA: vLLM loads the same checkpoint in 4 bits (ours: rollout.quantization
+            # auto; TRL 1.16 hands its model's bitsandbytes config to its vLLM, seen in its log on 2026-12-06)
+            args.vllm_gib = vllm_gib_for(args.model, args.length, quantized=args.finetune == "qlora",
+                                         kv_cache_dtype=args.kv_cache_dtype)
         run(args)
     elif args.command == "bisect":
         args.tag = args.tag or args.finetune
