@@ -366,7 +366,7 @@ def main() -> None:
         args.tag = args.tag or args.finetune
         bisect(args)
     else:  # the same code on a tiny shape with the transformers engine: what a CPU can check
-        tokenizer = smoke_tokenizer()
+        tokenizer = smoke_tokenizer(args.out / "tokenizer")
         save_model("tiny", tokenizer, args.out / "tiny-model")
         smoke = argparse.Namespace(model=str(args.out / "tiny-model"), finetune="lora", trainer="ours", steps=2,
                                    vllm_gib=1.0, kv_cache_dtype="auto", cap_gib=None, offload=True,
@@ -377,10 +377,9 @@ def main() -> None:
             sys.exit(f"smoke run failed: {record}")
 
 
-def smoke_tokenizer() -> str:
-    """SmolLM2's tokenizer from the embedded GGUF, saved as a folder (what `model` copies)."""
+def smoke_tokenizer(out: Path) -> str:
+    """SmolLM2's tokenizer from the embedded GGUF, saved as a folder in `out` (what `model` copies)."""
     import importlib.util
-    import tempfile
 
     from transformers import AutoTokenizer
 
@@ -388,9 +387,8 @@ def smoke_tokenizer() -> str:
 
     packaged = PACKAGED_MODELS["smollm2-135m-instruct"]
     folder = importlib.util.find_spec(packaged.package).submodule_search_locations[0]
-    out = tempfile.mkdtemp(prefix="grpoflow-tokenizer-")
     AutoTokenizer.from_pretrained(folder, gguf_file=packaged.gguf_file).save_pretrained(out)
-    return out
+    return str(out)
 
 
 if __name__ == "__main__":
