@@ -359,8 +359,8 @@ class RolloutConfig(Section):
                                 "max_completion_length")
     sleep: bool = Field(True, description="release vLLM's KV cache while the trainer works, take it back to generate")
     share_weights: bool = Field(
-        True, description="LoRA and QLoRA: the policy's frozen base weights are vLLM's own tensors (QLoRA's nf4 "
-                          "bytes too), one copy on the card (only tensors equal bit for bit are shared)")
+        True, description="LoRA and QLoRA: the policy's frozen base weights are vLLM's own tensors, one copy on "
+                          "the card (16-bit ones where equal bit for bit; QLoRA's nf4 weights with vLLM's scales)")
     enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower generation")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="vLLM's KV cache: auto (the model's dtype) or fp8 (half the memory a token, so twice "
