@@ -282,9 +282,17 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None, metavar="SECONDS",
                         help="sys.setswitchinterval in this process (Python's default 0.005): how long a thread "
                              "waiting for the interpreter lock waits before it asks the holder to drop it")
+    parser.add_argument("--sm-carveout", type=int, default=None, metavar="SMS",
+                        help="matrix products leave this many SMs free (torch's experimental SM carveout, through "
+                             "cuBLASLt, which this then prefers): does the generation ahead decode faster beside a "
+                             "training pass whose products cannot fill the card")
     args = parser.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    if args.sm_carveout is not None:
+        torch._C._set_sm_carveout_experimental(args.sm_carveout)  # cuBLASLt's SM count target, process-wide
+        if torch.cuda.is_available():
+            torch.backends.cuda.preferred_blas_library("cublaslt")  # plain cuBLAS products would ignore it
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
     from benchmarks.common import log_grpoflow
 
@@ -294,7 +302,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {"card": card, "workload": WORKLOAD, "steps": args.steps, "engine": args.engine,
                "finetune": args.finetune, "model": args.model, "overrides": args.overrides,
-               "switch_interval": sys.getswitchinterval(), "trl_sleep": args.trl_sleep,
+               "switch_interval": sys.getswitchinterval(), "sm_carveout": args.sm_carveout, "trl_sleep": args.trl_sleep,
                "trl_server_gpu": args.trl_server, "date": time.strftime("%Y-%m-%d")}
     runs = []
     if args.engine == "vllm" and (args.only is None or len(args.kernels.split(",")) > 1):

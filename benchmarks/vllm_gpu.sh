@@ -22,7 +22,8 @@
 #                                          # async-server again, ours async in a thread (MODELS= one of them)
 #   bash benchmarks/vllm_gpu.sh async-overlap  # issue #21: what keeps the async thread's two phases from overlapping:
 #                                          # ours async as is, TRL, then with rollout.async_priority=high, with a
-#                                          # 0.5 ms interpreter switch interval, and both (MODELS= default qwen3r)
+#                                          # 0.5 ms interpreter switch interval, both, and with the training pass's
+#                                          # matrix products held to all SMs but 32 (MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh profile    # issue #21: sync and async under torch's profiler, 4 steps each: where a
 #                                          # step's device time goes (bench/profile-*.txt; MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh server     # issue #25 (2 GPUs): 512 completions a step, one GPU colocated vs the
@@ -107,6 +108,7 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --switch-interval 0.0005 --tag "$name-async-switch"
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.async_priority=high \
         --switch-interval 0.0005 --tag "$name-async-high-switch"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --sm-carveout 32 --tag "$name-async-carveout"
     done
     ;;
   profile)

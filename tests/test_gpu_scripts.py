@@ -233,7 +233,8 @@ def test_the_overlap_mode_tries_the_stream_priority_and_the_switch_interval_each
     commands = device("benchmarks/vllm_gpu.sh", "async-overlap", OUT=str(tmp_path / "out"))
     bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
     tags = [args[args.index("--tag") + 1] for args in bench]
-    assert tags == ["qwen3r-async", "qwen3r", "qwen3r-async-high", "qwen3r-async-switch", "qwen3r-async-high-switch"]
+    assert tags == ["qwen3r-async", "qwen3r", "qwen3r-async-high", "qwen3r-async-switch", "qwen3r-async-high-switch",
+                    "qwen3r-async-carveout"]
     for args in bench:
         assert "--only" in args
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
@@ -242,9 +243,10 @@ def test_the_overlap_mode_tries_the_stream_priority_and_the_switch_interval_each
         assert ("rollout.mode=async" in sets) == ours
         assert ("rollout.async_priority=high" in sets) == ("high" in args[args.index("--tag") + 1])
         assert ("--switch-interval" in args) == ("switch" in args[args.index("--tag") + 1])
+        assert ("--sm-carveout" in args) == ("carveout" in args[args.index("--tag") + 1])
 
 
-def test_the_step_benchmark_sets_and_records_the_interpreter_switch_interval(tmp_path, tiny_model):
+def test_the_step_benchmark_sets_and_records_the_switch_interval_and_the_sm_carveout(tmp_path, tiny_model):
     from tests.test_train import data
 
     (tmp_path / "data").mkdir()
@@ -252,8 +254,8 @@ def test_the_step_benchmark_sets_and_records_the_interpreter_switch_interval(tmp
     done = subprocess.run([sys.executable, "benchmarks/grpo_vs_trl.py", "--model", str(tiny_model), "--data",
                            str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--only", "ours", "--steps", "2",
                            "--prompts", "1", "--max-completion-length", "8", "--set", "model.dtype=float32",
-                           "--switch-interval", "0.0005", "--tag", "x"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           "--switch-interval", "0.0005", "--sm-carveout", "8", "--tag", "x"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "grpo_vs_trl-ours-x.json").read_text())
-    assert result["switch_interval"] == pytest.approx(0.0005)
+    assert result["switch_interval"] == pytest.approx(0.0005) and result["sm_carveout"] == 8
