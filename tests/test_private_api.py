@@ -371,6 +371,9 @@ def test_qlora_takes_vllms_4_bit_bytes_and_quantization_state_for_its_own_weight
             vp.bnb_quant_state, vp.bnb_shard_offsets = {}, [0]
         vp.bnb_quant_state[index] = quant_state(shapes[name], scale=1.001, dtype=torch.float32)  # its own scales
         vp.bnb_shard_offsets.append(vp.bnb_shard_offsets[-1] + tensor.shape[0])
+    blocks = "model.layers.1.self_attn.o_proj.weight"  # the same bytes, quantized in blocks of 128 by vLLM
+    o_proj = dict(model.named_parameters())["model.layers.1.self_attn.o_proj.base_layer.weight"]
+    o_proj.bnb_quant_state[0].blocksize = 128
     fake_vllm_at(monkeypatch, model=model)
     engine = engine_for(tiny_model, policy, cfg)
 
@@ -388,10 +391,12 @@ def test_qlora_takes_vllms_4_bit_bytes_and_quantization_state_for_its_own_weight
     assert any(layers[0].mlp.down_proj.base_layer.weight.data_ptr() == t.data_ptr() for t in model.parameters())
     up = layers[1].mlp.up_proj.base_layer.weight
     assert all(up.data_ptr() != t.data_ptr() for t in model.parameters()) and up.quant_state.scale == 1.0
-    assert saved == (sum(t.numel() for t in packed.values()) - up.numel()
+    assert saved == (sum(t.numel() for t in packed.values()) - up.numel() - packed[blocks].numel()
                      + sum(p.numel() * p.element_size() for p in frozen_float.values()))
-    assert ("1 frozen tensors (0.00 GiB) stay the policy's own: vLLM's 4-bit shard is another weight or "
-            "quantized otherwise") in caplog.text
+    assert ("1 frozen tensors (0.00 GiB) stay the policy's own: vLLM's shard there is another weight (values 5% "
+            "or more apart)") in caplog.text
+    assert ("1 frozen tensors (0.00 GiB) stay the policy's own: vLLM quantized it with another block size (128, "
+            "the policy 64)") in caplog.text
 
 
 def test_qlora_sharing_with_bitsandbytes_itself(monkeypatch, tiny_model):

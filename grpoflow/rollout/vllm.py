@@ -413,8 +413,7 @@ class VLLMEngine:
                     if view.data_ptr() == p.data_ptr():
                         continue
                     if four_bit:
-                        state = _adopted_4bit_state(vp, offset, view, p)
-                        why = "vLLM's 4-bit shard is another weight or quantized otherwise" if state is None else None
+                        state, why = _adopted_4bit_state(vp, offset, view, p)
                     else:  # the policy may still be in host memory (shares_base_weights): a tensor at a time
                         why = None if torch.equal(view, p.to(view.device)) else "values differ from vLLM's"
                 if why is not None:
@@ -442,24 +441,27 @@ SAME_4BIT_WEIGHT = 0.05
 
 
 def _adopted_4bit_state(vllm_param, offset: int, view, p):
-    """The quantization state for the policy's 4-bit weight `p` to compute with vLLM's packed bytes
-    `view` (at `offset` of vLLM's tensor `vllm_param`): vLLM's own state of that shard, in p's output
-    dtype. None unless the shard is p's weight (same shape, block size and type; dequantized values
-    within SAME_4BIT_WEIGHT of p's)."""
+    """(state, None): the quantization state for the policy's 4-bit weight `p` to compute with vLLM's
+    packed bytes `view` (at `offset` of vLLM's tensor `vllm_param`), vLLM's own state of that shard in
+    p's output dtype. (None, why) unless the shard is p's weight: same shape, block size and type, and
+    dequantized values within SAME_4BIT_WEIGHT of p's."""
     import copy
 
     mine, shard = getattr(p, "quant_state", None), vllm_4bit_shards(vllm_param).get(offset)
     if mine is None or shard is None:
-        return None
+        return None, "no 4-bit shard of vLLM's starts there" if mine is not None else "no quantization state"
     theirs = shard[1]
-    if (tuple(theirs.shape) != tuple(mine.shape) or theirs.blocksize != mine.blocksize
-            or theirs.quant_type != mine.quant_type):
-        return None
+    for what, a, b in (("shape", tuple(theirs.shape), tuple(mine.shape)), ("block size", theirs.blocksize,
+                       mine.blocksize), ("type", theirs.quant_type, mine.quant_type)):
+        if a != b:
+            return None, f"vLLM quantized it with another {what} ({a}, the policy {b})"
     adopted = copy.copy(theirs)  # vLLM's scales, not a copy of them
     adopted.dtype = mine.dtype
     ours = _dequantize_4bit(p.data.to(view.device), mine).float()
-    gap = (_dequantize_4bit(view, adopted).float() - ours).abs().mean() / ours.abs().mean().clamp_min(1e-30)
-    return adopted if float(gap) <= SAME_4BIT_WEIGHT else None
+    gap = float((_dequantize_4bit(view, adopted).float() - ours).abs().mean() / ours.abs().mean().clamp_min(1e-30))
+    if gap > SAME_4BIT_WEIGHT:
+        return None, f"vLLM's shard there is another weight (values {100 * SAME_4BIT_WEIGHT:.0f}% or more apart)"
+    return adopted, None
 
 
 def _dequantize_4bit(packed, state):
