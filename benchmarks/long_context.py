@@ -197,7 +197,8 @@ def run_ours(args, data: Path) -> dict:
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()
                if '"step"' in line and '"loss"' in line]
     keep = ("step_seconds", "generation/seconds", "time/weight_sync_seconds", "time/train_seconds",
-            "time/optimizer_seconds", "completions/mean_length", "memory/peak_gib", "memory/generation_peak_gib",
+            "time/optimizer_seconds", "completions/mean_length", "memory/peak_gib", "memory/reserved_peak_gib",
+            "memory/generation_peak_gib",
             "memory/train_peak_gib", "memory/train_transient_gib", "memory/weights_gib", "memory/trainable_gib",
             "memory/optimizer_gib", "memory/vllm_gib")
     return {"steps": [{k: r.get(k) for k in keep} for r in records],

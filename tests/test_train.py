@@ -224,6 +224,7 @@ def test_memory_vllm_released_for_a_whole_phase_is_not_in_that_phases_peak(monke
     allocated = {"now": 40 * gib, "peak": 40 * gib}
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: allocated.update(peak=allocated["now"]))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: allocated["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: allocated["peak"] + 3 * gib)  # cached blocks
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: allocated["now"])
     engine = SimpleNamespace(released=20 * gib, wakes=0)
     engine.released_bytes = lambda: engine.released
@@ -241,6 +242,7 @@ def test_memory_vllm_released_for_a_whole_phase_is_not_in_that_phases_peak(monke
     assert out["memory/generation_peak_gib"] == 42  # the KV cache was on the card then
     assert out["memory/train_peak_gib"] == 27 and out["memory/train_transient_gib"] == 7
     assert out["memory/optimizer_peak_gib"] == 20 and out["memory/peak_gib"] == 42
+    assert out["memory/reserved_peak_gib"] == 45  # the generation's 42 and 3 cached
     assert StepMeter(torch.device("cuda")).metrics().keys() == {"step_seconds", "train/tokens_per_second",
                                                                  *StepMeter.PARTS.values()}  # no engine: as before
 

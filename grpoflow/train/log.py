@@ -137,6 +137,7 @@ class StepMeter:
         self.seconds: dict[str, float] = defaultdict(float)
         self.train_tokens = 0
         self.peaks: dict[str, float] = {}
+        self.reserved_peak = 0.0  # GiB torch's allocator held from the card at most: allocated, cached, fragments
         self.train_base: float | None = None  # GiB allocated when the step's training pass began
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -167,6 +168,7 @@ class StepMeter:
             released = min(start, now) if wakes_now == wakes else 0  # released through the whole phase
             peak = (torch.cuda.max_memory_allocated() - released) / 2**30
             self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak)
+            self.reserved_peak = max(self.reserved_peak, (torch.cuda.max_memory_reserved() - released) / 2**30)
             torch.cuda.reset_peak_memory_stats()
             self.phase_start = (now, wakes_now)
 
@@ -178,6 +180,8 @@ class StepMeter:
                **{key: self.seconds[part] for part, key in self.PARTS.items()}}
         if self.peaks:
             out["memory/peak_gib"] = max(self.peaks.values())
+            # what the card gave torch's allocator: above memory/peak_gib by its cache and fragmentation
+            out["memory/reserved_peak_gib"] = self.reserved_peak
             out.update({f"memory/{phase}_peak_gib": peak for phase, peak in self.peaks.items()})
         if "train" in self.peaks and self.train_base is not None:
             # activations, the loss path and the gradients: the training pass's peak above its start
