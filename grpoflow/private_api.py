@@ -11,6 +11,7 @@ is one function here, written against the versions the lock files pin:
     vllm_packed_modules(llm)      ...model.packed_modules_mapping                        vLLM 0.26
     vllm_4bit_shards(param)       a bitsandbytes weight's bnb_quant_state and             vLLM 0.26
                                   bnb_shard_offsets (vLLM's bitsandbytes loader)
+    pin_vllm_main_stream(llm, s)  ...worker.model_runner.main_stream (a cached_property)   vLLM 0.26
     load_vllm_weights(llm, ...)   ...model.load_weights(weights=...)                     vLLM 0.26
     wake_vllm_kv_cache(llm)       ...worker.wake_up(tags=["kv_cache"])                   vLLM 0.26
     release_vllm_kv_cache()       CuMemAllocator.get_instance().pointer_to_data,         vLLM 0.26
@@ -100,6 +101,7 @@ _VLLM_WORKER = _Shim("vllm_worker", "vllm", _VLLM_TODO, missing=_IN_PROCESS)
 _VLLM_MODEL = _Shim("vllm_model", "vllm", _VLLM_TODO)
 _LOAD_WEIGHTS = _Shim("load_vllm_weights", "vllm", _VLLM_TODO)
 _VLLM_4BIT = _Shim("vllm_4bit_shards", "vllm", _VLLM_TODO)
+_PIN_STREAM = _Shim("pin_vllm_main_stream", "vllm", _VLLM_TODO)
 _WAKE_KV_CACHE = _Shim("wake_vllm_kv_cache", "vllm", _VLLM_TODO)
 _RELEASE_KV_CACHE = _Shim("release_vllm_kv_cache", "vllm", _VLLM_TODO)
 
@@ -134,6 +136,21 @@ def vllm_4bit_shards(param) -> dict[int, tuple[int, Any]]:
     states = _VLLM_4BIT.walk(param, "param", "bnb_quant_state")
     starts = [int(s) for s in _VLLM_4BIT.walk(param, "param", "bnb_shard_offsets")][:-1]
     return {start: (index, states[index]) for index, start in enumerate(starts)}
+
+
+def pin_vllm_main_stream(llm, stream) -> bool:
+    """Make `stream` the one vLLM's model runner counts as its own: `worker.model_runner.main_stream`.
+    vLLM 0.26's GPU model runner (vllm/v1/worker/gpu) caches it as a functools.cached_property, the
+    stream current in whichever thread first asked, and after every decoding step copies the sampled
+    tokens once that stream is done, then makes it the calling thread's current stream. Called from
+    another thread than the first, its decoding moved onto that thread's stream after one step. An
+    instance attribute of the same name is what the cached_property reads from then on. False for a
+    runner without it (vLLM's older runner reads the current stream each step). Checked with vLLM 0.26.0."""
+    runner = _PIN_STREAM.walk(vllm_worker(llm), f"llm.{_WORKER}", "model_runner")
+    if not hasattr(type(runner), "main_stream"):
+        return False
+    runner.main_stream = stream
+    return True
 
 
 def load_vllm_weights(llm, weights: Iterable[tuple[str, Any]]) -> None:

@@ -7,6 +7,7 @@ depends on it:
 
     FakeLLM                       vllm.LLM: sleep(level), wake_up(tags), reset_prefix_cache(), generate()
       .llm_engine.model_executor.driver_worker.worker                        FakeWorker: wake_up(tags)
+      ...worker.model_runner                                                 FakeModelRunner: main_stream
       ...worker.model_runner.model                                           FakeVLLMModel: load_weights()
     FakeCuMemAllocator            vllm.device_allocator.cumem: get_instance().pointer_to_data, unmap_and_release
     FakeFSDPUnit                  an FSDPModule: _get_fsdp_state()._pre/_post_forward_hook_handle, real hooks
@@ -22,6 +23,7 @@ enable_sleep_mode there is no sleep.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from dataclasses import dataclass
@@ -128,12 +130,24 @@ class FakeVLLMModel(torch.nn.Module):
         self.garbage = False
 
 
+class FakeModelRunner:
+    """vLLM 0.26's GPU model runner: `model`, and `main_stream`, a cached_property holding the stream of
+    the first caller (here a name: there is no CUDA)."""
+
+    def __init__(self, model: FakeVLLMModel):
+        self.model = model
+
+    @functools.cached_property
+    def main_stream(self):
+        return "the first caller's stream"
+
+
 class FakeWorker:
     """vLLM's GPU worker: `model_runner.model`, and `wake_up(tags)` that maps the tagged allocations."""
 
     def __init__(self, llm: FakeLLM, model: FakeVLLMModel):
         self.llm = llm
-        self.model_runner = types.SimpleNamespace(model=model)
+        self.model_runner = FakeModelRunner(model)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self.llm.calls.append(("worker.wake_up", list(tags)))

@@ -492,6 +492,77 @@ def test_shared_base_weights_release_the_kv_cache_alone(monkeypatch, tiny_model)
     assert allocator.events[3:] == [("map", "kv_cache"), ("map", "kv_cache")] and allocator.released() == set()
 
 
+def test_a_generation_from_another_thread_keeps_vllms_kernels_on_its_own_stream(fake_vllm, tiny_model,
+                                                                                 monkeypatch):
+    """Async rollouts: vLLM 0.26's model runner caches the first caller's stream as its own
+    (`main_stream`), waits for it before copying each step's sampled tokens, and puts the calling
+    thread back on it. use_stream pins it to the generation's stream, and every generate call runs
+    on that stream after what the caller's stream queued (the weights just handed over), whichever
+    thread calls; the caller's stream is its own again afterwards."""
+    import contextlib
+    import threading
+
+    from grpoflow.private_api import vllm_worker
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other))
+
+    current = {}  # thread -> its current stream, as torch keeps it
+
+    @contextlib.contextmanager
+    def on(stream):
+        before = current.get(threading.get_ident(), "the trainer's stream")
+        current[threading.get_ident()] = stream.name
+        events.append(("on", stream.name))
+        try:
+            yield
+        finally:
+            current[threading.get_ident()] = before
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current.get(threading.get_ident(),
+                                                                              "the trainer's stream"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    policy, cfg = policy_for(tiny_model, "full")
+    engine = engine_for(tiny_model, policy, cfg)
+    generate = engine.llm.generate
+    engine.llm.generate = lambda *a, **k: events.append(("generate", torch.cuda.current_stream())) or generate(*a, **k)
+    runner = vllm_worker(engine.llm).model_runner
+
+    engine.generate(PROMPTS, PARAMS)  # before use_stream: the caller's stream, untouched
+    assert events == [("generate", "the trainer's stream")]
+    ahead = Stream("the generation's stream")
+    engine.use_stream(ahead)
+    assert runner.main_stream is ahead  # vLLM's copies wait for the stream that sampled
+    events.clear()
+    engine.sync_weights(policy, step=1)
+    engine.generate(PROMPTS, PARAMS)  # from the trainer's thread: the first generation of an async run
+    assert events == [("wait", "the generation's stream", "the trainer's stream"), ("on", "the generation's stream"),
+                      ("generate", "the generation's stream")]
+    assert torch.cuda.current_stream() == "the trainer's stream"  # the trainer's thread back on its own
+    events.clear()
+    thread = threading.Thread(target=engine.generate, args=(PROMPTS, PARAMS))
+    thread.start()
+    thread.join()
+    assert events[-1] == ("generate", "the generation's stream")
+
+
+def test_a_model_runner_without_a_main_stream_is_left_as_it_is(fake_vllm, tiny_model, monkeypatch):
+    """vLLM's older model runner reads the current stream at each step: nothing to pin."""
+    from grpoflow.private_api import pin_vllm_main_stream, vllm_worker
+
+    policy, cfg = policy_for(tiny_model, "full")
+    engine = engine_for(tiny_model, policy, cfg)
+    worker = vllm_worker(engine.llm)
+    worker.model_runner = types.SimpleNamespace(model=worker.model_runner.model)
+    assert pin_vllm_main_stream(engine.llm, "a stream") is False and not hasattr(worker.model_runner, "main_stream")
+
+
 def test_without_sleep_mode_vllm_is_never_put_to_sleep(fake_vllm, tiny_model):
     policy, cfg = policy_for(tiny_model, "full")
     engine = engine_for(tiny_model, policy, cfg, sleep=False)

@@ -231,6 +231,44 @@ def short_run(tmp_path, finetune: str, rollout: dict, steps: int = 4) -> list[di
     return [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_generation_in_the_rollout_thread_runs_beside_the_trainers_busy_stream():
+    """Async rollouts: vLLM on the generation's stream (use_stream) decodes while the trainer's stream
+    is busy. Without it, vLLM 0.26's model runner put the rollout thread back on the stream of the
+    thread that first generated (the trainer's) after one step, and decoding waited for all of it."""
+    import threading
+
+    from grpoflow.private_api import vllm_worker
+    from grpoflow.rollout import SamplingParams
+
+    policy, engine = policy_and_engine("full")
+    engine.sync_weights(policy, step=0)
+    engine.generate(PROMPTS, SamplingParams(max_tokens=8))  # the first caller: this thread
+    stream = torch.cuda.Stream()
+    engine.use_stream(stream)
+    params = SamplingParams(max_tokens=48, temperature=1.0, seed=0)
+
+    def timed_in_a_thread() -> float:
+        took = []
+
+        def generate():
+            started = time.perf_counter()
+            engine.generate(PROMPTS, params)
+            took.append(time.perf_counter() - started)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        thread.join()
+        return took[0]
+
+    alone = timed_in_a_thread()
+    torch.cuda._sleep(3_000_000_000)  # the trainer's stream busy for about 1.5-2 s (3e9 clock cycles)
+    busy = timed_in_a_thread()
+    torch.cuda.synchronize()
+    print(f"generation alone {alone:.2f}s, beside a busy trainer's stream {busy:.2f}s")
+    assert vllm_worker(engine.llm).model_runner.main_stream is stream
+    assert busy < alone + 0.5  # it waited for none of the trainer's stream
+
+
 @pytest.mark.parametrize("finetune, priority", [("full", "normal"), ("lora", "high")])
 def test_async_rollouts_sample_ahead_with_vllm_while_the_trainer_trains(tmp_path, finetune, priority):
     """rollout.mode async on the vLLM engine: the next generation is sampled in the rollout thread

@@ -40,8 +40,9 @@ from pathlib import Path
 
 from grpoflow.config import ConfigError
 from grpoflow.errors import EngineError
-from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, release_vllm_kv_cache, vllm_4bit_shards,
-                                  vllm_model, vllm_packed_modules, vllm_released_bytes, wake_vllm_kv_cache)
+from grpoflow.private_api import (VLLM_CHECKED, load_vllm_weights, pin_vllm_main_stream, release_vllm_kv_cache,
+                                  vllm_4bit_shards, vllm_model, vllm_packed_modules, vllm_released_bytes,
+                                  wake_vllm_kv_cache)
 from grpoflow.rollout.base import Completion, Messages, SamplingParams
 
 log = logging.getLogger("grpoflow.rollout")
@@ -197,6 +198,7 @@ class VLLMEngine:
         self.full_weights = lora_rank is None  # every weight comes from the policy at each sync
         self.weights_current = True  # False after a level-2 sleep, until the next sync_weights
         self.shared_bytes = 0  # policy weights that are vLLM's own tensors (share_weights)
+        self.stream = None  # the CUDA stream generate runs vLLM on (use_stream); None: the caller's
         self.lora_request = None
         self.timings: dict[str, float] = {}  # the last generate's phases, seconds
         self._lora_dir, self._lora_version = None, 0
@@ -275,8 +277,9 @@ class VLLMEngine:
             detokenize=False)  # the tokens are decoded once below; vLLM's per-step decoding costs CPU time
             for i in range(len(prompt_ids))]
         prepared = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling,
-                                    lora_request=self.lora_request, use_tqdm=False)
+        with self._on_stream():
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling,
+                                        lora_request=self.lora_request, use_tqdm=False)
         sampled = time.perf_counter()
         groups = []
         for ids, cut, out in zip(prompt_ids, truncated, outputs):
@@ -371,6 +374,29 @@ class VLLMEngine:
         self.lora_request = LoRARequest(f"policy-v{self._lora_version}", self._lora_version, str(folder))
         for old in sorted(self._lora_dir.iterdir())[:-2]:  # the current and the previous one stay
             shutil.rmtree(old, ignore_errors=True)
+
+    def use_stream(self, stream) -> None:
+        """Run vLLM's kernels on `stream` from now on, whichever thread generates (async rollouts: the
+        generation's own stream, beside the trainer's). vLLM 0.26's model runner otherwise keeps the
+        stream of the thread that first generated (the trainer's) as its own: from a second thread,
+        decoding went back onto the trainer's stream after one step and queued behind the whole
+        training pass, and that first step's sampled tokens were copied without waiting for the stream
+        that sampled them (private_api.pin_vllm_main_stream)."""
+        pin_vllm_main_stream(self.llm, stream)
+        self.stream = stream
+
+    @contextlib.contextmanager
+    def _on_stream(self):
+        """A generate call's kernels on self.stream, after what the caller's stream queued (the weights
+        or adapters just handed over); the caller's current stream is its own again afterwards."""
+        if self.stream is None:
+            yield
+            return
+        import torch
+
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
 
     def share_weights(self, policy) -> int:
         """LoRA: make the policy's frozen base weights views of vLLM's tensors, so the card holds

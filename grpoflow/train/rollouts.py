@@ -98,6 +98,8 @@ class Rollouts:
         # high: decoding (latency-bound, few blocks a kernel) goes before the training pass's queued blocks
         priority = -1 if cfg.rollout.async_priority == "high" else 0  # lower runs first
         self._stream = torch.cuda.Stream(device=dist.device, priority=priority) if dist.device.type == "cuda" else None
+        if self._stream is not None and callable(getattr(self.engine, "use_stream", None)):
+            self.engine.use_stream(self._stream)  # vLLM in this process: every generate call on the stream
         log.info("rollouts: async, weights at most %d optimizer step(s) old%s", self.max_staleness,
                  "" if engine.name == "hf" else "; vLLM's KV cache stays allocated")
 
