@@ -21,7 +21,8 @@ holds the process to less than the card: vLLM's share (rollout.gpu_memory_utiliz
 against the cap, torch's allocator gets the cap as its memory fraction (vLLM's weights and KV cache
 are allocated through it too, so the fraction holds both sides), and a run whose peak, CUDA context
 and libraries' workspaces included, passes the cap counts as not fitting. Each run is a process of
-its own (one vLLM engine per process); `bisect` starts them and keeps every try in <out>/long_context-bisect-<tag>.json.
+its own (one vLLM engine per process); `bisect` starts them and keeps every try in
+<out>/long_context-bisect-<tag>.json.
 
 --decoded N measures memory only, where decoding every token would not fit the time there is (an
 8B decodes 8 completions at 11.5 ms a token on an H100, so 47,500 tokens take 9 minutes): vLLM
@@ -198,9 +199,8 @@ def run_ours(args, data: Path) -> dict:
                if '"step"' in line and '"loss"' in line]
     keep = ("step_seconds", "generation/seconds", "time/weight_sync_seconds", "time/train_seconds",
             "time/optimizer_seconds", "completions/mean_length", "memory/peak_gib", "memory/reserved_peak_gib",
-            "memory/generation_peak_gib",
-            "memory/train_peak_gib", "memory/train_transient_gib", "memory/weights_gib", "memory/trainable_gib",
-            "memory/optimizer_gib", "memory/vllm_gib")
+            "memory/generation_peak_gib", "memory/train_peak_gib", "memory/train_transient_gib", "memory/weights_gib",
+            "memory/trainable_gib", "memory/optimizer_gib", "memory/vllm_gib")
     return {"steps": [{k: r.get(k) for k in keep} for r in records],
             "config": {"vllm_utilization": utilization, "torch_fraction": fraction}}
 

@@ -125,9 +125,9 @@ def vllm_packed_modules(llm) -> dict[str, list[str]]:
     return dict(getattr(vllm_model(llm), "packed_modules_mapping", None) or {})
 
 
-def vllm_4bit_shards(param) -> dict[int, tuple[int, Any]]:
-    """The 4-bit shards of one of vLLM's bitsandbytes weights: {byte offset in its packed tensor: (shard
-    index, bitsandbytes QuantState)}. vLLM's loader quantizes each checkpoint weight on its own and stacks
+def vllm_4bit_shards(param) -> dict[int, Any]:
+    """The 4-bit shards of one of vLLM's bitsandbytes weights: {byte offset in its packed tensor:
+    bitsandbytes QuantState}. vLLM's loader quantizes each checkpoint weight on its own and stacks
     the packed bytes (q/k/v, gate/up) with their states as `bnb_quant_state` {index: state} and
     `bnb_shard_offsets` (the shards' starts, then the end); its double-quantized scales are already
     float32. {} for a weight that is not 4-bit. Checked with vLLM 0.26.0."""
@@ -135,7 +135,7 @@ def vllm_4bit_shards(param) -> dict[int, tuple[int, Any]]:
         return {}
     states = _VLLM_4BIT.walk(param, "param", "bnb_quant_state")
     starts = [int(s) for s in _VLLM_4BIT.walk(param, "param", "bnb_shard_offsets")][:-1]
-    return {start: (index, states[index]) for index, start in enumerate(starts)}
+    return {start: states[index] for index, start in enumerate(starts)}
 
 
 def pin_vllm_main_stream(llm, stream) -> bool:

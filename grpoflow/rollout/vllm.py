@@ -473,10 +473,9 @@ def _adopted_4bit_state(vllm_param, offset: int, view, p):
     dequantized values within SAME_4BIT_WEIGHT of p's."""
     import copy
 
-    mine, shard = getattr(p, "quant_state", None), vllm_4bit_shards(vllm_param).get(offset)
-    if mine is None or shard is None:
+    mine, theirs = getattr(p, "quant_state", None), vllm_4bit_shards(vllm_param).get(offset)
+    if mine is None or theirs is None:
         return None, "no 4-bit shard of vLLM's starts there" if mine is not None else "no quantization state"
-    theirs = shard[1]
     for what, a, b in (("shape", tuple(theirs.shape), tuple(mine.shape)), ("block size", theirs.blocksize,
                        mine.blocksize), ("type", theirs.quant_type, mine.quant_type)):
         if a != b:
