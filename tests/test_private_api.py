@@ -399,6 +399,19 @@ def test_qlora_takes_vllms_4_bit_bytes_and_quantization_state_for_its_own_weight
             "the policy 64)") in caplog.text
 
 
+def test_a_tensor_left_unshared_is_logged_with_what_each_side_holds():
+    """share_weights logs why a frozen tensor stays the policy's own; the reason names both sides' layout,
+    so a user (or a failed GPU test) sees at once whether names, dtypes or shapes did not meet."""
+    from grpoflow.rollout.vllm import _unlike
+
+    vllm_tensor, packed = torch.zeros(6, 1, dtype=torch.uint8), torch.zeros(3, 1, dtype=torch.uint8)
+    assert _unlike(None, 0, packed) == "no tensor of vLLM's model holds it"
+    assert _unlike(vllm_tensor, 0, torch.zeros(3, 4, dtype=torch.bfloat16)) == (
+        "vLLM holds it as torch.uint8 rows of [1], the policy as torch.bfloat16 rows of [4]")
+    assert _unlike(vllm_tensor, 4, packed) == "its rows would end past vLLM's tensor (4 + 3 > 6)"
+    assert _unlike(vllm_tensor, 3, packed) is None
+
+
 def test_qlora_sharing_with_bitsandbytes_itself(monkeypatch, tiny_model):
     """The same with bitsandbytes' own Params4bit, QuantState and kernels (installed on the GPU machine;
     skipped where it is not): vLLM's side quantized as its loader does, from the float32 checkpoint, its

@@ -6,6 +6,7 @@ so each test runs in a pytest process of its own (`make test-gpu` does, one test
 Measured on an H100 on 2026-11-26: see benchmarks/RESULTS.md.
 """
 
+import logging
 import math
 import os
 import time
@@ -87,7 +88,7 @@ def test_lora_adapters_handed_over_reach_generation():
     assert stale > 5 * after and after < 0.1
 
 
-def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
+def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base(caplog):
     """rollout.quantization auto for QLoRA: vLLM quantizes the checkpoint to nf4 as it loads (double
     quantized, blocks of 64, as transformers quantizes the trainer's base), so the sampler and the
     trainer run one 4-bit model, held once (share_weights); the adapters handed over reach generation."""
@@ -102,10 +103,14 @@ def test_qlora_adapters_reach_a_vllm_holding_the_same_4_bit_base():
     # the same checkpoint packed to nf4 on both sides (vLLM from its float32, the trainer from its bf16 cast):
     # every 4-bit weight of the trainer becomes rows of vLLM's, with vLLM's scales, one 4-bit model held once
     four_bit = [p for p in policy.model.parameters() if type(p).__name__ == "Params4bit"]
+    caplog.set_level(logging.INFO, logger="grpoflow")
     saved = engine.share_weights(policy)
     storage = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
                for t in vllm_model(engine.llm).parameters()]
-    assert four_bit and all(any(low <= p.data_ptr() < high for low, high in storage) for p in four_bit)
+    # on failure: why share_weights kept them, and what vLLM's first layer holds
+    layer = [(n, p.dtype, tuple(p.shape)) for n, p in vllm_model(engine.llm).named_parameters() if ".0." in n]
+    why = [r.getMessage() for r in caplog.records if "share" in r.getMessage()]
+    assert four_bit and all(any(low <= p.data_ptr() < high for low, high in storage) for p in four_bit), (why, layer)
     assert saved >= sum(p.numel() for p in four_bit)
     engine.sync_weights(policy, step=0)
     base, _ = vllm_vs_trainer(policy, engine)

@@ -431,10 +431,8 @@ class VLLMEngine:
                 size = p.numel() * p.element_size()
                 key = _hf_name(name)
                 vp, offset = slices.get(key, (None, 0))
-                if (vp is None or vp.dtype != p.dtype or vp.shape[1:] != p.shape[1:]
-                        or offset + p.shape[0] > vp.shape[0]):
-                    why = "not in vLLM's model in this dtype and shape"
-                else:
+                why = _unlike(vp, offset, p)
+                if why is None:
                     view = vp[offset:offset + p.shape[0]]
                     if view.data_ptr() == p.data_ptr():
                         continue
@@ -443,7 +441,7 @@ class VLLMEngine:
                     else:  # the policy may still be in host memory (shares_base_weights): a tensor at a time
                         why = None if torch.equal(view, p.to(view.device)) else "values differ from vLLM's"
                 if why is not None:
-                    count = kept.setdefault(why, [0, 0])
+                    count = kept.setdefault(why, [0, 0, key])
                     count[0], count[1] = count[0] + 1, count[1] + size
                     continue
                 if four_bit:
@@ -453,10 +451,24 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         self.shared_bytes = saved
         log.info("vLLM and the policy share %.2f GiB of base weights", saved / 2**30)
-        for why, (count, size) in kept.items():
-            log.info("rollout.share_weights: %d frozen tensors (%.2f GiB) stay the policy's own: %s",
-                     count, size / 2**30, why)
+        for why, (count, size, first) in kept.items():
+            log.info("rollout.share_weights: %d frozen tensors (%.2f GiB) stay the policy's own: %s (first: %s)",
+                     count, size / 2**30, why, first)
         return saved
+
+
+def _unlike(vllm_param, offset: int, p) -> str | None:
+    """Why the policy's frozen tensor `p` cannot be rows `offset`.. of vLLM's tensor (None if it can),
+    with what each side holds: the reason a user reads in the log when memory is not saved."""
+    if vllm_param is None:
+        return "no tensor of vLLM's model holds it"
+    mine, theirs = (p.dtype, tuple(p.shape[1:])), (vllm_param.dtype, tuple(vllm_param.shape[1:]))
+    if mine != theirs:
+        return (f"vLLM holds it as {theirs[0]} rows of {list(theirs[1])}, "
+                f"the policy as {mine[0]} rows of {list(mine[1])}")
+    if offset + p.shape[0] > vllm_param.shape[0]:
+        return f"its rows would end past vLLM's tensor ({offset} + {p.shape[0]} > {vllm_param.shape[0]})"
+    return None
 
 
 # A 4-bit weight counts as the one vLLM holds when their dequantized values differ by at most this much
