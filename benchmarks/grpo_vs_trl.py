@@ -82,14 +82,15 @@ def profiled(on: bool, path: Path):
     trainer's phase ranges first, then the kernels with the most device time, then the calls with the
     most time on the host (a wait shows there: cudaStreamSynchronize, a copy to pageable memory). The
     timeline goes beside it as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev): where the
-    generation's thread and the trainer's wait on each other, which a table cannot show."""
+    generation's thread and the trainer's wait on each other, which a table cannot show; and the copies
+    the card ran, each tied to the host call, thread and phase that launched it (trace_copies.py)."""
     if not on:
         yield
         return
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         yield
     events = prof.key_averages()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -101,6 +102,9 @@ def profiled(on: bool, path: Path):
                                *lines, "", events.table(sort_by=sort, row_limit=50), *host]) + "\n")
     trace = path.with_suffix(".trace.json")
     prof.export_chrome_trace(str(trace))
+    from benchmarks.trace_copies import copies, load_trace, table
+
+    path.with_suffix(".copies.txt").write_text(table(copies(load_trace(trace))))  # what each copy was, and who asked
     with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.unlink()
