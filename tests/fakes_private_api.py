@@ -103,9 +103,20 @@ def unmap_and_release(handle: tuple) -> None:
 
 # --- vllm.LLM and what is behind it ------------------------------------------------------------------
 
+class FakeBitsAndBytesWeight(torch.nn.Parameter):
+    """vLLM 0.26's BitsAndBytesWeightParameter: a 4-bit weight's packed bytes (uint8 storage) whose
+    `dtype` answers the model's dtype, torch.get_default_dtype(), not its storage's. Comparing dtypes
+    through it kept every 4-bit weight of the trainer its own on the H100 (2026-12-06)."""
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return torch.get_default_dtype()
+
+
 class FakeVLLMModel(torch.nn.Module):
-    """vLLM's model: its parameters under vLLM's names (q/k/v and gate/up fused), `load_weights`
-    recording each (name, tensor) it is given."""
+    """vLLM's model: its parameters under vLLM's names (q/k/v and gate/up fused), a 4-bit weight's
+    packed bytes (uint8) as vLLM holds them (FakeBitsAndBytesWeight), `load_weights` recording each
+    (name, tensor) it is given."""
 
     packed_modules_mapping = VLLM_FUSED
 
@@ -118,7 +129,8 @@ class FakeVLLMModel(torch.nn.Module):
                 if part not in module._modules:
                     module.add_module(part, torch.nn.Module())
                 module = module._modules[part]
-            module.register_parameter(leaf, torch.nn.Parameter(tensor.detach().clone(), requires_grad=False))
+            kind = FakeBitsAndBytesWeight if tensor.dtype == torch.uint8 else torch.nn.Parameter
+            module.register_parameter(leaf, kind(tensor.detach().clone(), requires_grad=False))
         self.allocator: FakeCuMemAllocator | None = None
         self.garbage = False  # True after a level-2 sleep, until load_weights
         self.loaded: list[dict[str, torch.Tensor]] = []  # one {name: tensor} a load_weights call

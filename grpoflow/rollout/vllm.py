@@ -433,7 +433,7 @@ class VLLMEngine:
                 vp, offset = slices.get(key, (None, 0))
                 why = _unlike(vp, offset, p)
                 if why is None:
-                    view = vp[offset:offset + p.shape[0]]
+                    view = vp.data[offset:offset + p.shape[0]]
                     if view.data_ptr() == p.data_ptr():
                         continue
                     if four_bit:
@@ -462,7 +462,9 @@ def _unlike(vllm_param, offset: int, p) -> str | None:
     with what each side holds: the reason a user reads in the log when memory is not saved."""
     if vllm_param is None:
         return "no tensor of vLLM's model holds it"
-    mine, theirs = (p.dtype, tuple(p.shape[1:])), (vllm_param.dtype, tuple(vllm_param.shape[1:]))
+    # the storage's dtype: vLLM's 4-bit weights (BitsAndBytesWeightParameter) answer `dtype` with the
+    # model's dtype, though they hold uint8 bytes
+    mine, theirs = (p.data.dtype, tuple(p.shape[1:])), (vllm_param.data.dtype, tuple(vllm_param.shape[1:]))
     if mine != theirs:
         return (f"vLLM holds it as {theirs[0]} rows of {list(theirs[1])}, "
                 f"the policy as {mine[0]} rows of {list(mine[1])}")
