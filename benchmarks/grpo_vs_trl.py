@@ -102,9 +102,10 @@ def profiled(on: bool, path: Path):
                                *lines, "", events.table(sort_by=sort, row_limit=50), *host]) + "\n")
     trace = path.with_suffix(".trace.json")
     prof.export_chrome_trace(str(trace))
-    from benchmarks.trace_copies import copies, load_trace, table
+    from benchmarks.trace_copies import copies, load_trace, phase_busy, table
 
-    path.with_suffix(".copies.txt").write_text(table(copies(load_trace(trace))))  # what each copy was, and who asked
+    timeline = load_trace(trace)  # how busy each phase kept the card; what each copy was, and who asked
+    path.with_suffix(".copies.txt").write_text(phase_busy(timeline) + "\n" + table(copies(timeline)))
     with trace.open("rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.unlink()

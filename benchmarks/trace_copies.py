@@ -4,8 +4,10 @@ writes (`grpo_vs_trl.py --profile` writes one beside its table, and this table b
 
     python benchmarks/trace_copies.py OUT/bench/profile-grpo_vs_trl-ours-qwen3r-profile-async-ours-auto.trace.json.gz
 
-A table sorted by device time: copy kind, launching thread, phase (the outermost `grpoflow.*` range),
-host call (outermost and innermost op around the CUDA call), count, bytes each, device time. Without a
+First each trainer phase's wall time against the device time of what it launched (a phase whose
+device time is well under its wall time keeps the card waiting on the host). Then a table sorted by
+device time: copy kind, launching thread, phase (the outermost `grpoflow.*` range), host call
+(outermost and innermost op around the CUDA call), count, bytes each, device time. Without a
 Python stack (`with_stack` crashed torch's profiler on the GPU machine) the ops and ranges are what
 name a copy's origin: `aten::item` is a `.item()`, `aten::to` with pageable memory is a `.cpu()` or a
 `.to("cpu")` without pinned memory, and the thread says whether the trainer or the rollout thread asked.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 HOST = {"cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"}
 COPIES = {"gpu_memcpy", "gpu_memset"}
+DEVICE = COPIES | {"kernel"}
 
 
 def load_trace(path: Path) -> list[dict]:
@@ -57,12 +60,51 @@ def ancestors(events: list[dict]) -> dict[int, list[dict]]:
     return enclosing
 
 
+def launches(events: list[dict]) -> dict:
+    """CUDA runtime (or driver) calls by correlation id: the host side of each device event."""
+    return {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
+            and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+
+
+def phase_busy(events: list[dict]) -> str:
+    """Per trainer phase (`grpoflow.*` range): its wall time on the host and the device time of the
+    kernels and copies launched inside it. Device time well under wall time is a phase that keeps the
+    card waiting on the host (launches, the interpreter lock) rather than one the card's speed bounds.
+    Last, how busy the card was over the whole trace (the union of its device events)."""
+    enclosing, launched = ancestors(events), launches(events)
+    wall, device, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"].startswith("grpoflow."):
+            wall[e["name"]] += float(e.get("dur", 0))
+            count[e["name"]] += 1
+    spans = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in DEVICE:
+            continue
+        spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
+        call = launched.get(e.get("args", {}).get("correlation"))
+        outer = [s["name"] for s in enclosing.get(id(call), []) if s["name"].startswith("grpoflow.")] if call else []
+        device[outer[0] if outer else "-"] += float(e.get("dur", 0))
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    lines = ["| phase | ranges | wall s (host) | device s (its kernels and copies) | device / wall |",
+             "|---|---|---|---|---|"]
+    for name in sorted(set(wall) | set(device), key=lambda n: -wall.get(n, 0)):
+        share = f"{device[name] / wall[name]:.2f}" if wall.get(name) else "-"
+        lines.append(f"| {name} | {count.get(name, 0)} | {wall.get(name, 0) / 1e6:.3f} | {device[name] / 1e6:.3f} "
+                     f"| {share} |")
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+    lines.append(f"the card was busy {busy / 1e6:.3f} s of the {span / 1e6:.3f} s from its first device event to its "
+                 f"last ({100 * busy / span if span else 0:.0f}%)")
+    return "\n".join(lines) + "\n"
+
+
 def copies(events: list[dict]) -> list[dict]:
     """One row a copy the card ran: kind, bytes, device µs, and the host call that launched it (matched by
     the CUDA correlation id): its thread, phase and ops."""
-    launched = {e["args"]["correlation"]: e for e in events if e.get("ph") == "X"
-                and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    enclosing, names = ancestors(events), thread_names(events)
+    launched, enclosing, names = launches(events), ancestors(events), thread_names(events)
     rows = []
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in COPIES:
@@ -104,7 +146,8 @@ def main() -> None:
     parser.add_argument("trace", type=Path, help="a Chrome trace from torch's profiler (.json or .json.gz)")
     parser.add_argument("--top", type=int, default=40, help="rows of the table (default 40)")
     args = parser.parse_args()
-    print(table(copies(load_trace(args.trace)), args.top), end="")
+    events = load_trace(args.trace)
+    print(phase_busy(events) + "\n" + table(copies(events), args.top), end="")
 
 
 if __name__ == "__main__":

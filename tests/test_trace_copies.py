@@ -9,7 +9,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.trace_copies import ancestors, copies, load_trace, table
+from benchmarks.trace_copies import ancestors, copies, load_trace, phase_busy, table
 
 
 def span(cat, name, tid, ts, dur, **args):
@@ -64,6 +64,22 @@ def test_each_copy_is_tied_to_its_host_call_thread_and_phase(tmp_path):
     assert lines[4] == ("| Memcpy DtoH (Device -> Pinned) | rollouts | grpoflow.generation | aten::to > aten::copy_ "
                         "| [[32]] | 2 | 256 | 0.0 | 0.011 | 1% |")
     assert len(lines) == 5
+
+
+def test_each_phase_has_its_wall_time_beside_the_device_time_it_launched():
+    """train: 1 ms on the host, a 1.5 ms copy; generation: 5 ms on the host, two copies and a kernel,
+    0.072 ms; the card was busy from 9.0 to 10.5 ms of the trace, all of its span."""
+    assert phase_busy(trace()).splitlines() == [
+        "| phase | ranges | wall s (host) | device s (its kernels and copies) | device / wall |",
+        "|---|---|---|---|---|",
+        "| grpoflow.generation | 1 | 0.005 | 0.000 | 0.01 |",
+        "| grpoflow.train | 1 | 0.001 | 0.002 | 1.50 |",
+        "the card was busy 0.002 s of the 0.002 s from its first device event to its last (100%)",
+    ]
+    gaps = trace() + [copy("Memcpy HtoD (Pageable -> Device)", 99, 8, 500.0) | {"ts": 20500}]
+    assert phase_busy(gaps).splitlines()[-2:] == [
+        "| - | 0 | 0.000 | 0.001 | - |",  # a copy whose launch the trace does not hold
+        "the card was busy 0.002 s of the 0.012 s from its first device event to its last (17%)"]
 
 
 def test_a_copy_whose_launch_is_not_in_the_trace_is_still_counted():
