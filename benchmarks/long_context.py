@@ -2,6 +2,7 @@
 sync, log-probs, loss, backward, optimizer), the device memory of the whole process (issue #22).
 
     python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b
+    python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b --sparse
     python benchmarks/long_context.py run --model /tmp/llama8b --finetune lora --length 20000 --out $OUT
     python benchmarks/long_context.py run --model /tmp/llama8b --finetune lora --length 20000 --trainer trl --out $OUT
     python benchmarks/long_context.py bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 \\
@@ -12,8 +13,9 @@ sync, log-probs, loss, backward, optimizer), the device memory of the whole proc
 
 `model` saves a randomly initialised model of a real shape (the Hub is out of reach; random weights
 are what speed and memory need) with another model's tokenizer: sampled ids above its vocabulary
-decode to nothing, and lengths are what count. Completions are forced to L tokens
-(rollout.ignore_eos), so every step does the same work.
+decode to nothing, and lengths are what count. --sparse makes no weights: norms one, every other
+tensor zeros written as holes of a sparse file (no disk), for memory-only runs of a shape too big for
+the disk. Completions are forced to L tokens (rollout.ignore_eos), so every step does the same work.
 
 Memory is the card's, as cudaMemGetInfo sees it, polled every 20 ms through the whole run: vLLM's
 pool, the CUDA context and torch's allocator together, not torch's statistics alone. --cap-gib
@@ -41,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import struct
 import subprocess
 import sys
 import time
@@ -72,9 +76,10 @@ GENERATIONS = 8
 PROMPT_TOKENS = 128  # vLLM's max_model_len: the prompt (64 at most) and its chat template, and the completion
 
 
-def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
+def save_model(shape: str, tokenizer_dir: str, out: Path, sparse: bool = False) -> None:
     """A random model of `shape` in bfloat16, with the tokenizer of `tokenizer_dir`, made on the GPU if any
-    (the 32B shape: 61 GiB on disk, more than a 1-GPU machine's 64 GiB disk holds with the rest)."""
+    (the 32B shape: 61 GiB on disk, more than a 1-GPU machine's 64 GiB disk holds with the rest).
+    sparse: no weights made at all, the checkpoint written as holes (save_sparse)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     family, dims = SHAPES[shape]
@@ -84,6 +89,13 @@ def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
     config, cls = ((LlamaConfig(**dims, **ids), LlamaForCausalLM) if family == "llama"
                    else (Qwen3Config(**dims, **ids), Qwen3ForCausalLM))
     started = time.perf_counter()
+    if sparse:
+        n = save_sparse(config, cls, out)
+        tokenizer.save_pretrained(out)
+        used = sum(f.stat().st_blocks * 512 for f in out.iterdir()) / GIB
+        print(f"{out}: {shape}, {n / 1e9:.2f}B parameters, matrices zero (holes: {used:.3f} GiB on disk), "
+              f"written in {time.perf_counter() - started:.0f} s")
+        return
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # made in bf16: the 32B shape in float32 (131 GB) fits no card
@@ -96,6 +108,34 @@ def save_model(shape: str, tokenizer_dir: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"{out}: {shape}, {n / 1e9:.2f}B parameters, random weights, saved in {time.perf_counter() - started:.0f} s")
+
+
+def save_sparse(config, cls, out: Path) -> int:
+    """`config`'s checkpoint as one safetensors file without making the model: norms ones, every other
+    tensor zeros left as holes of a sparse file, which take no disk (the 32B shape: 61 GiB read, a few MB
+    stored). For memory-only runs (--decoded): memory does not depend on the weights' values, while a
+    model of zeros samples uniformly and learns nothing, so its times and rewards mean nothing.
+    Returns the parameter count."""
+    with torch.device("meta"):  # names and shapes only; a tied head is one parameter, saved once
+        names = [(name, tuple(t.shape)) for name, t in cls(config).named_parameters()]
+    header, size = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in names:
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [size, size + 2 * math.prod(shape)]}
+        size += 2 * math.prod(shape)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data 8-byte aligned
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        start = f.tell()
+        for name, shape in names:
+            if name.endswith("norm.weight"):  # RMSNorm scales start at one
+                f.seek(start + header[name]["data_offsets"][0])
+                f.write(torch.ones(shape, dtype=torch.bfloat16).view(torch.int16).numpy().tobytes())
+        f.truncate(start + size)
+    config.dtype, config.architectures = torch.bfloat16, [cls.__name__]  # vLLM finds its model class by the latter
+    config.save_pretrained(out)
+    return sum(math.prod(shape) for _, shape in names)
 
 
 def write_data(folder: Path) -> Path:
@@ -325,6 +365,8 @@ def main() -> None:
     make.add_argument("--shape", choices=sorted(SHAPES), required=True)
     make.add_argument("--tokenizer", required=True)
     make.add_argument("--out", type=Path, required=True)
+    make.add_argument("--sparse", action="store_true",
+                      help="matrices zero, written as holes of a sparse file (no disk): memory-only runs")
     for name in ("run", "bisect", "smoke"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
@@ -355,7 +397,7 @@ def main() -> None:
     args = parser.parse_args()
     log_grpoflow()
     if args.command == "model":
-        save_model(args.shape, args.tokenizer, args.out)
+        save_model(args.shape, args.tokenizer, args.out, sparse=args.sparse)
     elif args.command == "run":
         args.tag = args.tag or f"{args.finetune}-{args.length}"
         if args.vllm_gib is None:  # QLoRA: vLLM loads the same checkpoint in 4 bits (ours: rollout.quantization

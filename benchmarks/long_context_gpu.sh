@@ -6,10 +6,11 @@
 #   bash benchmarks/long_context_gpu.sh qlora   # the same with QLoRA (nf4)
 #   bash benchmarks/long_context_gpu.sh cap     # held to 80 GB, QLoRA at LENGTH tokens (default 49,152), memory only
 #   bash benchmarks/long_context_gpu.sh cap-trl # the same for TRL 1.16
-#   bash benchmarks/long_context_gpu.sh model32 # /tmp/qwen32b: the Qwen3-32B shape (61 GiB on disk: a 2-GPU machine's
-#                                               # 128 GiB disk, one of its cards used)
+#   bash benchmarks/long_context_gpu.sh model32 # /tmp/qwen32b: the Qwen3-32B shape, its matrices zeros left as holes
+#                                               # of a sparse file (61 GiB read, a few MB on disk: `model --sparse`)
 #   bash benchmarks/long_context_gpu.sh cap32   # held to 80 GB, LoRA 16-bit on the 32B shape at LENGTH tokens (default
-#                                               # 6,656), fp8 KV cache, memory only; cap32-trl: TRL 1.16
+#                                               # 6,656), fp8 KV cache, memory only; cap32-trl: TRL 1.16. An H200:
+#                                               # an H100 has less than the 80 GB cap
 # One trainer at a time, for a machine that runs a command 10 minutes at most (an 8B step at 20,000 tokens
 # is mostly its generation, about 4 minutes of decoding in bf16, more in nf4): lora-ours, lora-trl,
 # qlora-ours, qlora-trl. STEPS: GRPO steps per run (default 3; STEPS=1 fits one run in a 10-minute call).
@@ -36,7 +37,9 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|
     DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
       "${mine[@]}" --tag "qlora-cap-${LENGTH:-49152}"
     ;;
-  model32) python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b ;;
+  model32)
+    python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b --sparse
+    ;;
   cap32|cap32-trl)
     mine=(--kv-cache-dtype fp8 --offload --max-tokens-per-forward 8192) && [ "$1" = cap32-trl ] && mine=(--trainer trl)
     DECODED=${DECODED:-64} bench run --model /tmp/qwen32b --finetune lora --cap-gib 80 --length "${LENGTH:-6656}" \

@@ -75,6 +75,12 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
         ("ours", "lora", 20000, None, None),  # without DECODED every token is decoded
         ("ours", "lora", 6656, 80.0, 64)]  # the 32B shape, LoRA 16-bit
     assert parsed[-1].model == "/tmp/qwen32b" and parsed[-1].kv_cache_dtype == "fp8"
+    # and its model: a sparse checkpoint, which a 1-GPU machine's disk holds
+    done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", "model32"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(record.read_text().splitlines()[-1]) == [
+        "benchmarks/long_context.py", "model", "--shape", "qwen3-32b", "--tokenizer", "/tmp/smollm2", "--out",
+        "/tmp/qwen32b", "--sparse"]
 
 
 def _parse(args: list[str], monkeypatch):
@@ -90,3 +96,28 @@ def _parse(args: list[str], monkeypatch):
     monkeypatch.setattr(bench, "log_grpoflow", lambda: None)
     bench.main()
     return captured[0]
+
+
+def test_a_sparse_checkpoint_has_the_shapes_layout_and_takes_no_disk(tmp_path, monkeypatch):
+    """model --sparse (the 32B shape's 61 GiB on a 64 GiB disk): the same tensors and bytes as a saved
+    model of the shape, norms one and the rest zeros left as holes; transformers loads it and it runs."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.long_context import save_model, smoke_tokenizer
+
+    tokenizer = smoke_tokenizer(tmp_path / "tokenizer")
+    save_model("tiny", tokenizer, tmp_path / "saved")
+    save_model("tiny", tokenizer, tmp_path / "sparse", sparse=True)
+    saved, sparse = (tmp_path / "saved" / "model.safetensors"), (tmp_path / "sparse" / "model.safetensors")
+    with safe_open(saved, "pt") as a, safe_open(sparse, "pt") as b:
+        assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
+    assert sparse.stat().st_size == saved.stat().st_size
+    assert sparse.stat().st_blocks * 512 < saved.stat().st_size / 10  # holes: a few blocks of header and norms
+    assert json.loads((tmp_path / "sparse" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    weights = model.state_dict()
+    assert all(torch.equal(t, torch.ones_like(t)) if "norm" in name else not t.any() for name, t in weights.items())
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
