@@ -24,8 +24,12 @@
 #                                          # ours async as is, TRL, then with rollout.async_priority=high, with a
 #                                          # 0.5 ms interpreter switch interval, both, and with the training pass's
 #                                          # matrix products held to all SMs but 32 (MODELS= default qwen3r)
+#   bash benchmarks/vllm_gpu.sh contention # issue #21: a generation in a thread beside a pure-Python loop, a CUDA
+#                                          # graph of products, small eager kernels and a training pass: what the two
+#                                          # phases contend for (bench/contention-*.json; MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh profile    # issue #21: sync and async under torch's profiler, 4 steps each: where a
-#                                          # step's device time goes (bench/profile-*.txt; MODELS= default qwen3r)
+#                                          # step's device time goes (bench/profile-*.txt, *.copies.txt; MODELS=
+#                                          # default qwen3r)
 #   bash benchmarks/vllm_gpu.sh server     # issue #25 (2 GPUs): 512 completions a step, one GPU colocated vs the
 #                                          # trainer on GPU 0 + our rollout server on GPU 1, then TRL's server mode on
 #                                          # the same split; SmolLM2 and the Qwen3-0.6B shape (MODELS= one of them)
@@ -37,7 +41,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|profile|server|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|contention|profile|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -112,6 +116,12 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.async_priority=high \
         --switch-interval 0.0005 --tag "$name-async-high-switch"
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --sm-carveout 32 --tag "$name-async-carveout"
+    done
+    ;;
+  contention)
+    # what a generation in its own thread contends for: the interpreter, launches, or the SMs (issue #21)
+    for model in ${MODELS:-/tmp/qwen3r}; do
+      python benchmarks/contention.py --model "$model" --out "$OUT/bench" --tag "$(basename "$model")"
     done
     ;;
   profile)
