@@ -166,22 +166,24 @@ def main() -> None:
 
     w = WORKLOAD
     length = w["max_completion_length"]
+    from grpoflow.private_api import pin_vllm_main_stream
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="generation")
-    stream = pool.submit(torch.cuda.Stream).result()  # the thread's stream, as rollout.mode async has one
-    llm = pool.submit(lambda: LLM(model=args.model, dtype="bfloat16", seed=w["seed"],
-                                  gpu_memory_utilization=VLLM_MEMORY, max_model_len=w["max_prompt_length"] + length,
-                                  logprobs_mode="processed_logprobs", max_logprobs=0)).result()
+    llm = LLM(model=args.model, dtype="bfloat16", seed=w["seed"], gpu_memory_utilization=VLLM_MEMORY,
+              max_model_len=w["max_prompt_length"] + length, logprobs_mode="processed_logprobs", max_logprobs=0)
+    stream = torch.cuda.Stream()  # the generation's, as rollout.mode async has one: vLLM's own (VLLMEngine.use_stream)
+    pin_vllm_main_stream(llm, stream)
     params = SamplingParams(n=w["num_generations"], max_tokens=length, min_tokens=length, ignore_eos=True,
                             temperature=1.0, logprobs=0, detokenize=False, seed=w["seed"])
     prompts = [{"prompt_token_ids": list(range(100 + i, 200 + i))} for i in range(w["prompts"])]
 
     def generate() -> float:
-        with torch.cuda.stream(stream):  # every call from this thread: vLLM keeps it as its stream
+        with torch.cuda.stream(stream):
             started = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - started
 
-    pool.submit(generate).result()  # warm-up, and vLLM takes this thread's stream as its own
+    pool.submit(generate).result()  # warm-up
     makers = {"python": python_load, "graph": lambda: graph_load("cuda"), "launches": lambda: launches_load("cuda"),
               "train": lambda: train_load(args.model, "cuda", w["prompts"] * w["num_generations"], 100 + length)}
     loads = {"alone": None} | {name: makers[name]() for name in args.loads.split(",") if name != "alone"}
