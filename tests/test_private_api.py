@@ -475,6 +475,26 @@ def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
+def test_a_base_held_mostly_twice_is_a_warning_naming_why(monkeypatch, tiny_model, caplog):
+    """Where most of the frozen bytes stay the policy's own, share_weights warns: the memory a user counted
+    on is not saved (the QLoRA bug of 2026-12-06 sat at INFO). A few tensors apart stay at INFO."""
+    from grpoflow.rollout.vllm import _hf_name
+
+    policy, cfg = policy_for(tiny_model, "lora")
+    frozen = {_hf_name(name): p for name, p in policy.model.named_parameters() if not p.requires_grad}
+    # vLLM's embeddings (most of the tiny model's frozen bytes) hold other values
+    differing = {name: t + 1 if "embed_tokens" in name else t for name, t in frozen.items()}
+    fake_vllm_at(monkeypatch, model=FakeVLLMModel(vllm_layout(differing)))
+    engine = engine_for(tiny_model, policy, cfg)
+    with caplog.at_level("INFO", logger="grpoflow.rollout"):
+        saved = engine.share_weights(policy)
+    kept = [r for r in caplog.records if "stay the policy's own" in r.getMessage()]
+    assert 0 < saved == sum(t.numel() * t.element_size() for name, t in frozen.items() if "embed_tokens" not in name)
+    assert [(r.levelname, r.getMessage().split(": ", 1)[-1]) for r in kept] == [
+        ("WARNING", "1 frozen tensors (0.00 GiB) stay the policy's own: values differ from vLLM's "
+                    "(first: model.embed_tokens.weight)")]
+
+
 def test_shared_base_weights_release_the_kv_cache_alone(monkeypatch, tiny_model):
     from grpoflow.rollout.vllm import _hf_name
 

@@ -451,9 +451,12 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         self.shared_bytes = saved
         log.info("vLLM and the policy share %.2f GiB of base weights", saved / 2**30)
+        # most of the base held twice is memory a user counted on (it hid the QLoRA bug of 2026-12-06): a warning
+        own = sum(size for _, size, _ in kept.values())
+        level = logging.WARNING if own > saved else logging.INFO
         for why, (count, size, first) in kept.items():
-            log.info("rollout.share_weights: %d frozen tensors (%.2f GiB) stay the policy's own: %s (first: %s)",
-                     count, size / 2**30, why, first)
+            log.log(level, "rollout.share_weights: %d frozen tensors (%.2f GiB) stay the policy's own: %s (first: %s)",
+                    count, size / 2**30, why, first)
         return saved
 
 
