@@ -227,7 +227,8 @@ def test_the_step_benchmark_profiles_a_run_with_the_trainers_phases_named(tmp_pa
 
 
 def test_the_contention_mode_measures_each_model_in_a_process_of_its_own(device, tmp_path):
-    commands = device("benchmarks/vllm_gpu.sh", "contention", OUT=str(tmp_path / "out"), MODELS="/tmp/qwen3r /tmp/smollm2")
+    commands = device("benchmarks/vllm_gpu.sh", "contention", OUT=str(tmp_path / "out"),
+                      MODELS="/tmp/qwen3r /tmp/smollm2")
     runs = [args for args in commands if args[0] == "benchmarks/contention.py"]
     assert [args[args.index("--tag") + 1] for args in runs] == ["qwen3r", "smollm2"]
     assert all(args[args.index("--out") + 1] == str(tmp_path / "out" / "bench") for args in runs)
