@@ -24,6 +24,8 @@
 #                                          # ours async as is, TRL, then with rollout.async_priority=high, with a
 #                                          # 0.5 ms interpreter switch interval, both, and with the training pass's
 #                                          # matrix products held to all SMs but 32 (MODELS= default qwen3r)
+#   bash benchmarks/vllm_gpu.sh compile    # issue #21: sync with and without grpo.torch_compile, TRL, async compiled
+#                                          # (MODELS= default qwen3r)
 #   bash benchmarks/vllm_gpu.sh contention # issue #21: a generation in a thread beside a pure-Python loop, a CUDA
 #                                          # graph of products, small eager kernels and a training pass: what the two
 #                                          # phases contend for (bench/contention-*.json; MODELS= default qwen3r)
@@ -41,7 +43,7 @@ bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | he
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|contention|profile|server|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|compile|contention|profile|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -116,6 +118,19 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.async_priority=high \
         --switch-interval 0.0005 --tag "$name-async-high-switch"
       bench --model "$model" --engine vllm --only ours "${extra[@]}" --sm-carveout 32 --tag "$name-async-carveout"
+    done
+    ;;
+  compile)
+    # grpo.torch_compile (each decoder layer compiled) beside the eager layers and TRL, sync and async (issue #21)
+    for model in ${MODELS:-/tmp/qwen3r}; do
+      name=$(basename "$model") && extra=()
+      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-sync"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set grpo.torch_compile=true \
+        --tag "$name-sync-compiled"
+      bench --model "$model" --engine vllm --only trl --tag "$name"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set grpo.torch_compile=true \
+        --set rollout.mode=async --tag "$name-async-compiled"
     done
     ;;
   contention)

@@ -225,6 +225,11 @@ class GRPOConfig(Section):
                             "(kernels/triton_logps.py, triton_loss.py; CUDA only: elsewhere, or without triton "
                             "installed, it runs as chunked after one warning); naive is the model's own forward, "
                             "the reference; auto: triton on a CUDA GPU with triton installed, else chunked")
+    torch_compile: bool = Field(
+        False, description="compile each decoder layer with torch.compile (regional, dynamic shapes): fewer kernel "
+                           "launches and less Python in every forward and backward, the host's share of a step on "
+                           "small models; the first steps pay the compile (seconds to minutes). The transformers "
+                           "engine generates through the compiled layers too; vLLM has its own")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp keeps a whole replica of the policy in every process; fsdp shards "
                            "weights, gradients and optimizer state over the processes (FSDP2, per decoder layer) "

@@ -69,7 +69,8 @@ _EVAL = ("evaluation during training answers grpo.eval_prompts held-out question
          "(grpo.eval_strategy: steps); the evaluate stage scores the whole held-out split (eval section)")
 _LOGS = "metrics go to the run's log, metrics.jsonl and grpo.report_to (tensorboard, wandb)"
 _ADAM = "AdamW with torch's betas (0.9, 0.999) and eps 1e-8; grpo.optim picks adamw_torch or adamw_8bit"
-_COMPILE = "not taken: no torch.compile; grpo.kernels: triton fuses the lm_head, log-softmax and loss instead"
+_COMPILE = ("not taken: grpo.torch_compile compiles each decoder layer with inductor's default mode and dynamic "
+            "shapes")
 _ENTROPY_BONUS = "not taken: no entropy bonus in the loss (top_entropy_quantile trains on high-entropy tokens only)"
 _VESPO = "not taken: loss_type vespo is not implemented (cispo and sapo are: kernels/reference.py)"
 _REF_SYNC = "not taken: the KL reference stays the base model (TR-DPO's reference updates are not implemented)"
@@ -89,7 +90,7 @@ NOT_TAKEN: dict[str, str] = {
     "activation_checkpointing": "grpo.gradient_checkpointing",
     "activation_checkpointing_kwargs": "grpo.gradient_checkpointing (transformers' defaults)",
     "gradient_checkpointing_kwargs": "grpo.gradient_checkpointing (transformers' defaults)",
-    "torch_compile": _COMPILE, "torch_compile_backend": _COMPILE, "torch_compile_mode": _COMPILE,
+    "torch_compile_backend": _COMPILE, "torch_compile_mode": _COMPILE,
     "use_liger_kernel": ("grpo.kernels: auto (default: triton on a GPU, chunked elsewhere), chunked or triton "
                          "compute log-probs without the [B, T, V] logits"),
     "liger_kernel_config": "grpo.kernels: chunked or triton",

@@ -137,8 +137,11 @@ class _OffloadedLayer(torch.autograd.Function):
         return (None, None, hidden.grad, *(None for _ in ctx.args))
 
 
+@torch.compiler.disable(recursive=False)
 def offloaded_checkpoint(offloader: ActivationOffload, run, hidden: torch.Tensor, *args):
-    """transformers' _gradient_checkpointing_func: run(hidden, *args) is one decoder layer."""
+    """transformers' _gradient_checkpointing_func: run(hidden, *args) is one decoder layer. Under
+    grpo.torch_compile it runs eagerly (its streams, pinned copies and RNG states are host work dynamo
+    does not trace) and the layer it runs is compiled."""
     return _OffloadedLayer.apply(run, offloader, hidden, *args)
 
 
