@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -102,16 +103,21 @@ def train_load(model_path: str, device: str, rows: int, length: int) -> Callable
     return step
 
 
-def beside(generate: Callable[[], float], load: Callable[[], None] | None, pool: ThreadPoolExecutor) -> dict:
-    """One generation in the pool's thread; `load` stepped in this thread until it ends. Returns the
-    generation's seconds and the load's steps a second meanwhile."""
+def beside(generate: Callable[[], float], load: Callable[[], None] | None, pool: ThreadPoolExecutor,
+           limit: float = math.inf) -> dict:
+    """One generation in the pool's thread; `load` stepped in this thread until it ends, or for `limit`
+    seconds at most: a load that holds the interpreter lock can starve the generation for minutes (a
+    GPU call's first python load passed 200 s). Then the generation ends alone, and its seconds are
+    a floor (`load_stopped`). Returns the generation's seconds and the load's steps a second meanwhile."""
     future = pool.submit(generate)
     steps, started = 0, time.perf_counter()
-    while load is not None and not future.done():
+    while load is not None and not future.done() and time.perf_counter() - started < limit:
         load()
         steps += 1
+    stepped = time.perf_counter() - started
+    stopped = load is not None and not future.done()
     seconds = future.result()
-    return {"generation_seconds": seconds, "load_steps_per_second": steps / (time.perf_counter() - started)}
+    return {"generation_seconds": seconds, "load_steps_per_second": steps / stepped, "load_stopped": stopped}
 
 
 def alone_rate(load: Callable[[], None], seconds: float) -> float:
@@ -125,28 +131,37 @@ def alone_rate(load: Callable[[], None], seconds: float) -> float:
 
 
 def measure(generate: Callable[[], float], loads: dict[str, Callable[[], None] | None], repeats: int,
-            pool: ThreadPoolExecutor) -> dict:
-    """Per load: the median generation beside it, and the load's speed beside the generation against alone."""
+            pool: ThreadPoolExecutor, kept: Callable[[dict], None] = lambda results: None,
+            limit: float = math.inf) -> dict:
+    """Per load: the median generation beside it, and the load's speed beside the generation against alone.
+    Each load says when it starts and what it measured (a run cut off mid-way tells which load it was in),
+    and `kept` gets the results so far as each load ends."""
     results = {}
     for name, load in loads.items():
-        runs = [beside(generate, load, pool) for _ in range(repeats)]
+        print(f"{name}: {repeats} generations beside it ...", flush=True)
+        runs = [beside(generate, load, pool, limit) for _ in range(repeats)]
         gen = statistics.median(r["generation_seconds"] for r in runs)
-        row = {"generation_seconds": [r["generation_seconds"] for r in runs], "median_generation_seconds": gen}
+        row = {"generation_seconds": [r["generation_seconds"] for r in runs], "median_generation_seconds": gen,
+               "load_stopped": sum(r["load_stopped"] for r in runs)}
         if load is not None:
             row["load_alone_steps_per_second"] = alone_rate(load, gen)
             row["load_beside_steps_per_second"] = statistics.median(r["load_steps_per_second"] for r in runs)
         results[name] = row
+        print(f"{name}: generation {gen:.3f} s (median)", flush=True)
+        kept(results)
     return results
 
 
 def table(results: dict) -> str:
     base = results["alone"]["median_generation_seconds"]
     lines = ["| load | generation s | generation / alone | load's speed beside / alone |", "|---|---|---|---|"]
+    # ">": the load was stopped at --limit in most repeats, and the generation ended alone
     for name, row in results.items():
         load = (f"{row['load_beside_steps_per_second'] / row['load_alone_steps_per_second']:.2f}"
                 if "load_alone_steps_per_second" in row else "-")
         seconds = row["median_generation_seconds"]
-        lines.append(f"| {name} | {seconds:.3f} | {seconds / base:.2f} | {load} |")
+        floor = ">" if 2 * row.get("load_stopped", 0) > len(row["generation_seconds"]) else ""  # median a floor
+        lines.append(f"| {name} | {floor}{seconds:.3f} | {floor}{seconds / base:.2f} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +171,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loads", default=",".join(LOADS), help=f"comma-separated, of {', '.join(LOADS)}")
+    parser.add_argument("--limit", type=float, default=20.0,
+                        help="seconds a load runs beside one generation at most (then the generation ends alone)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     unknown = set(args.loads.split(",")) - set(LOADS)
@@ -183,15 +200,19 @@ def main() -> None:
             llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - started
 
-    pool.submit(generate).result()  # warm-up
+    print(f"warm-up generation: {pool.submit(generate).result():.3f} s", flush=True)
     makers = {"python": python_load, "graph": lambda: graph_load("cuda"), "launches": lambda: launches_load("cuda"),
               "train": lambda: train_load(args.model, "cuda", w["prompts"] * w["num_generations"], 100 + length)}
     loads = {"alone": None} | {name: makers[name]() for name in args.loads.split(",") if name != "alone"}
-    results = measure(generate, loads, args.repeats, pool)
-    record = {"card": torch.cuda.get_device_name(), "model": args.model, "workload": w, "repeats": args.repeats,
-              "date": time.strftime("%Y-%m-%d"), "loads": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"contention{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(record, indent=2))
+    path = args.out / f"contention{'-' + args.tag if args.tag else ''}.json"
+    record = {"card": torch.cuda.get_device_name(), "model": args.model, "workload": w, "repeats": args.repeats,
+              "date": time.strftime("%Y-%m-%d")}
+
+    def kept(results: dict) -> None:  # the loads measured so far, as each ends
+        path.write_text(json.dumps(record | {"loads": results}, indent=2))
+
+    results = measure(generate, loads, args.repeats, pool, kept, args.limit)
     print(f"{record['card']}, {args.model}, median of {args.repeats}:\n" + table(results), end="")
     pool.shutdown()
 

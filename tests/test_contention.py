@@ -25,8 +25,10 @@ def test_each_load_is_measured_beside_a_generation_in_another_thread(tiny_model)
 
     loads = {"alone": None, "python": python_load(), "launches": launches_load("cpu"),
              "train": train_load(str(tiny_model), "cpu", rows=2, length=8)}
-    results = measure(generate, loads, repeats=2, pool=pool)
+    snapshots = []
+    results = measure(generate, loads, repeats=2, pool=pool, kept=lambda so_far: snapshots.append(list(so_far)))
     assert list(results) == ["alone", "python", "launches", "train"]
+    assert snapshots == [["alone"], ["alone", "python"], ["alone", "python", "launches"], list(results)]
     assert all(len(r["generation_seconds"]) == 2 and r["median_generation_seconds"] > 0 for r in results.values())
     assert "load_alone_steps_per_second" not in results["alone"]
     assert all(results[n]["load_alone_steps_per_second"] > 0 and results[n]["load_beside_steps_per_second"] > 0
@@ -41,7 +43,36 @@ def test_each_load_is_measured_beside_a_generation_in_another_thread(tiny_model)
 
 def test_a_load_beside_nothing_steps_not_at_all():
     pool = ThreadPoolExecutor(1)
-    assert beside(lambda: 0.25, None, pool) == {"generation_seconds": 0.25, "load_steps_per_second": 0.0}
+    assert beside(lambda: 0.25, None, pool) == {"generation_seconds": 0.25, "load_steps_per_second": 0.0,
+                                                "load_stopped": False}
+    pool.shutdown()
+
+
+def test_a_load_past_the_limit_stops_and_the_generation_ends_alone():
+    pool = ThreadPoolExecutor(1)
+    release = threading.Event()
+    ticks = []
+
+    def generate() -> float:  # ends only once the load has stopped: a generation the load starves
+        started = time.perf_counter()
+        release.wait(10)
+        return time.perf_counter() - started
+
+    def load() -> None:
+        ticks.append(time.perf_counter())
+        time.sleep(0.01)
+
+    started = time.perf_counter()
+    timer = threading.Timer(0.6, release.set)  # the generation ends 0.6 s in, well after the 0.2 s limit
+    timer.start()
+    row = beside(generate, load, pool, limit=0.2)
+    assert row["load_stopped"] and row["generation_seconds"] >= 0.55
+    assert ticks and max(ticks) - started < 0.35  # the load stepped only until the limit
+    results = {"alone": {"generation_seconds": [0.5], "median_generation_seconds": 0.5, "load_stopped": 0},
+               "python": {"generation_seconds": [row["generation_seconds"]] * 3,
+                          "median_generation_seconds": row["generation_seconds"], "load_stopped": 2,
+                          "load_alone_steps_per_second": 100.0, "load_beside_steps_per_second": 50.0}}
+    assert table(results).splitlines()[3].startswith("| python | >0.")  # a floor, said so
     pool.shutdown()
 
 
