@@ -36,10 +36,17 @@
 #                                          # trainer on GPU 0 + our rollout server on GPU 1, then TRL's server mode on
 #                                          # the same split; SmolLM2 and the Qwen3-0.6B shape (MODELS= one of them)
 # Results: $OUT/bench/*.json (OUT defaults to ./out).
+# SET="key=value ...": settings for every grpoflow run of the mode (TRL's runs take none), e.g.
+#   SET=grpo.torch_compile=true bash benchmarks/vllm_gpu.sh async-overlap
 set -uo pipefail
 OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-bench() { python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" --out "$OUT/bench" "$@"; }
+sets=() && for kv in ${SET:-}; do sets+=(--set "$kv"); done
+bench() {
+  local mine=("${sets[@]}") && [[ " $* " == *" --only trl "* ]] && mine=()
+  python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" --out "$OUT/bench" \
+    "${mine[@]}" "$@"
+}
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 

@@ -272,3 +272,28 @@ def test_the_step_benchmark_sets_and_records_the_switch_interval_and_the_sm_carv
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "grpo_vs_trl-ours-x.json").read_text())
     assert result["switch_interval"] == pytest.approx(0.0005) and result["sm_carveout"] == 8
+
+
+def test_the_compile_mode_sets_torch_compile_on_the_compiled_runs_only(device, tmp_path):
+    commands = device("benchmarks/vllm_gpu.sh", "compile", OUT=str(tmp_path / "out"))
+    bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
+    tags = [args[args.index("--tag") + 1] for args in bench]
+    assert tags == ["qwen3r-sync", "qwen3r-sync-compiled", "qwen3r", "qwen3r-async-compiled"]
+    for args, tag in zip(bench, tags):
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        load_config(None, sets)
+        assert ("grpo.torch_compile=true" in sets) == tag.endswith("compiled")
+        assert ("rollout.mode=async" in sets) == ("async" in tag)
+
+
+def test_set_reaches_every_grpoflow_run_of_a_mode_and_no_trl_run(device, tmp_path):
+    commands = device("benchmarks/vllm_gpu.sh", "async-overlap", OUT=str(tmp_path / "out"),
+                      SET="grpo.torch_compile=true rollout.async_priority=high")
+    bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
+    assert len(bench) == 6
+    for args in bench:
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        ours = args[args.index("--only") + 1] == "ours"
+        assert ("grpo.torch_compile=true" in sets and "rollout.async_priority=high" in sets) == ours
+        assert ours or sets == []
+
