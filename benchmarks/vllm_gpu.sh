@@ -44,8 +44,8 @@ export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE
 sets=() && for kv in ${SET:-}; do sets+=(--set "$kv"); done
 bench() {
   local mine=("${sets[@]}") && [[ " $* " == *" --only trl "* ]] && mine=()
-  python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" --out "$OUT/bench" \
-    "${mine[@]}" "$@"
+  python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" \
+    --out "$OUT/bench" "${mine[@]}" "$@"
 }
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
