@@ -113,6 +113,24 @@ def test_generation_through_compiled_layers_is_unchanged(tiny_model):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_a_copy_of_the_compiled_policy_runs_its_own_weights(tiny_model):
+    # async mode's transformers engine samples from a deep copy of the policy (SnapshotEngine). The
+    # copy must run the copy's weights, not the policy's it was copied from; torch 2.13 leaves the
+    # compile behind in a deep copy, so the sampler's layers run eagerly
+    import copy
+
+    loaded = policy(tiny_model, True)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+        snapshot = copy.deepcopy(loaded.model)
+        for name, p in snapshot.named_parameters():
+            if ".layers." in name:
+                p.zero_()
+        assert not torch.allclose(snapshot(input_ids=ids).logits, before, atol=1e-3)
+        assert torch.equal(loaded.model(input_ids=ids).logits, before)
+
+
 def test_a_compiled_run_trains_as_an_eager_one_and_is_the_same_run(tiny_model, tmp_path):
     train, heldout = data(tmp_path)
     eager = run_train(config(tmp_path / "eager", max_steps=2), train, heldout, str(tiny_model), progress=False)
