@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -68,9 +69,12 @@ def test_the_cpu_lock_takes_the_cpu_build_of_torch_and_the_gpu_lock_the_machines
 @pytest.mark.skipif(os.environ.get("GRPOFLOW_UNLOCKED") == "1",
                     reason="make test-latest runs on the newest allowed releases, not the lock")
 def test_the_installed_packages_are_the_locked_ones():
-    """What `make setup` installed is exactly the lock, for every package the lock names."""
+    """What `make setup` installed is exactly the lock, for every package the lock names. Read from the
+    venv's site-packages, not all of sys.path: importing setuptools (torch's inductor does, for a
+    CPU compile) puts setuptools' vendored packaging on sys.path, and the run saw its older version."""
     pins = {**read_pins(LOCKS["cpu"]), **read_pins(LOCKS["data"])}
-    installed = {normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {normalise(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     wrong = [f"{name}: lock {version}, installed {installed.get(name, 'nothing')}"
              for name, version in sorted(pins.items()) if installed.get(name) != version]
     assert not wrong, "the venv is not the lock's (rebuild it: rm -rf .venv && make setup):\n" + "\n".join(wrong)
