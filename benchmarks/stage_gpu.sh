@@ -8,7 +8,7 @@
 #   - the SmolLM2 GGUF and GSM8K's JSONL, from .venv's data packages (make setup first)
 # and cuts it into parts of what one device call's 64 MiB leaves beside the working tree. Run from the repository root:
 #   bash benchmarks/stage_gpu.sh
-#   LITE=1 bash benchmarks/stage_gpu.sh      # without vLLM and what only it needs: 4 parts, not 14
+#   LITE=1 bash benchmarks/stage_gpu.sh      # without vLLM and what only it needs: about a quarter of the parts
 # then send the printed calls back to back (the machine goes cold 30 s after a call and loses /tmp).
 # The last call joins the parts, checks the sha256, installs the wheels into /tmp/site (and links
 # /tmp/vsite to it, the name older commands use), converts SmolLM2 to /tmp/smollm2 and copies GSM8K to

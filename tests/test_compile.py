@@ -72,7 +72,8 @@ def test_training_forwards_run_compiled_and_the_recompute_draws_the_forwards_dro
     # offload, its autograd function stays eager and the layer inside it compiles. Compiled dropout
     # draws other masks than eager dropout from the same seed: a training loss equal to the compiled
     # no-grad forward's, and unlike the eager model's, ran compiled. The offload takes no dropout
-    # (the next test); there the layers' random weights tell the two apart.
+    # (the next test), so nothing tells compiled from eager there; the finite difference still
+    # checks its gradient.
     dropout = 0.0 if offload else 0.5
     loaded = policy(tiny_model, True, dropout=dropout, offload=offload)
     trained = [p for p in loaded.model.parameters() if p.requires_grad]
