@@ -43,16 +43,23 @@ def summarise(run: Path) -> dict:
         "completion_length_mean": _mean(s["completions/mean_length"] for s in steps),
         "peak_memory_gib_max": max((s.get("memory/peak_gib", 0.0) for s in steps), default=None),
         "skipped_steps": steps[-1].get("skipped_steps"),
+        # a run with tools (rollout.environment: python_tool): how often the model called one, and how often it failed
+        "tool_call_frequency_first_10": _mean(s.get("tools/call_frequency") for s in steps[:10]),
+        "tool_call_frequency_last_10": _mean(s.get("tools/call_frequency") for s in steps[-10:]),
+        "tool_failure_frequency_last_10": _mean(s.get("tools/failure_frequency") for s in steps[-10:]),
+        "mean_turns_last_10": _mean(s.get("completions/mean_turns") for s in steps[-10:]),
         "evaluations": {},
         "eval_curve": [{k: e.get(k) for k in ("step", "eval_scored", "eval_accuracy", "eval_accuracy_ci95",
                                                "eval_accuracy_last_number", "eval_accuracy_last_number_ci95",
-                                               "eval_format_strict", "eval_reward")} for e in evals],
+                                               "eval_format_strict", "eval_reward", "eval_tool_call_rate",
+                                               "eval_tool_errors")} for e in evals],
     }
     for figures in sorted(run.glob("eval/models/*/figures.json")):
         f = json.loads(figures.read_text())
         summary["evaluations"][f["model"]] = {k: f.get(k) for k in (
             "scored", "accuracy", "accuracy_ci95", "accuracy_last_number", "accuracy_last_number_ci95",
-            "format_strict", "format_soft", "mean_completion_tokens", "truncated", "seconds")}
+            "format_strict", "format_soft", "mean_completion_tokens", "truncated", "seconds",
+            "mean_turns", "tool_calls", "tool_errors", "tool_call_rate", "tool_call_rate_ci95")}
     return summary
 
 

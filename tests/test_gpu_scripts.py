@@ -297,3 +297,29 @@ def test_set_reaches_every_grpoflow_run_of_a_mode_and_no_trl_run(device, tmp_pat
         assert ("grpo.torch_compile=true" in sets and "rollout.async_priority=high" in sets) == ours
         assert ours or sets == []
 
+
+
+def test_the_recipe_report_carries_the_tool_figures_of_a_run_with_the_python_tool(tmp_path, monkeypatch):
+    """Issue #24 asks RESULTS.md for the tool-call rate and the tool errors: the summary that comes back
+    from the device must hold them, from training (tools/*) and from the evaluations (figures.json)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gsm8k_report import summarise
+
+    folder = tmp_path / "train" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    step = {"reward": 0.5, "step_seconds": 1.0, "generation/tokens_per_second": 100.0, "completions/mean_length": 80}
+    records = [{"step": 0, "eval_accuracy": 0.1, "eval_tool_call_rate": 0.25, "eval_tool_errors": 0.05}]
+    records += [{**step, "step": i, "tools/call_frequency": 0.1 * (i > 10) + 0.5, "tools/failure_frequency": 0.2,
+                 "completions/mean_turns": 1.5} for i in range(1, 21)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    models = tmp_path / "eval" / "models" / "trained"
+    models.mkdir(parents=True)
+    (models / "figures.json").write_text(json.dumps({"model": "trained", "accuracy": 0.1, "tool_call_rate": 0.4,
+                                                     "tool_call_rate_ci95": [0.3, 0.5], "tool_errors": 0.1}))
+    summary = summarise(tmp_path)
+    assert summary["tool_call_frequency_first_10"] == pytest.approx(0.5)
+    assert summary["tool_call_frequency_last_10"] == pytest.approx(0.6)
+    assert summary["tool_failure_frequency_last_10"] == pytest.approx(0.2)
+    assert summary["eval_curve"][0]["eval_tool_call_rate"] == 0.25
+    assert summary["evaluations"]["trained"]["tool_call_rate_ci95"] == [0.3, 0.5]
+    assert summary["evaluations"]["trained"]["tool_errors"] == 0.1
