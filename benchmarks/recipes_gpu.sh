@@ -16,13 +16,15 @@
 #   OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
 #   LANES="gsm8k trl" OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
 #   LANES="tool base" OUT=$OUT DEADLINE_S=540 bash benchmarks/recipes_gpu.sh
+# STEPS=N trains the grpoflow lanes for N GRPO steps instead of their config's max_steps (TRL's lane keeps
+# the config's), for a card lent for less time than the whole recipe takes: the same STEPS in every call.
 set -uo pipefail
 DEADLINE_S=${DEADLINE_S:-540} MEMORY=${MEMORY:-0.12} BACK=${OUT:-/tmp/recipes-back} WORK=${WORK:-/tmp/recipes}
 LANES=${LANES:-chain gsm8k base trl} MODEL=${MODEL:-/tmp/smollm2}
 OUT=$WORK/out CHAIN=$WORK/chain GSM=$WORK/gsm8k-run TRL=$WORK/trl-chain TOOL=$WORK/tool-run
 started=$SECONDS
 mkdir -p "$OUT" "$CHAIN" "$GSM" "$TRL" "$TOOL"
-export SETS="--set rollout.gpu_memory_utilization=$MEMORY"
+export SETS="--set rollout.gpu_memory_utilization=$MEMORY${STEPS:+ --set grpo.max_steps=$STEPS}"
 left() { echo $((DEADLINE_S - (SECONDS - started))); }
 save() { mkdir -p "$OUT/$2"; cp -r "$1"/*.json "$1"/*.log "$OUT/$2/" 2>/dev/null
          find "$1" -name metrics.jsonl -o -name 'eval*.jsonl' -o -name '*.png' -o -name 'summary*' \

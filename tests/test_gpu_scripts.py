@@ -126,6 +126,14 @@ def test_the_tool_lane_trains_and_evaluates_the_python_tool_recipe_beside_its_ow
     assert "gsm8k-python-tool: done" in (tmp_path / "w/out/lane-tool.txt").read_text()
 
 
+def test_steps_shortens_the_recipe_lanes_and_every_phase_sees_the_same_config(device, tmp_path):
+    commands = device("benchmarks/recipes_gpu.sh", LANES="tool base", STEPS="250", OUT=str(tmp_path / "back"),
+                      WORK=str(tmp_path / "w"), DEADLINE_S="540")
+    cli = [args for args in commands if args[:2] == ["-m", "grpoflow.cli"]]
+    assert sorted(checked_cli_commands(cli)) == ["evaluate", "evaluate", "train"]
+    assert all("grpo.max_steps=250" in args for args in cli)  # train and both evaluations: one run key
+
+
 def test_trl_tries_again_when_its_vllm_lost_the_start_up_memory_check(device, tmp_path):
     commands = device("benchmarks/recipes_gpu.sh", LANES="trl", OUT=str(tmp_path / "back"), WORK=str(tmp_path / "w"),
                       TRL_RACE_ONCE=str(tmp_path / "raced"), TRL_RETRY_WAIT_S="0")
