@@ -21,6 +21,7 @@ import pwd
 import re
 import secrets
 import shutil
+import site
 import socket
 import stat
 import subprocess
@@ -310,6 +311,46 @@ def test_a_bubblewrap_that_cannot_start_is_passed_over_with_its_reason(tmp_path)
     else:
         assert lines[0].startswith("refused:") and "No permissions to create a new namespace" in lines[0], lines
     assert lines[-1] == "allowed: True"
+
+
+def test_a_folder_the_layout_lacks_does_not_stop_the_util_linux_probe(monkeypatch):
+    # The GPU machine's python (2026-12-06) names /opt/torch/.venv/local/lib/python3.12/dist-packages
+    # among its site-packages, a folder that is not there: the probe's os.stat raised and every tool
+    # call of the recipe failed before it ran.
+    from grpoflow.verifiers import launchers
+
+    with tempfile.TemporaryDirectory() as made:  # tmp_path sits in a folder only root enters
+        root = Path(made)
+        root.chmod(0o755)
+        missing = root / "venv" / "local" / "lib" / "python3.12" / "dist-packages"
+        (root / "open.py").write_text("")
+        (root / "open.py").chmod(0o644)
+        (root / "closed" / "lib").mkdir(parents=True)
+        (root / "closed").chmod(0o700)
+        assert launchers._closed_to_others([missing, root / "open.py"]) is (closed_ancestor(root) is not None)
+        assert launchers._closed_to_others([missing, root / "closed" / "lib"]) is True
+    folders = [*site.getsitepackages(), str(missing)]
+    monkeypatch.setattr(launchers.site, "getsitepackages", lambda: folders)
+    if os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "setpriv", "mount")):
+        mode, reason = launchers._util_linux()
+        assert mode is not None and mode.name == "util-linux", reason
+
+
+def test_a_mechanism_whose_probe_raises_leaves_the_next_one_to_try(monkeypatch):
+    from grpoflow.verifiers import launchers
+
+    def _util_linux():  # as the probe met it on the GPU machine before the fix
+        raise FileNotFoundError(2, "No such file or directory", "/opt/torch/.venv/local/lib/python3.12")
+
+    monkeypatch.setattr(launchers, "_bubblewrap", lambda fresh_uid: (None, "bwrap not found"))
+    monkeypatch.setattr(launchers, "_util_linux", _util_linux)
+    launchers._probe.cache_clear()
+    try:
+        mode = launchers._probe()
+    finally:
+        launchers._probe.cache_clear()
+    assert mode.name == "none"
+    assert mode.reasons[-1].startswith("util_linux: probe failed ([Errno 2]"), mode.reasons
 
 
 @needs_bwrap

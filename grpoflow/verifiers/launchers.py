@@ -118,7 +118,10 @@ def _probe() -> Isolation:
     builders += [functools.partial(_bubblewrap, fresh_uid=False), _util_linux]
     reasons = []
     for build in builders:
-        mode, reason = build()
+        try:
+            mode, reason = build()
+        except OSError as error:  # one mechanism's probe failing leaves the others to try
+            mode, reason = None, f"{getattr(build, 'func', build).__name__.strip('_')}: probe failed ({error})"
         if mode is not None:
             reason = _check(mode)
             if reason is None:
@@ -307,13 +310,19 @@ def _util_linux() -> tuple[Isolation | None, str]:
 
 def _needs_read_capability() -> bool:
     """True when the unprivileged child could not read its own interpreter, stdlib or harness."""
-    leaves = [Path(sys.executable).resolve(), Path(sysconfig.get_paths()["stdlib"]).resolve(),
-              CHILD_SCRIPT.resolve(), *(p.resolve() for p in GUARD_SCRIPTS),
-              *(Path(p).resolve() for p in site.getsitepackages())]
-    for leaf in leaves:
+    return _closed_to_others([Path(sys.executable), Path(sysconfig.get_paths()["stdlib"]), CHILD_SCRIPT,
+                              *GUARD_SCRIPTS, *map(Path, site.getsitepackages())])
+
+
+def _closed_to_others(leaves: list[Path]) -> bool:
+    """True when another user could not reach one of these files or folders: a folder above it
+    without o+x, or itself without o+r. Only what exists counts: site.getsitepackages() names folders
+    a layout may lack (the GPU machine's /opt/torch/.venv/local/lib/python3.12, 2026-12-06, whose
+    os.stat stopped every sandboxed run)."""
+    for leaf in filter(Path.exists, (p.resolve() for p in leaves)):
         for directory in leaf.parents:
             if not os.stat(directory).st_mode & stat.S_IXOTH:
                 return True
-        if leaf.exists() and not os.stat(leaf).st_mode & stat.S_IROTH:
+        if not os.stat(leaf).st_mode & stat.S_IROTH:
             return True
     return False
