@@ -179,7 +179,8 @@ class GRPORecipe:
             self.state.warmup = run_format_warmup(policy, self.engine, rows, [r["prompt"] for r in heldout],
                                                   grpo.warmup, max_tokens=grpo.max_completion_length,
                                                   max_prompt_length=grpo.max_prompt_length, seed=grpo.seed,
-                                                  env=self.rollouts.env, kernels=grpo.kernels)
+                                                  env=self.rollouts.env, max_turns=self.rollouts.max_turns,
+                                                  kernels=grpo.kernels)
         if dist.active and not self.sharded:
             # DDP: built after the warm-up and the resume, it broadcasts rank 0's weights to every replica
             policy.ddp = wrap_ddp(policy.model, dist)
@@ -398,7 +399,8 @@ class GRPORecipe:
     def _log_step(self, micro_metrics: list[dict[str, float]], grad_norm: float) -> dict[str, float]:
         # reward metrics are those of the generation this step trained on (one generation may feed
         # several steps), as TRL logs them
-        texts = [s["completion"] for s in self.buffer.samples]  # this process's block of the generation
+        # this process's block of the generation; an episode's format is its last turn's, as the rewards judge it
+        texts = [s.get("last_turn", s["completion"]) for s in self.buffer.samples]
         record = {**mean_metrics(micro_metrics), **self.buffer.metrics, "grad_norm": grad_norm,
                   "completions/strict_format": sum(in_format(texts, strict=True)) / max(1, len(texts)),
                   "learning_rate": self.scheduler.get_last_lr()[0], "skipped_steps": self.state.skipped_steps,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
+from grpoflow.answer_format import format_answer
 from grpoflow.config import validate_config
 from grpoflow.environments import PythonTool, SingleTurn
 from grpoflow.rollout import HFEngine, SamplingParams
@@ -523,3 +524,62 @@ def test_two_processes_run_the_tool_episodes_of_one(tiny_model, tmp_path, monkey
     # float32 noise of two processes' all-reduce: 2.1e-6 on one CPU (x86, 2026-12-06), under 2e-6 on
     # another; a wrong normaliser or a missing all-reduce moves these weights by ~1e-3
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+class StrictAnswers(ScriptedTurns):
+    """Every episode calls the tool, then answers in the strict layout with what the tool printed."""
+
+    def script(self, context: list[int], written: list[int]) -> list[int]:
+        text = self.tokenizer.decode(context)
+        if "<|im_start|>tool" not in text:
+            target = CODE
+        else:
+            tool = text.rsplit("<|im_start|>tool\n", 1)[1].split("<|im_end|>", 1)[0]
+            target = format_answer("The tool says.", tool.strip().splitlines()[-1])
+        return self.tokenizer(target, add_special_tokens=False).input_ids + [self.eos]
+
+
+def test_the_format_rates_judge_an_episodes_last_turn_as_the_rewards_do(tiny_model, tmp_path, monkeypatch,
+                                                                       unsandboxed_allowed):
+    """On the GPU (2026-12-06) the tool recipe's warm-up said "strict format 0% -> 0%" and every step line
+    "strict format 0%" while the evaluation found 98.8%: both judged the first turn (a tool call) or the
+    whole episode, not the answer."""
+    from grpoflow.train.policy import Policy
+    from grpoflow.train.warmup import format_rate
+    from stages.train import run_train
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    script = StrictAnswers(tokenizer, free=0)
+
+    def generate(**kwargs):
+        kwargs["logits_processor"] = LogitsProcessorList([script, *(kwargs.pop("logits_processor", None) or [])])
+        return model.generate(**kwargs)
+
+    engine = HFEngine(model, tokenizer, progress=False, generate=generate)
+    prompts = [r["prompt"] for r in rows(3)]
+    assert format_rate(engine, prompts, 96)["strict_format"] == 0.0  # one turn: the tool call
+    assert format_rate(engine, prompts, 96, PythonTool(), max_turns=3) == {"strict_format": 1.0, "soft_format": 1.0}
+
+    real = Policy.generate
+
+    def policy_generate(self, **kwargs):
+        kwargs["logits_processor"] = LogitsProcessorList([StrictAnswers(self.tokenizer, free=0),
+                                                          *(kwargs.pop("logits_processor", None) or [])])
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(Policy, "generate", policy_generate)
+    data = [{"id": str(i), "prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "question": f"{i} + 1",
+             "answer": str(i + 1), "solution": f"It is {i} + 1 = {i + 1}.", "origin": f"t:{i}", "metadata": None}
+            for i in range(8)]
+    train, heldout = tmp_path / "train.parquet", tmp_path / "heldout.parquet"
+    pq.write_table(pa.Table.from_pylist(data), train)
+    pq.write_table(pa.Table.from_pylist(data[:2]), heldout)
+    cfg = tool_run_config(tmp_path, max_steps=1, steps_per_generation=1, per_device_train_batch_size=4,
+                          max_completion_length=96, warmup={"enabled": True, "rows": 4, "batch_size": 4,
+                                                            "eval_prompts": 2})
+    folder = Path(run_train(cfg, train, heldout, str(tiny_model), progress=False).model_dir)
+    warmup = json.loads((folder / "report.json").read_text())["warmup"]
+    assert warmup["format_strict_before"] == warmup["format_strict_after"] == 1.0
+    steps = [json.loads(line) for line in (folder.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [s["completions/strict_format"] for s in steps if "completions/strict_format" in s] == [1.0]

@@ -255,6 +255,7 @@ def build_batch(sampled: Sampled, rows: list[dict[str, Any]], policy, rewards: R
     }
     samples = [{"prompt": prompts[i][-1]["content"], "completion": texts[i], "answer": columns["answer"][i],
                 "reward": scores.totals[i], "advantage": advantages[i].item(), **completions[i].parts,
+                **({"last_turn": completions[i].last_turn} if completions[i].last_turn is not None else {}),
                 **{f"rewards/{n}": scores.per_reward[n][i] for n in rewards.names}}
                for i in range(len(completions))]
     return GenerationBatch(input_ids, attention_mask, completion_mask, advantages.to(device), old_logps,

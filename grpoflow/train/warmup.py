@@ -15,6 +15,7 @@ calculation to take is left out.
 from __future__ import annotations
 
 import logging
+import functools
 import math
 import re
 import time
@@ -25,9 +26,10 @@ import torch
 
 from grpoflow.answer_format import format_answer  # strict_format's layout, final newline included
 from grpoflow.config import FormatWarmupConfig
+from grpoflow.environments import SingleTurn
 from grpoflow.progress import Heartbeat
 from grpoflow.rollout import RolloutEngine, SamplingParams
-from grpoflow.rollout.episodes import ToolMessages
+from grpoflow.rollout.episodes import ToolMessages, run_episodes
 from grpoflow.train.logps import labelled_nll
 from grpoflow.train.policy import make_scaler
 from grpoflow.verifiers.verdicts import in_format
@@ -35,9 +37,15 @@ from grpoflow.verifiers.verdicts import in_format
 log = logging.getLogger("grpoflow.train")
 
 
-def format_rate(engine: RolloutEngine, prompts: list, max_tokens: int) -> dict[str, float]:
-    """Share of greedy completions in the strict and the soft format."""
-    texts = [g[0].text for g in engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
+def format_rate(engine: RolloutEngine, prompts: list, max_tokens: int, env=None,
+                max_turns: int = 1) -> dict[str, float]:
+    """Share of greedy completions in the strict and the soft format. With a multi-turn environment
+    (python_tool) each prompt plays a whole episode, and its last turn is judged, as the rewards and
+    the evaluation judge it: a first turn that calls the tool is not an answer out of format."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    episodes = run_episodes(engine, env or SingleTurn(), [{"prompt": p} for p in prompts], params,
+                            max_turns=max_turns)
+    texts = [g[0].final_text for g in episodes]
     return {name: sum(in_format(texts, strict=strict)) / len(texts)
             for name, strict in (("strict_format", True), ("soft_format", False))}
 
@@ -51,8 +59,9 @@ def warmup_learning_rate(cfg: FormatWarmupConfig, adapters: bool) -> float:
 
 def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, Any]], heldout_prompts: list,
                       cfg: FormatWarmupConfig, *, max_tokens: int, max_prompt_length: int, seed: int,
-                      env=None, kernels: str = "auto") -> dict[str, Any]:
-    """env: the rollout environment; python_tool makes the worked examples call the tool. kernels:
+                      env=None, max_turns: int = 1, kernels: str = "auto") -> dict[str, Any]:
+    """env: the rollout environment; python_tool makes the worked examples call the tool, and the
+    format rates before and after play episodes of up to max_turns (rollout.max_turns). kernels:
     grpo.kernels, the log-prob path of the cross-entropy too (without the [B, L, V] logits)."""
     rows = [r for r in train_rows if r.get("solution")]
     tool = env is not None and env.name == "python_tool"
@@ -69,15 +78,16 @@ def run_format_warmup(policy, engine: RolloutEngine, train_rows: list[dict[str, 
                     " with a calculation the python tool runs" if tool else "")
         return {"skipped": "no worked solutions"}
     with Heartbeat(log, "format warm-up") as heartbeat:  # no bar: a line at least every 30 s, terminal or not
+        rate = functools.partial(format_rate, engine, heldout_prompts, max_tokens, env, max_turns)
         return _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, max_prompt_length, seed,
-                       heartbeat, kernels)
+                       heartbeat, kernels, rate)
 
 
 def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, max_prompt_length, seed, heartbeat,
-            kernels):
+            kernels, rate):
     started = time.perf_counter()
     heartbeat.phase(f"format rate before, on {len(heldout_prompts)} held-out prompts")
-    before = format_rate(engine, heldout_prompts, max_tokens)
+    before = rate()
     log.info("format warm-up: %d rows x %d epoch(s); strict format before: %.0f%%", len(rows), cfg.epochs,
              100 * before["strict_format"])
     tokenizer = policy.tokenizer
@@ -109,7 +119,7 @@ def _warmup(policy, engine, rows, tool_turns, heldout_prompts, cfg, max_tokens, 
                  sum(losses[-batches:]) / batches, time.perf_counter() - started)
     heartbeat.phase(f"format rate after, on {len(heldout_prompts)} held-out prompts")
     engine.sync_weights(policy, 0)  # an engine with its own copy of the weights (vLLM) samples the new ones
-    after = format_rate(engine, heldout_prompts, max_tokens)
+    after = rate()
     report = {"rows": len(rows), "epochs": cfg.epochs, "steps": len(losses), "tool_examples": len(tool_turns),
               "learning_rate": warmup_learning_rate(cfg, policy.is_peft),
               "loss_first": losses[0], "loss_last": losses[-1],
