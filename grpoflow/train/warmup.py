@@ -14,8 +14,8 @@ calculation to take is left out.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 import math
 import re
 import time
