@@ -107,8 +107,9 @@ def beside(generate: Callable[[], float], load: Callable[[], None] | None, pool:
            limit: float = math.inf) -> dict:
     """One generation in the pool's thread; `load` stepped in this thread until it ends, or for `limit`
     seconds at most: a load that holds the interpreter lock may starve the generation for minutes (the
-    first GPU call passed 200 s in its first loads, which, unknown). Then the generation ends alone,
-    and its seconds are a floor (`load_stopped`). Returns the generation's seconds and the load's steps a second meanwhile."""
+    first GPU call passed 200 s in its first loads; which one, unknown). Then the generation ends alone,
+    and its seconds are a floor (`load_stopped`). Returns the generation's seconds and the load's steps
+    a second meanwhile."""
     future = pool.submit(generate)
     steps, started = 0, time.perf_counter()
     while load is not None and not future.done() and time.perf_counter() - started < limit:
