@@ -16,12 +16,15 @@
 # qlora-ours, qlora-trl. STEPS: GRPO steps per run (default 3; STEPS=1 fits one run in a 10-minute call).
 # DECODED=N: memory only, vLLM decodes N tokens a completion, repeated to the full length
 # (long_context.py --decoded); cap always runs so (DECODED default 64): 8 x 49,152 tokens would take an
-# 8B ten minutes to decode.
+# 8B ten minutes to decode. SET="key=value ...": settings for every grpoflow run (TRL's take none), e.g.
+#   SET=grpo.expandable_segments=true bash benchmarks/long_context_gpu.sh cap
 set -uo pipefail
 OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+sets=() && for kv in ${SET:-}; do sets+=(--set "$kv"); done
 bench() {
-  python benchmarks/long_context.py "$@" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}
+  local mine=("${sets[@]}") && [[ " $* " == *" --trainer trl "* ]] && mine=()
+  python benchmarks/long_context.py "$@" "${mine[@]}" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}
 }
 mkdir -p "$OUT/long"
 case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|model32|cap32|cap32-trl}" in

@@ -60,7 +60,7 @@ from grpoflow.train.distributed import setup_distributed, shard_fsdp, wrap_ddp
 from grpoflow.train.generation import build_batch
 from grpoflow.train.log import RunLogger, StepMeter, describe_reward, fmt_value, step_progress, warn_if_no_signal
 from grpoflow.train.loss import forward_share, mean_metrics, micro_step_loss, reference_model, token_weighted
-from grpoflow.train.memory import breakdown as memory_breakdown, check_fits, out_of_memory
+from grpoflow.train.memory import breakdown as memory_breakdown, check_fits, out_of_memory, use_expandable_segments
 from grpoflow.train.periodic_eval import PeriodicEval, plot_eval
 from grpoflow.train.policy import load_policy, make_optimizer, make_scaler, make_scheduler
 from grpoflow.train.rollouts import Rollouts
@@ -108,6 +108,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
 class GRPORecipe:
     def __init__(self, cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str):
         self.cfg, self.grpo, self.model_path, self.heldout_path = cfg, cfg.grpo, model_path, heldout_path
+        if self.grpo.expandable_segments:  # before the policy's first allocation on the card
+            use_expandable_segments()
         self.dist = setup_distributed()  # one process, or this one of torchrun's
         # rollout.placement server: a server generates, perhaps elsewhere; a snapshot of each step's start
         # lets a lost server's step be checkpointed as if it had not begun

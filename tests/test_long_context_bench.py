@@ -64,7 +64,8 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
     record = tmp_path / "record.jsonl"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o")}
     for mode, extra in (("cap", {}), ("cap-trl", {"LENGTH": "65536"}), ("qlora-ours", {"DECODED": "32"}),
-                        ("lora-ours", {}), ("cap32", {})):
+                        ("lora-ours", {}), ("cap32", {}), ("cap", {"SET": "grpo.expandable_segments=true"}),
+                        ("cap-trl", {"SET": "grpo.expandable_segments=true"})):
         done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", mode], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -73,8 +74,10 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
     assert [(a.trainer, a.finetune, a.length, a.cap_gib, a.decoded) for a in parsed] == [
         ("ours", "qlora", 49152, 80.0, 64), ("trl", "qlora", 65536, 80.0, 64), ("ours", "qlora", 20000, None, 32),
         ("ours", "lora", 20000, None, None),  # without DECODED every token is decoded
-        ("ours", "lora", 6656, 80.0, 64)]  # the 32B shape, LoRA 16-bit
-    assert parsed[-1].model == "/tmp/qwen32b" and parsed[-1].kv_cache_dtype == "fp8"
+        ("ours", "lora", 6656, 80.0, 64),  # the 32B shape, LoRA 16-bit
+        ("ours", "qlora", 49152, 80.0, 64), ("trl", "qlora", 49152, 80.0, 64)]
+    assert parsed[4].model == "/tmp/qwen32b" and parsed[4].kv_cache_dtype == "fp8"
+    assert [a.set for a in parsed] == [[]] * 5 + [["grpo.expandable_segments=true"], []]  # SET: grpoflow's runs only
     # and its model: a sparse checkpoint, which a 1-GPU machine's disk holds
     done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", "model32"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)

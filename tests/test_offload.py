@@ -2,6 +2,7 @@
 fine-tuning and LoRA with dropout, whose masks the recompute must draw again), and a run trains."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,20 @@ def test_a_run_with_offload_trains_as_one_without(tiny_model, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert json.loads((Path(offloaded.model_dir) / "report.json").read_text())["steps"] == 2
+
+
+def test_expandable_segments_reach_the_allocators_settings_and_keep_the_users(tiny_model, tmp_path, monkeypatch):
+    from stages.train import GRPORecipe
+
+    train, heldout = data(tmp_path)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:False")
+    GRPORecipe(config(tmp_path, max_steps=1), train, heldout, str(tiny_model))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:False"  # off: untouched
+    cfg = config(tmp_path, max_steps=1, expandable_segments=True)
+    GRPORecipe(cfg, train, heldout, str(tiny_model))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
+    plain = config(tmp_path, max_steps=1)
+    assert run_key(cfg, train, str(tiny_model)) == run_key(plain, train, str(tiny_model))  # a memory setting
 
 
 def test_offload_needs_gradient_checkpointing():

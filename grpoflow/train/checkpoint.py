@@ -133,14 +133,15 @@ def run_key(cfg, train_path: Path, model_path: str, num_processes: int = 1) -> s
     global batch on another number of processes is the same run; with ddp or fsdp alike
     (grpo.distributed), whose checkpoints are the same. rollout.mode: async counts, with its staleness,
     and a multi-turn rollout.environment, with its max_turns. Memory and speed settings do not count
-    (the offload, forwards by token budget, torch.compile): a run resumes with them switched.
+    (the offload, forwards by token budget, torch.compile, the allocator's expandable segments): a run
+    resumes with them switched.
     Evaluation during training changes no weight (it restores the RNGs it uses): its keys count only
     where final/ becomes the best checkpoint."""
     grpo = cfg.grpo.model_dump(mode="json", exclude={"output_dir", "logging_steps", "log_completions_steps",
                                                     "log_completions", "report_to", "save_steps",
                                                     "save_total_limit", "resume_from_checkpoint", "distributed",
                                                     "offload_activations", "max_tokens_per_forward",
-                                                    "torch_compile", *EVAL_KEYS})
+                                                    "torch_compile", "expandable_segments", *EVAL_KEYS})
     for key, default in KEYS_ADDED_LATER.items():  # at their defaults, the runs from before them resume
         if grpo[key] == default:
             del grpo[key]

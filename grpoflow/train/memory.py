@@ -4,6 +4,7 @@
     check_fits(policy, grpo, plan)         # before the first step: the checkpointed layer inputs alone
                                            # would not fit on the card -> ConfigError naming the knobs
     out_of_memory(error, ...)              # a CUDA out-of-memory in a step -> OutOfMemory naming them
+    use_expandable_segments()              # grpo.expandable_segments: the allocator's segments grow in place
 
 The breakdown's parts: the weights (every parameter: the frozen base and the trained ones), the
 trained weights alone, the optimizer's state, what vLLM took on the card when it started (its
@@ -14,6 +15,8 @@ and memory/<phase>_peak_gib (StepMeter) are the allocator's peaks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -89,6 +92,19 @@ def check_fits(policy, grpo: GRPOConfig, plan: BatchPlan) -> None:
             f"{grpo.max_completion_length} tokens keeps {need / GIB:.1f} GiB of layer inputs through its backward "
             f"({config.num_hidden_layers} layers x hidden {config.hidden_size}), and the card has {free / GIB:.1f} "
             f"of {total / GIB:.1f} GiB free; set " + "; or ".join(knobs(grpo, plan)))
+
+
+def use_expandable_segments() -> None:
+    """torch's CUDA allocator maps its segments in growable ranges (grpo.expandable_segments), so a
+    freed block's memory serves a larger request later instead of sitting cached beside it. The
+    variable is what vLLM reads to keep its own pool (rollout.sleep, which cannot use such segments) on
+    plain ones; the call reaches an allocator already started by anything before the policy."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "expandable_segments:True" not in conf:
+        kept = [kv for kv in conf.split(",") if kv and not kv.startswith("expandable_segments:")]
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join([*kept, "expandable_segments:True"])
+    if torch.cuda.is_available():
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
 def out_of_memory(error: BaseException, grpo: GRPOConfig, step: int, phase: str,
