@@ -30,6 +30,23 @@ def test_the_8b_shape_needs_its_weights_and_every_completions_kv_cache_at_once()
     assert nf4.weights == int(embeddings + (need.weights - embeddings) / 2 * (0.5 + 4 / 64))
 
 
+QWEN3_32B = dict(num_hidden_layers=64, hidden_size=5120, intermediate_size=25_600, num_attention_heads=64,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151_936, tie_word_embeddings=False)
+
+
+def test_a_wide_mlps_margin_holds_vllms_own_count_and_leaves_every_completions_kv_cache():
+    """The Qwen3-32B shape, LoRA bf16, fp8 KV cache, 8 x 6,784 tokens (H100, 2026-12-06): vLLM's log counted
+    61.35 GiB of weights, 2.99 GiB of activation peak, 0.13 GiB non-torch and 0.20 GiB of CUDA graphs. Under
+    a flat 3 GiB margin it gave the KV cache 50,256 tokens where 8 completions need 54,272: 7.41 at once."""
+    need = vllm_need(QWEN3_32B, sequences=8, max_model_len=6_784, kv_cache_dtype="fp8")
+    assert need.kv_cache == 8 * 6_784 * 64 * 2 * 8 * 128  # layers x (K, V) x KV heads x head_dim, a byte each
+    measured_overhead = (2.99 + 0.13 + 0.20) * GIB
+    assert need.margin >= measured_overhead > MARGIN_BYTES
+    # and the share it asks for leaves vLLM the whole KV cache over its own count of the weights
+    assert need.total - 61.35 * GIB - measured_overhead >= need.kv_cache
+    assert vllm_need(LLAMA_8B, sequences=8, max_model_len=20_128).margin == MARGIN_BYTES  # 8B: as measured
+
+
 def test_a_transformers_config_reads_like_its_json(tiny_model):
     from transformers import AutoConfig
 
