@@ -232,6 +232,9 @@ def test_the_step_benchmark_profiles_a_run_with_the_trainers_phases_named(tmp_pa
     copies = (tmp_path / "out" / "profile-grpo_vs_trl-ours-ours-auto.copies.txt").read_text()
     # each phase's host time beside its device time, then the copies (none on the CPU): tests/test_trace_copies.py
     assert "| grpoflow.train | 2 |" in copies and "\n0 copies, 0.000 s of device time" in copies
+    # the run's metrics stay; its saved model and last checkpoint go (a GPU call's disk filled with them)
+    assert list((tmp_path / "out").rglob("metrics.jsonl"))
+    assert not list((tmp_path / "out").rglob("checkpoints")) and not list((tmp_path / "out").rglob("final"))
 
 
 def test_the_contention_mode_measures_each_model_in_a_process_of_its_own(device, tmp_path):

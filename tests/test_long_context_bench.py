@@ -20,6 +20,7 @@ def test_the_long_context_benchmark_runs_whole_steps_on_a_tiny_shape(tmp_path):
     assert [s["completions/mean_length"] for s in record["steps"]] == [40, 40]  # ignore_eos: every token written
     assert all(s["memory/trainable_gib"] > 0 for s in record["steps"])
     assert "grpoflow.train: policy:" in done.stderr  # grpoflow's own log lines come out
+    assert not list(tmp_path.rglob("checkpoints")) and not list(tmp_path.rglob("final"))  # figures, not models
 
 
 def test_decoded_tokens_repeat_with_their_log_probs_to_the_full_length(monkeypatch):
