@@ -13,6 +13,8 @@
 # Staged as benchmarks/stage_gpu.sh says; GSM8K and MODEL as benchmarks/gsm8k_gpu.sh takes them.
 #   VARIANTS=losses OUT=$OUT DEADLINE_S=540 bash benchmarks/variants_gpu.sh
 #   VARIANTS=async TOGETHER=0 STEPS=100 OUT=$OUT DEADLINE_S=540 bash benchmarks/variants_gpu.sh
+# SET="key=value ...": settings for every lane, e.g. the async benchmark's:
+#   SET="grpo.torch_compile=true grpo.expandable_segments=true" VARIANTS=async TOGETHER=0 STEPS=100 ...
 set -uo pipefail
 VARIANTS=${VARIANTS:-losses} DEADLINE_S=${DEADLINE_S:-540} STEPS=${STEPS:-80} EVAL_STEPS=${EVAL_STEPS:-20}
 EVAL_PROMPTS=${EVAL_PROMPTS:-128} MEMORY=${MEMORY:-0.15} TOGETHER=${TOGETHER:-1} BACK=${OUT:-/tmp/$VARIANTS-back}
@@ -29,8 +31,9 @@ esac
 started=$SECONDS
 mkdir -p "$WORK" "$BACK"
 left() { echo $((DEADLINE_S - (SECONDS - started))); }
+every=() && for kv in ${SET:-}; do every+=(--set "$kv"); done
 lane() {  # NAME SETS: the recipe script's train phase, one folder per lane
-  RUN=$WORK/$1 CONFIG=configs/gsm8k-gpu.yaml BUDGET_S=$(( $(left) - 45 )) SETS="$2 \
+  RUN=$WORK/$1 CONFIG=configs/gsm8k-gpu.yaml BUDGET_S=$(( $(left) - 45 )) SETS="$2 ${every[*]} \
     --set grpo.max_steps=$STEPS --set grpo.eval_steps=$EVAL_STEPS --set grpo.save_steps=$STEPS \
     --set grpo.eval_prompts=$EVAL_PROMPTS --set rollout.gpu_memory_utilization=$MEMORY" \
     bash benchmarks/gsm8k_gpu.sh train > /dev/null

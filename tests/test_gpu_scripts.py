@@ -180,6 +180,14 @@ def test_the_async_variants_run_one_after_another_and_start_none_past_the_deadli
     done = subprocess.run(["bash", "benchmarks/variants_gpu.sh"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "VARIANTS": "nope"}, timeout=60)
     assert done.returncode == 2 and "VARIANTS: losses or async, not 'nope'" in done.stderr
+    # SET: settings every lane takes, beside its own
+    both = device("benchmarks/variants_gpu.sh", VARIANTS="async", TOGETHER="0", OUT=str(back),
+                  WORK=str(tmp_path / "set"), DEADLINE_S="600",
+                  SET="grpo.torch_compile=true grpo.expandable_segments=true")
+    lanes = [args for args in both if args[:2] == ["-m", "grpoflow.cli"]][len(train):]  # the record adds up
+    assert len(lanes) == 3 and all({"grpo.torch_compile=true", "grpo.expandable_segments=true"} <= set(args)
+                                   for args in lanes)
+    assert checked_cli_commands(lanes) == ["train"] * 3
 
 
 def test_the_async_benchmark_warms_up_only_where_there_is_a_format_to_learn(device, tmp_path):
