@@ -18,6 +18,7 @@ is one function here, written against the versions the lock files pin:
                                   unmap_and_release (vllm.device_allocator.cumem)
     fsdp_forward_hooks_off(units) FSDPModule._get_fsdp_state()._pre_forward_hook_handle  torch 2.11, 2.13
                                   and _post_forward_hook_handle
+    cuda_allocator_settings(text) torch.cuda.memory._set_allocator_settings              torch 2.11, 2.13
 
 vLLM 0.26.0 and torch 2.11.0 are requirements/gpu.txt's pins (the GPU machine), torch 2.13.0+cpu
 requirements/cpu.txt's. The installed version is checked at a shim's first use (then remembered):
@@ -248,3 +249,19 @@ def fsdp_forward_hooks_off(units: list) -> Iterator[None]:
         for hooks, items in reversed(saved):
             hooks.clear()
             hooks.update(items)
+
+
+# --- torch: the CUDA caching allocator's settings ----------------------------------------------------
+
+_ALLOCATOR = _Shim("cuda_allocator_settings", "torch", "Install torch 2.11.0 or 2.13.0 (the versions "
+                   "requirements/*.txt pin), or set grpo.expandable_segments: false")
+
+
+def cuda_allocator_settings(settings: str) -> None:
+    """torch's CUDA caching allocator reconfigured in a running process, as PYTORCH_CUDA_ALLOC_CONF
+    configures it at the start (`settings` in that syntax, e.g. "expandable_segments:True"); it
+    applies to the segments mapped from then on. Private state: `torch.cuda.memory._set_allocator_settings`,
+    the call vLLM 0.26 makes around its sleep-mode pool too. Checked with torch 2.11.0 and 2.13.0."""
+    import torch
+
+    _ALLOCATOR.walk(torch.cuda.memory, "torch.cuda.memory", "_set_allocator_settings")(settings)

@@ -96,6 +96,14 @@ def test_expandable_segments_reach_the_allocators_settings_and_keep_the_users(ti
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
     plain = config(tmp_path, max_steps=1)
     assert run_key(cfg, train, str(tiny_model)) == run_key(plain, train, str(tiny_model))  # a memory setting
+    # on a GPU the allocator already started takes it too (torch's call stood in for: this torch has no CUDA)
+    from grpoflow.train.memory import use_expandable_segments
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    use_expandable_segments()
+    assert calls == ["expandable_segments:True"]
 
 
 def test_offload_needs_gradient_checkpointing():

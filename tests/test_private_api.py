@@ -18,6 +18,7 @@ import torch
 
 from grpoflow.errors import EngineError
 from grpoflow.private_api import (
+    cuda_allocator_settings,
     fsdp_forward_hooks_off,
     load_vllm_weights,
     release_vllm_kv_cache,
@@ -225,6 +226,19 @@ def test_fsdp_state_not_where_it_was_is_named_and_leaves_every_hook_on(missing):
     assert hooks(good) == before[0]  # the unit before the bad one kept its hooks too
     good(torch.ones(1, 2))
     assert good.fsdp_calls == ["pre", "post"]
+
+
+def test_the_allocators_settings_reach_torch_and_a_torch_without_the_call_is_named(monkeypatch):
+    """grpo.expandable_segments (grpoflow/train/memory.py) sets the allocator through this shim. The
+    real call needs a CUDA build of torch to mean anything, so torch's function is stood in for."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    cuda_allocator_settings("expandable_segments:True")
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.delattr(torch.cuda.memory, "_set_allocator_settings")
+    with pytest.raises(EngineError, match=r"cuda_allocator_settings: torch .* has no `_set_allocator_settings` on "
+                                          r"`torch\.cuda\.memory`.*or set grpo\.expandable_segments: false"):
+        cuda_allocator_settings("expandable_segments:True")
 
 
 # --- VLLMEngine's standby, through the fakes ----------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from grpoflow.batching import BatchPlan
 from grpoflow.config import GRPOConfig
 from grpoflow.errors import ConfigError, UserError
+from grpoflow.private_api import cuda_allocator_settings
 
 GIB = 2**30
 
@@ -104,7 +105,7 @@ def use_expandable_segments() -> None:
         kept = [kv for kv in conf.split(",") if kv and not kv.startswith("expandable_segments:")]
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join([*kept, "expandable_segments:True"])
     if torch.cuda.is_available():
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        cuda_allocator_settings("expandable_segments:True")
 
 
 def out_of_memory(error: BaseException, grpo: GRPOConfig, step: int, phase: str,
