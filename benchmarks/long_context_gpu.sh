@@ -24,7 +24,8 @@ export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE
 sets=() && for kv in ${SET:-}; do sets+=(--set "$kv"); done
 bench() {
   local mine=("${sets[@]}") && [[ " $* " == *" --trainer trl "* ]] && mine=()
-  python benchmarks/long_context.py "$@" "${mine[@]}" --steps "${STEPS:-3}" --out "$OUT/long" ${DECODED:+--decoded "$DECODED"}
+  python benchmarks/long_context.py "$@" "${mine[@]}" --steps "${STEPS:-3}" --out "$OUT/long" \
+    ${DECODED:+--decoded "$DECODED"}
 }
 mkdir -p "$OUT/long"
 case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|model32|cap32|cap32-trl}" in
