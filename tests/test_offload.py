@@ -138,6 +138,7 @@ def test_an_out_of_memory_names_the_settings_that_need_less(tiny_model, tmp_path
     message = str(caught.value)
     assert "training pass of step 1" in message and "Tried to allocate 20.00 GiB" in message
     assert "grpo.offload_activations: true" in message and "grpo.max_completion_length (8)" in message
+    assert "Settings that need less: grpo.expandable_segments: true" in message  # first: it changes no computation
 
 
 def test_a_micro_batch_whose_layer_inputs_cannot_fit_is_refused_before_a_step(monkeypatch):

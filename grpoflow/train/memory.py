@@ -113,5 +113,8 @@ def out_of_memory(error: BaseException, grpo: GRPOConfig, step: int, phase: str,
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     peak = (f"; the allocator's peak {torch.cuda.max_memory_allocated() / GIB:.1f} GiB"
             if torch.cuda.is_available() else "")
+    settings = knobs(grpo, plan)
+    if not grpo.expandable_segments:  # a step's out-of-memory can be the allocator's cached blocks of other sizes
+        settings.insert(0, "grpo.expandable_segments: true (memory the allocator holds unused comes back into play)")
     return OutOfMemory(f"out of GPU memory in the {phase} of step {step + 1} ({first}{peak}). Settings that need "
-                       f"less: " + "; ".join(knobs(grpo, plan)))
+                       f"less: " + "; ".join(settings))
