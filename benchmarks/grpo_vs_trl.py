@@ -137,8 +137,8 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    for saved in ("checkpoints", "final"):  # a measuring run's model: a 0.6B's last checkpoint is ~9 GB, and
-        shutil.rmtree(Path(result.output_dir) / saved, ignore_errors=True)  # a mode's runs filled a 64 GB disk
+    for saved in ("checkpoints", "final"):  # a measuring run's model: a 0.6B's, with its optimizer state, is GBs,
+        shutil.rmtree(Path(result.output_dir) / saved, ignore_errors=True)  # and a mode's runs filled a 64 GB disk
     return {"step_seconds": [r["step_seconds"] for r in records],
             "kernels": resolve_kernels(kernels, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),
