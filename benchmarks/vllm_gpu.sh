@@ -17,6 +17,9 @@
 #                                          # on SmolLM2 and on the Qwen3-0.6B shape (MODELS=/tmp/smollm2: one of them;
 #                                          # ENGINE=hf: transformers generate for both trainers, as staged by
 #                                          # LITE=1 benchmarks/stage_gpu.sh, which carries no vLLM)
+#   bash benchmarks/vllm_gpu.sh headline   # issues #21 and #22 in one call, interleaved: ours with the defaults (SET not
+#                                          # applied), ours async, TRL, ours async again, ours with the defaults
+#                                          # again (MODELS= default /tmp/smollm2)
 #   bash benchmarks/vllm_gpu.sh async-server  # issue #21: ours async with the rollout server on the trainer's card
 #                                          # (vLLM in a process of its own, weights read over CUDA IPC), TRL, ours
 #                                          # async-server again, ours async in a thread (MODELS= one of them)
@@ -43,14 +46,14 @@ OUT=${OUT:-out}
 export PYTHONPATH=$PWD:/tmp/site VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 sets=() && for kv in ${SET:-}; do sets+=(--set "$kv"); done
 bench() {
-  local mine=("${sets[@]}") && [[ " $* " == *" --only trl "* ]] && mine=()
+  local mine=("${sets[@]}") && [[ " $* " == *" --only trl "* || -n "${DEFAULTS:-}" ]] && mine=()
   python benchmarks/grpo_vs_trl.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --steps "${STEPS:-6}" \
     --out "$OUT/bench" "${mine[@]}" "$@"
 }
 bare() { python benchmarks/vllm_bare.py --data "$(ls -d /tmp/run/data/*/ | head -1)" --out "$OUT/bench" "$@"; }
 mkdir -p "$OUT/bench"
 
-case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-overlap|compile|contention|profile|server|tests}" in
+case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|headline|async-server|async-overlap|compile|contention|profile|server|tests}" in
   setup)
     set -e
     [ -d /tmp/smollm2 ] || { echo "/tmp/smollm2 is missing: stage the machine first (benchmarks/stage_gpu.sh)" >&2; exit 1; }
@@ -100,6 +103,17 @@ case "${1:?setup|speed|memory|qwen3|repeat|interleaved|async|async-server|async-
         --set grpo.warmup.learning_rate=2e-5)
       bench --model "$model" --engine "$engine" --only ours "${warm[@]}" --set rollout.mode=async \
         --set grpo.dynamic_sampling=true --tag "$name-async-dynamic"
+    done
+    ;;
+  headline)
+    for model in ${MODELS:-/tmp/smollm2}; do
+      name=$(basename "$model") && extra=()
+      [ "$name" = qwen3r ] && extra=(--set grpo.max_nonfinite_steps=100)
+      DEFAULTS=1 bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-defaults-1"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async-1"
+      bench --model "$model" --engine vllm --only trl --tag "$name"
+      bench --model "$model" --engine vllm --only ours "${extra[@]}" --set rollout.mode=async --tag "$name-async-2"
+      DEFAULTS=1 bench --model "$model" --engine vllm --only ours "${extra[@]}" --tag "$name-defaults-2"
     done
     ;;
   async-server)

@@ -318,6 +318,23 @@ def test_set_reaches_every_grpoflow_run_of_a_mode_and_no_trl_run(device, tmp_pat
 
 
 
+def test_the_headline_mode_runs_the_defaults_without_set_around_async_and_trl(device, tmp_path):
+    """One call gives both ratios with their spread: #22's defaults (no SET) and #21's async (SET)."""
+    commands = device("benchmarks/vllm_gpu.sh", "headline", OUT=str(tmp_path / "out"),
+                      SET="grpo.torch_compile=true grpo.expandable_segments=true")
+    bench = [args for args in commands if args[0] == "benchmarks/grpo_vs_trl.py"]
+    tags = [args[args.index("--tag") + 1] for args in bench]
+    assert tags == ["smollm2-defaults-1", "smollm2-async-1", "smollm2", "smollm2-async-2", "smollm2-defaults-2"]
+    for args, tag in zip(bench, tags):
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        load_config(None, sets)
+        assert ("grpo.expandable_segments=true" in sets) == ("async" in tag)
+        assert ("rollout.mode=async" in sets) == ("async" in tag)
+        assert args[args.index("--model") + 1] == "/tmp/smollm2"
+        if "defaults" in tag or tag == "smollm2":
+            assert sets == []
+
+
 def test_the_recipe_report_carries_the_tool_figures_of_a_run_with_the_python_tool(tmp_path, monkeypatch):
     """Issue #24 asks RESULTS.md for the tool-call rate and the tool errors: the summary that comes back
     from the device must hold them, from training (tools/*) and from the evaluations (figures.json)."""
