@@ -317,7 +317,6 @@ def test_set_reaches_every_grpoflow_run_of_a_mode_and_no_trl_run(device, tmp_pat
         assert ours or sets == []
 
 
-
 def test_the_headline_mode_runs_the_defaults_without_set_around_async_and_trl(device, tmp_path):
     """One call gives both ratios with their spread: #22's defaults (no SET) and #21's async (SET)."""
     commands = device("benchmarks/vllm_gpu.sh", "headline", OUT=str(tmp_path / "out"),
