@@ -230,12 +230,13 @@ class GRPOConfig(Section):
                            "launches and less Python in every forward and backward, the host's share of a step on "
                            "small models; the first steps pay the compile (seconds to minutes). The transformers "
                            "engine generates through the compiled layers too; vLLM has its own")
-    expandable_segments: bool = Field(
-        False, description="torch's CUDA allocator grows and shrinks its segments in place "
-                           "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, set for this process before the "
-                           "policy loads): less memory held but not handed out where blocks of changing sizes "
-                           "come and go, as when generation and training share the card (rollout.mode: async) or "
-                           "completions are long. vLLM's pool (rollout.sleep) keeps plain segments of its own")
+    expandable_segments: bool | None = Field(
+        None, description="torch's CUDA allocator grows and shrinks its segments in place "
+                          "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, set for this process before the "
+                          "policy loads): less memory held but not handed out where blocks of changing sizes "
+                          "come and go, as when generation and training share the card (rollout.mode: async) or "
+                          "completions are long. vLLM's pool (rollout.sleep) keeps plain segments of its own. "
+                          "null: on with rollout.mode async, off with sync")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp keeps a whole replica of the policy in every process; fsdp shards "
                            "weights, gradients and optimizer state over the processes (FSDP2, per decoder layer) "

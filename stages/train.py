@@ -108,7 +108,8 @@ def run_train(cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_p
 class GRPORecipe:
     def __init__(self, cfg: PipelineConfig, train_path: Path, heldout_path: Path, model_path: str):
         self.cfg, self.grpo, self.model_path, self.heldout_path = cfg, cfg.grpo, model_path, heldout_path
-        if self.grpo.expandable_segments:  # before the policy's first allocation on the card
+        expandable = self.grpo.expandable_segments
+        if expandable or (expandable is None and cfg.rollout.mode == "async"):  # before the policy's first allocation
             use_expandable_segments()
         self.dist = setup_distributed()  # one process, or this one of torchrun's
         # rollout.placement server: a server generates, perhaps elsewhere; a snapshot of each step's start

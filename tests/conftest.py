@@ -36,6 +36,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _allocator_settings_restored():
+    """A training run in async mode sets PYTORCH_CUDA_ALLOC_CONF for its process (grpo.expandable_segments,
+    stages/train.py): the tests after it start from the session's value, as a new process would."""
+    before = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    yield
+    if before is None:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    else:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = before
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (SQLite in a temp dir) for the whole session."""

@@ -96,6 +96,13 @@ def test_expandable_segments_reach_the_allocators_settings_and_keep_the_users(ti
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
     plain = config(tmp_path, max_steps=1)
     assert run_key(cfg, train, str(tiny_model)) == run_key(plain, train, str(tiny_model))  # a memory setting
+    # unset (null), it follows the rollout mode: on in async mode, where generation and training share the card
+    for mode, setting, expected in (("async", None, "True"), ("async", False, "False"), ("sync", None, "False")):
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:False")
+        chosen = config(tmp_path, max_steps=1, expandable_segments=setting)
+        chosen.rollout.mode = mode
+        GRPORecipe(chosen, train, heldout, str(tiny_model))
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == f"max_split_size_mb:512,expandable_segments:{expected}", mode
     # on a GPU the allocator already started takes it too (torch's call stood in for: this torch has no CUDA)
     from grpoflow.train.memory import use_expandable_segments
 
@@ -139,6 +146,12 @@ def test_an_out_of_memory_names_the_settings_that_need_less(tiny_model, tmp_path
     assert "training pass of step 1" in message and "Tried to allocate 20.00 GiB" in message
     assert "grpo.offload_activations: true" in message and "grpo.max_completion_length (8)" in message
     assert "Settings that need less: grpo.expandable_segments: true" in message  # first: it changes no computation
+    # a process whose allocator grows its segments already (the setting, or the user's own variable) is not told to
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(OutOfMemory) as caught:
+        run_train(config(tmp_path / "again", max_steps=1, gradient_checkpointing=True), train, heldout,
+                  str(tiny_model), progress=False)
+    assert "expandable_segments" not in str(caught.value) and "grpo.offload_activations: true" in str(caught.value)
 
 
 def test_a_micro_batch_whose_layer_inputs_cannot_fit_is_refused_before_a_step(monkeypatch):

@@ -4,7 +4,7 @@
     check_fits(policy, grpo, plan)         # before the first step: the checkpointed layer inputs alone
                                            # would not fit on the card -> ConfigError naming the knobs
     out_of_memory(error, ...)              # a CUDA out-of-memory in a step -> OutOfMemory naming them
-    use_expandable_segments()              # grpo.expandable_segments: the allocator's segments grow in place
+    use_expandable_segments()              # grpo.expandable_segments (on in async mode): segments grow in place
 
 The breakdown's parts: the weights (every parameter: the frozen base and the trained ones), the
 trained weights alone, the optimizer's state, what vLLM took on the card when it started (its
@@ -114,7 +114,9 @@ def out_of_memory(error: BaseException, grpo: GRPOConfig, step: int, phase: str,
     peak = (f"; the allocator's peak {torch.cuda.max_memory_allocated() / GIB:.1f} GiB"
             if torch.cuda.is_available() else "")
     settings = knobs(grpo, plan)
-    if not grpo.expandable_segments:  # a step's out-of-memory can be the allocator's cached blocks of other sizes
+    # a step's out-of-memory can be the allocator's cached blocks of other sizes: unless this process grows its
+    # segments in place already (the setting, or the user's own PYTORCH_CUDA_ALLOC_CONF)
+    if "expandable_segments:True" not in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
         settings.insert(0, "grpo.expandable_segments: true (memory the allocator holds unused comes back into play)")
     return OutOfMemory(f"out of GPU memory in the {phase} of step {step + 1} ({first}{peak}). Settings that need "
                        f"less: " + "; ".join(settings))
