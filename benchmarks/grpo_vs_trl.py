@@ -117,6 +117,7 @@ def _peak_gib() -> float:
 
 def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto", engine: str = "hf",
              finetune: str = "full", overrides: list[str] = (), tag: str = "") -> dict:
+    from benchmarks.common import drop_saved_models
     from grpoflow.config import _apply_override, validate_config
     from grpoflow.train.logps import resolve_kernels
     from stages.train import run_train
@@ -137,8 +138,7 @@ def run_ours(model: str, data: Path, steps: int, out: Path, kernels: str = "auto
     _reset_peak()
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    for saved in ("checkpoints", "final"):  # a measuring run's model: a 0.6B's, with its optimizer state, is GBs,
-        shutil.rmtree(Path(result.output_dir) / saved, ignore_errors=True)  # and a mode's runs filled a 64 GB disk
+    drop_saved_models(result.output_dir)
     return {"step_seconds": [r["step_seconds"] for r in records],
             "kernels": resolve_kernels(kernels, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "peak_gib": max(r.get("memory/peak_gib", float("nan")) for r in records),

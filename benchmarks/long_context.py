@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import struct
 import subprocess
 import sys
@@ -55,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks/
 
-from benchmarks.common import QWEN3_0_6B, log_grpoflow, versions  # noqa: E402
+from benchmarks.common import QWEN3_0_6B, drop_saved_models, log_grpoflow, versions  # noqa: E402
 from benchmarks.grpo_vs_trl import DevicePeak  # noqa: E402
 
 GIB = 2**30
@@ -238,8 +237,7 @@ def run_ours(args, data: Path) -> dict:
     result = run_train(cfg, data / "train.parquet", data / "heldout.parquet", args.model, progress=False)
     records = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()
                if '"step"' in line and '"loss"' in line]
-    for saved in ("checkpoints", "final"):  # the measured run's model and its last checkpoint: disk, not figures
-        shutil.rmtree(Path(result.output_dir) / saved, ignore_errors=True)
+    drop_saved_models(result.output_dir)
     keep = ("step_seconds", "generation/seconds", "time/weight_sync_seconds", "time/train_seconds",
             "time/optimizer_seconds", "completions/mean_length", "memory/peak_gib", "memory/reserved_peak_gib",
             "memory/generation_peak_gib", "memory/train_peak_gib", "memory/train_transient_gib", "memory/weights_gib",
