@@ -342,6 +342,7 @@ def bisect(args) -> None:
         command += ["--offload"] if args.offload else []
         command += ["--max-tokens-per-forward", str(args.max_tokens_per_forward)] if args.max_tokens_per_forward else []
         command += ["--decoded", str(args.decoded)] if args.decoded else []
+        command += [part for kv in args.set for part in ("--set", kv)]
         subprocess.run(command, check=False)
         result_file = args.out / f"long_context-{args.trainer}-{args.tag}-{length}.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "crashed"}

@@ -6,6 +6,9 @@
 #   bash benchmarks/long_context_gpu.sh qlora   # the same with QLoRA (nf4)
 #   bash benchmarks/long_context_gpu.sh cap     # held to 80 GB, QLoRA at LENGTH tokens (default 49,152), memory only
 #   bash benchmarks/long_context_gpu.sh cap-trl # the same for TRL 1.16
+#   bash benchmarks/long_context_gpu.sh cap-bisect      # the longest QLoRA length under the cap, LOW to HIGH (default
+#   bash benchmarks/long_context_gpu.sh cap-trl-bisect  # 4,096 to 49,152, HIGH tried first) to RESOLUTION (2,048);
+#                                                       # every try a process of its own: $OUT/long/*bisect*.json
 #   bash benchmarks/long_context_gpu.sh model32 # /tmp/qwen32b: the Qwen3-32B shape, its matrices zeros left as holes
 #                                               # of a sparse file (61 GiB read, a few MB on disk: `model --sparse`)
 #   bash benchmarks/long_context_gpu.sh cap32   # held to 80 GB, LoRA 16-bit on the 32B shape at LENGTH tokens (default
@@ -28,7 +31,7 @@ bench() {
     ${DECODED:+--decoded "$DECODED"}
 }
 mkdir -p "$OUT/long"
-case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|model32|cap32|cap32-trl}" in
+case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|cap-bisect|cap-trl-bisect|model32|cap32|cap32-trl}" in
   model) python benchmarks/long_context.py model --shape llama3-8b --tokenizer /tmp/smollm2 --out /tmp/llama8b ;;
   lora|lora-ours|qlora|qlora-ours)
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --offload --max-tokens-per-forward 40000
@@ -40,6 +43,11 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|
     mine=(--offload --max-tokens-per-forward 50000) && [ "$1" = cap-trl ] && mine=(--trainer trl)
     DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
       "${mine[@]}" --tag "qlora-cap-${LENGTH:-49152}"
+    ;;
+  cap-bisect|cap-trl-bisect)
+    mine=(--offload --max-tokens-per-forward 50000) && [ "$1" = cap-trl-bisect ] && mine=(--trainer trl)
+    DECODED=${DECODED:-64} bench bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 --low "${LOW:-4096}" \
+      --high "${HIGH:-49152}" --resolution "${RESOLUTION:-2048}" "${mine[@]}" --tag qlora-cap
     ;;
   model32)
     python benchmarks/long_context.py model --shape qwen3-32b --tokenizer /tmp/smollm2 --out /tmp/qwen32b --sparse

@@ -87,6 +87,54 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
         "/tmp/qwen32b", "--sparse"]
 
 
+def test_the_cap_bisects_take_their_range_and_settings(tmp_path, monkeypatch):
+    """long_context_gpu.sh cap-bisect / cap-trl-bisect: QLoRA held to 80 GB from HIGH down to LOW, memory
+    only; SET reaches grpoflow's tries, not TRL's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                    "open(os.environ['RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "python").chmod(0o755)
+    record = tmp_path / "record.jsonl"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o"),
+           "SET": "grpo.expandable_segments=true"}
+    for mode, extra in (("cap-bisect", {}), ("cap-trl-bisect", {"LOW": "8192", "HIGH": "20000", "STEPS": "1"})):
+        done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", mode], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    ours, trl = [_parse(json.loads(line), monkeypatch) for line in record.read_text().splitlines()]
+    assert (ours.trainer, ours.finetune, ours.low, ours.high, ours.resolution, ours.cap_gib, ours.decoded,
+            ours.offload, ours.set) == ("ours", "qlora", 4096, 49152, 2048, 80.0, 64, True,
+                                        ["grpo.expandable_segments=true"])
+    assert (trl.trainer, trl.low, trl.high, trl.steps, trl.offload, trl.set) == ("trl", 8192, 20000, 1, False, [])
+
+
+def test_a_bisect_tries_the_top_first_and_hands_each_try_its_settings(tmp_path, monkeypatch):
+    """Every try is a run of its own with the bisect's settings (its --set included); the lengths narrow
+    to the resolution and each try's outcome is kept."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.long_context as bench
+
+    commands = []
+
+    def fake_run(command, check):  # a try that fits up to 20,000 tokens, as its result file says
+        commands.append(command)
+        length = int(command[command.index("--length") + 1])
+        tag = command[command.index("--tag") + 1]
+        status = "ok" if length <= 20000 else "out_of_memory"
+        (tmp_path / f"long_context-trl-{tag}.json").write_text(json.dumps({"status": status, "device_peak_gib": 1}))
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = SimpleNamespace(low=4096, high=49152, resolution=2048, out=tmp_path, trainer="trl", tag="cap",
+                           model="/m", finetune="qlora", steps=1, kv_cache_dtype="auto", vllm_gib=None, cap_gib=80.0,
+                           offload=False, max_tokens_per_forward=None, decoded=64, set=["a.b=1"])
+    bench.bisect(args)
+    tries = json.loads((tmp_path / "long_context-bisect-trl-cap.json").read_text())["tries"]
+    assert [t["length"] for t in tries] == [49152, 26624, 15360, 20992, 18176, 19584]
+    assert [t["status"] == "ok" for t in tries] == [False, False, True, False, True, True]
+    assert all(c[-2:] == ["--set", "a.b=1"] and "--cap-gib" in c and "--decoded" in c for c in commands)
+
+
 def _parse(args: list[str], monkeypatch):
     """The arguments as long_context.py's own parser reads them (its run and sizing stood in for)."""
     assert args[0] == "benchmarks/long_context.py"
@@ -96,6 +144,7 @@ def _parse(args: list[str], monkeypatch):
     captured = []
     monkeypatch.setattr(sys, "argv", args)
     monkeypatch.setattr(bench, "run", captured.append)
+    monkeypatch.setattr(bench, "bisect", captured.append)
     monkeypatch.setattr(bench, "vllm_gib_for", lambda *a, **k: 1.0)
     monkeypatch.setattr(bench, "log_grpoflow", lambda: None)
     bench.main()
