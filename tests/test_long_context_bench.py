@@ -57,13 +57,7 @@ def test_the_cap_holds_torchs_whole_allocator_where_vllm_allocates_too(monkeypat
 def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatch):
     """long_context_gpu.sh cap / cap-trl / cap32: one run held to 80 GB at LENGTH tokens, vLLM decoding 64
     of them (8 x 49,152 tokens would not decode in a 10-minute call); checked against the benchmark's parser."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                                    "open(os.environ['RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    (bin_dir / "python").chmod(0o755)
-    record = tmp_path / "record.jsonl"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o")}
+    env, record = _recording_python(tmp_path)
     for mode, extra in (("cap", {}), ("cap-trl", {"LENGTH": "65536"}), ("qlora-ours", {"DECODED": "32"}),
                         ("lora-ours", {}), ("cap32", {}), ("cap", {"SET": "grpo.expandable_segments=true"}),
                         ("cap-trl", {"SET": "grpo.expandable_segments=true"})):
@@ -90,14 +84,8 @@ def test_the_cap_runs_are_memory_only_and_take_their_length(tmp_path, monkeypatc
 def test_the_cap_bisects_take_their_range_and_settings(tmp_path, monkeypatch):
     """long_context_gpu.sh cap-bisect / cap-trl-bisect: QLoRA held to 80 GB from HIGH down to LOW, memory
     only; SET reaches grpoflow's tries, not TRL's."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                                    "open(os.environ['RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
-    (bin_dir / "python").chmod(0o755)
-    record = tmp_path / "record.jsonl"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record), "OUT": str(tmp_path / "o"),
-           "SET": "grpo.expandable_segments=true"}
+    env, record = _recording_python(tmp_path)
+    env["SET"] = "grpo.expandable_segments=true"
     for mode, extra in (("cap-bisect", {}), ("cap-trl-bisect", {"LOW": "8192", "HIGH": "20000", "STEPS": "1"})):
         done = subprocess.run(["bash", "benchmarks/long_context_gpu.sh", mode], cwd=ROOT, env={**env, **extra},
                               capture_output=True, text=True, timeout=60)
@@ -133,6 +121,18 @@ def test_a_bisect_tries_the_top_first_and_hands_each_try_its_settings(tmp_path, 
     assert [t["length"] for t in tries] == [49152, 26624, 15360, 20992, 18176, 19584]
     assert [t["status"] == "ok" for t in tries] == [False, False, True, False, True, True]
     assert all(c[-2:] == ["--set", "a.b=1"] and "--cap-gib" in c and "--decoded" in c for c in commands)
+
+
+def _recording_python(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose `python` writes its arguments, one JSON line a call, to the returned file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                    "open(os.environ['RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (bin_dir / "python").chmod(0o755)
+    record = tmp_path / "record.jsonl"
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
+            "OUT": str(tmp_path / "o")}, record
 
 
 def _parse(args: list[str], monkeypatch):
