@@ -356,8 +356,13 @@ def bisect(args) -> None:
             low = length
         else:
             high = length
-    print(f"{args.trainer} {args.finetune}: fits {low} tokens x {GENERATIONS}; {high} does not"
-          if low < high else f"{args.trainer} {args.finetune}: {high} fits (the top of the range)")
+    fitted = {t["length"] for t in tries if t["status"] == "ok"}
+    if low == high:
+        print(f"{args.trainer} {args.finetune}: {high} fits (the top of the range)")
+    elif low in fitted:
+        print(f"{args.trainer} {args.finetune}: fits {low} tokens x {GENERATIONS}; {high} does not")
+    else:  # the bottom of the range is taken to fit, never tried: say so
+        print(f"{args.trainer} {args.finetune}: {high} does not fit; {low}, the bottom of the range, was not tried")
 
 
 def main() -> None:

@@ -97,19 +97,19 @@ def test_the_cap_bisects_take_their_range_and_settings(tmp_path, monkeypatch):
     assert (trl.trainer, trl.low, trl.high, trl.steps, trl.offload, trl.set) == ("trl", 8192, 20000, 1, False, [])
 
 
-def test_a_bisect_tries_the_top_first_and_hands_each_try_its_settings(tmp_path, monkeypatch):
+def test_a_bisect_tries_the_top_first_and_hands_each_try_its_settings(tmp_path, monkeypatch, capsys):
     """Every try is a run of its own with the bisect's settings (its --set included); the lengths narrow
     to the resolution and each try's outcome is kept."""
     monkeypatch.syspath_prepend(str(ROOT))
     import benchmarks.long_context as bench
 
-    commands = []
+    commands, fits_up_to = [], {"length": 20000}
 
-    def fake_run(command, check):  # a try that fits up to 20,000 tokens, as its result file says
+    def fake_run(command, check):  # a try that fits up to fits_up_to tokens, as its result file says
         commands.append(command)
         length = int(command[command.index("--length") + 1])
         tag = command[command.index("--tag") + 1]
-        status = "ok" if length <= 20000 else "out_of_memory"
+        status = "ok" if length <= fits_up_to["length"] else "out_of_memory"
         (tmp_path / f"long_context-trl-{tag}.json").write_text(json.dumps({"status": status, "device_peak_gib": 1}))
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
@@ -121,6 +121,14 @@ def test_a_bisect_tries_the_top_first_and_hands_each_try_its_settings(tmp_path, 
     assert [t["length"] for t in tries] == [49152, 26624, 15360, 20992, 18176, 19584]
     assert [t["status"] == "ok" for t in tries] == [False, False, True, False, True, True]
     assert all(c[-2:] == ["--set", "a.b=1"] and "--cap-gib" in c and "--decoded" in c for c in commands)
+    assert capsys.readouterr().out.splitlines()[-1] == "trl qlora: fits 19584 tokens x 8; 20992 does not"
+    # a range whose bottom is never tried says so, rather than that it fits
+    fits_up_to["length"], args.low, args.high, args.tag = 16000, 14336, 18432, "narrow"
+    bench.bisect(args)
+    assert [t["length"] for t in json.loads((tmp_path / "long_context-bisect-trl-narrow.json").read_text())["tries"]
+            ] == [18432, 16384]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "trl qlora: 16384 does not fit; 14336, the bottom of the range, was not tried")
 
 
 def _recording_python(tmp_path: Path) -> tuple[dict, Path]:
