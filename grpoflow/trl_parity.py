@@ -139,7 +139,7 @@ NOT_TAKEN: dict[str, str] = {
     "dataloader_prefetch_factor": _LOADER, "dataloader_multiprocessing_context": _LOADER,
     "dataloader_in_order": _LOADER, "remove_unused_columns": _LOADER, "label_names": _LOADER,
     "train_sampling_strategy": _LOADER, "length_column_name": _LOADER,
-    "pad_to_multiple_of": "not taken: completions are padded to the longest of the batch",
+    "pad_to_multiple_of": "not taken: each forward is as wide as its own rows, no padding past its longest",
     "debug": "not taken", "skip_memory_metrics": "not taken: the run logs the peak GPU memory",
     # model
     "model_init_kwargs": "the model section: name_or_path, revision, dtype, finetune (lora, qlora, full)",
