@@ -39,13 +39,14 @@ case "${1:?model|lora|lora-ours|lora-trl|qlora|qlora-ours|qlora-trl|cap|cap-trl|
   lora|lora-trl|qlora|qlora-trl)
     bench run --model /tmp/llama8b --finetune "${1%%-*}" --length 20000 --trainer trl
     ;;
-  cap|cap-trl)  # ours with activation offload and forwards of 50,000 tokens at most
-    mine=(--offload --max-tokens-per-forward 50000) && [ "$1" = cap-trl ] && mine=(--trainer trl)
+  cap|cap-trl|cap-bisect|cap-trl-bisect)  # ours with activation offload and forwards of 50,000 tokens at most
+    mine=(--offload --max-tokens-per-forward 50000) && [[ $1 == cap-trl* ]] && mine=(--trainer trl)
+    ;;&
+  cap|cap-trl)
     DECODED=${DECODED:-64} bench run --model /tmp/llama8b --finetune qlora --cap-gib 80 --length "${LENGTH:-49152}" \
       "${mine[@]}" --tag "qlora-cap-${LENGTH:-49152}"
     ;;
   cap-bisect|cap-trl-bisect)
-    mine=(--offload --max-tokens-per-forward 50000) && [ "$1" = cap-trl-bisect ] && mine=(--trainer trl)
     DECODED=${DECODED:-64} bench bisect --model /tmp/llama8b --finetune qlora --cap-gib 80 --low "${LOW:-4096}" \
       --high "${HIGH:-49152}" --resolution "${RESOLUTION:-2048}" "${mine[@]}" --tag qlora-cap
     ;;
